@@ -1,0 +1,318 @@
+//! The client <-> bot relay.
+//!
+//! The broker dials the bot *before* it upgrades the client (see `routes::ws`), so a session
+//! only exists once both ends do. Then [`relay`] moves frames both ways, unchanged and in order:
+//! text stays text, binary stays binary, and a close from one side is passed on to the other
+//! with its code and reason.
+//!
+//! Each direction is its own loop that awaits its write before its next read. That makes every
+//! buffer bounded (actix-ws's outbound channel, tungstenite's write buffer): a slow reader on one
+//! side slows its writer on the other through TCP flow control, instead of growing memory, and
+//! never stalls the opposite direction.
+
+use std::{cell::Cell, time::Duration};
+
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{
+        self, Message as BotMessage,
+        client::IntoClientRequest,
+        http::{HeaderName, HeaderValue},
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as BotCloseCode},
+    },
+};
+use url::Url;
+
+pub type BotSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long the broker waits for the second side's close reply once it has passed a close on.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Per-session limits, from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BridgeLimits {
+    pub max_frame_bytes: usize,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    ClientClosed,
+    BotClosed,
+    /// The client broke the protocol or sent an oversized message.
+    ClientError,
+    BotError,
+    /// No frame from the client within the heartbeat timeout.
+    ClientTimeout,
+    BotTimeout,
+    /// `max_session_duration` was reached.
+    Timeout,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::BotClosed => "bot_closed",
+            Self::ClientError => "client_error",
+            Self::BotError => "bot_error",
+            Self::ClientTimeout => "client_timeout",
+            Self::BotTimeout => "bot_timeout",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("bot did not complete the handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("bot handshake failed: {0}")]
+    Handshake(#[from] tungstenite::Error),
+}
+
+/// Opens the bot's WebSocket with the given extra handshake headers.
+pub async fn dial(
+    url: &Url,
+    headers: &[(&'static str, String)],
+    limits: &BridgeLimits,
+    timeout: Duration,
+) -> Result<BotSocket, DialError> {
+    let mut request = url.as_str().into_client_request()?;
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            request.headers_mut().insert(HeaderName::from_static(name), value);
+        }
+    }
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(limits.max_frame_bytes))
+        .max_message_size(Some(limits.max_frame_bytes));
+    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let (socket, _) =
+        tokio::time::timeout(timeout, connect).await.map_err(|_| DialError::Timeout(timeout))??;
+    Ok(socket)
+}
+
+/// Relays one session until either side ends it, then closes both. Returns why it ended.
+pub async fn relay(
+    mut client: actix_ws::Session,
+    client_stream: actix_ws::MessageStream,
+    bot: BotSocket,
+    limits: BridgeLimits,
+    max_duration: Duration,
+) -> EndReason {
+    let mut client_rx = client_stream
+        .max_frame_size(limits.max_frame_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(limits.max_frame_bytes);
+    let (mut bot_tx, mut bot_rx) = bot.split();
+
+    // Both loops run in this one task, so plain cells are enough to share the activity clocks.
+    let client_seen = Cell::new(Instant::now());
+    let bot_seen = Cell::new(Instant::now());
+    let mut client_pinger = client.clone();
+
+    let ending = {
+        let upstream = async {
+            let mut beat = tokio::time::interval(limits.heartbeat_interval);
+            loop {
+                tokio::select! {
+                    msg = client_rx.recv() => {
+                        client_seen.set(Instant::now());
+                        let forwarded = match msg {
+                            Some(Ok(AggregatedMessage::Text(text))) => {
+                                // actix-ws validated the UTF-8 already; this re-check is cheap.
+                                match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
+                                    Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
+                                    Err(_) => return Ending::client_error(CloseCode::Invalid),
+                                }
+                            }
+                            Some(Ok(AggregatedMessage::Binary(data))) => {
+                                bot_tx.send(BotMessage::Binary(data)).await
+                            }
+                            Some(Ok(AggregatedMessage::Ping(data))) => {
+                                if client_pinger.pong(&data).await.is_err() {
+                                    return Ending::client_gone();
+                                }
+                                Ok(())
+                            }
+                            Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
+                            Some(Ok(AggregatedMessage::Close(reason))) => {
+                                return Ending { reason: EndReason::ClientClosed, to_client: reason.clone(), to_bot: reason.map(bot_close) };
+                            }
+                            Some(Err(ProtocolError::Overflow)) => {
+                                return Ending::client_error(CloseCode::Size);
+                            }
+                            Some(Err(_)) => return Ending::client_error(CloseCode::Protocol),
+                            None => return Ending::client_gone(),
+                        };
+                        if forwarded.is_err() {
+                            return Ending::bot_gone();
+                        }
+                    }
+                    _ = beat.tick() => {
+                        if client_seen.get().elapsed() > limits.heartbeat_timeout {
+                            return Ending::timeout(EndReason::ClientTimeout);
+                        }
+                        if bot_tx.send(BotMessage::Ping(Default::default())).await.is_err() {
+                            return Ending::bot_gone();
+                        }
+                    }
+                }
+            }
+        };
+        let downstream = async {
+            let mut beat = tokio::time::interval(limits.heartbeat_interval);
+            loop {
+                tokio::select! {
+                    msg = bot_rx.next() => {
+                        bot_seen.set(Instant::now());
+                        let forwarded = match msg {
+                            Some(Ok(BotMessage::Text(text))) => {
+                                match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
+                                    Ok(text) => client.text(text).await,
+                                    Err(_) => return Ending::bot_error(BotCloseCode::Invalid),
+                                }
+                            }
+                            Some(Ok(BotMessage::Binary(data))) => client.binary(data).await,
+                            // tungstenite answers the bot's pings itself.
+                            Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
+                            Some(Ok(BotMessage::Close(frame))) => {
+                                let reason = frame.map(client_close);
+                                return Ending { reason: EndReason::BotClosed, to_client: reason, to_bot: None };
+                            }
+                            Some(Err(tungstenite::Error::Capacity(_))) => {
+                                return Ending::bot_error(BotCloseCode::Size);
+                            }
+                            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
+                                return Ending::bot_gone();
+                            }
+                            Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol),
+                        };
+                        if forwarded.is_err() {
+                            return Ending::client_gone();
+                        }
+                    }
+                    _ = beat.tick() => {
+                        if bot_seen.get().elapsed() > limits.heartbeat_timeout {
+                            return Ending::timeout(EndReason::BotTimeout);
+                        }
+                        if client.ping(b"").await.is_err() {
+                            return Ending::client_gone();
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            ending = upstream => ending,
+            ending = downstream => ending,
+            () = tokio::time::sleep(max_duration) => Ending::timeout(EndReason::Timeout),
+        }
+    };
+
+    // Pass the close on. The bot gets a close frame and a short grace to answer it; the client's
+    // close is sent by actix-ws, which then ends the response stream.
+    let reason = ending.reason;
+    let bot_close = async {
+        let _ = bot_tx.send(BotMessage::Close(ending.to_bot)).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while let Some(Ok(msg)) = bot_rx.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    };
+    let client_close = client.close(ending.to_client);
+    let _ = tokio::join!(bot_close, client_close);
+    reason
+}
+
+/// How a session ends: the reason, and the close frames each side receives.
+struct Ending {
+    reason: EndReason,
+    to_client: Option<CloseReason>,
+    to_bot: Option<CloseFrame>,
+}
+
+impl Ending {
+    fn client_error(code: CloseCode) -> Self {
+        Self {
+            reason: EndReason::ClientError,
+            to_client: Some(code.into()),
+            to_bot: Some(bot_frame(BotCloseCode::Away, "client connection failed")),
+        }
+    }
+
+    fn bot_error(code: BotCloseCode) -> Self {
+        Self {
+            reason: EndReason::BotError,
+            to_client: Some(client_reason(CloseCode::Error, "bot connection failed")),
+            to_bot: Some(bot_frame(code, "")),
+        }
+    }
+
+    /// The client vanished without a close frame.
+    fn client_gone() -> Self {
+        Self {
+            reason: EndReason::ClientClosed,
+            to_client: None,
+            to_bot: Some(bot_frame(BotCloseCode::Away, "client disconnected")),
+        }
+    }
+
+    /// The bot vanished without a close frame.
+    fn bot_gone() -> Self {
+        Self {
+            reason: EndReason::BotClosed,
+            to_client: Some(client_reason(CloseCode::Error, "bot disconnected")),
+            to_bot: None,
+        }
+    }
+
+    fn timeout(reason: EndReason) -> Self {
+        let (client_text, bot_text) = match reason {
+            EndReason::Timeout => ("session duration limit reached", "session duration limit reached"),
+            EndReason::ClientTimeout => ("heartbeat timeout", "client stopped responding"),
+            _ => ("bot stopped responding", "heartbeat timeout"),
+        };
+        let code = if reason == EndReason::Timeout { CloseCode::Normal } else { CloseCode::Away };
+        Self {
+            reason,
+            to_client: Some(client_reason(code, client_text)),
+            to_bot: Some(bot_frame(BotCloseCode::from(u16::from(code)), bot_text)),
+        }
+    }
+}
+
+fn client_reason(code: CloseCode, text: &str) -> CloseReason {
+    CloseReason { code, description: (!text.is_empty()).then(|| text.to_owned()) }
+}
+
+fn bot_frame(code: BotCloseCode, text: &'static str) -> CloseFrame {
+    CloseFrame { code, reason: text.into() }
+}
+
+/// A client's close, as the bot receives it: same code, same reason.
+fn bot_close(reason: CloseReason) -> CloseFrame {
+    CloseFrame {
+        code: BotCloseCode::from(u16::from(reason.code)),
+        reason: reason.description.unwrap_or_default().into(),
+    }
+}
+
+/// A bot's close, as the client receives it: same code, same reason.
+fn client_close(frame: CloseFrame) -> CloseReason {
+    let text = frame.reason.as_str();
+    CloseReason {
+        code: CloseCode::from(u16::from(frame.code)),
+        description: (!text.is_empty()).then(|| text.to_owned()),
+    }
+}

@@ -1,0 +1,377 @@
+//! Typed settings: defaults, then an optional file, then `BROKER__…` environment variables, then
+//! command-line overrides. Read and validated once at start-up; nothing else reads the
+//! environment.
+//!
+//! A setting that is wrong stops the process with a message that names it, e.g.
+//! `token.keys.k1: 20 bytes; at least 32 are required`.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::token::MIN_KEY_BYTES;
+
+/// Prefix of the environment variables read as settings (`BROKER__REDIS__URL`, ...).
+pub const ENV_PREFIX: &str = "BROKER";
+/// Separator between a setting's path segments in an environment variable name.
+pub const ENV_SEPARATOR: &str = "__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP server binds, `host:port`; port 0 picks a free one.
+    pub listen: String,
+    /// HTTP worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// Name of the region this replica serves, e.g. `us-west`.
+    pub region: String,
+    /// Public WebSocket base URL of each region (`wss://us-west.example.net`). When this replica's
+    /// own region is missing, `ws://<bound address>` is used, which suits a laptop.
+    pub regions: BTreeMap<String, RegionSettings>,
+    pub redis: RedisSettings,
+    pub token: TokenSettings,
+    pub agents: AgentSettings,
+    /// Organizations and the SHA-256 hashes of their public keys.
+    pub orgs: BTreeMap<String, OrgSettings>,
+    pub limits: LimitSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionSettings {
+    pub public_ws_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://…`; absent means the embedded in-memory store (one process only).
+    pub url: Option<SecretString>,
+    /// Prefix of every key the broker writes, so that several deployments (or tests) can share
+    /// one Redis without seeing each other.
+    pub key_prefix: String,
+    /// Upper bound on one store operation, connection set-up included. Past it the request is
+    /// answered 503 rather than left hanging.
+    pub command_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSettings {
+    /// How long a minted token stays valid.
+    pub lifetime_secs: u64,
+    /// Key id used to sign new tokens; must be one of `keys`.
+    pub signing_key_id: String,
+    /// Verification keys by id, each at least 32 bytes. Several may be listed during a rotation.
+    pub keys: BTreeMap<String, SecretString>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// `pcc-deploy.toml` files, each describing one agent.
+    #[serde(deserialize_with = "string_or_list")]
+    pub files: Vec<PathBuf>,
+    /// A directory whose `*.toml` files are all agent files.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrgSettings {
+    /// Hex SHA-256 of each public key (`session-broker hash-key pk_…` prints it), optionally
+    /// prefixed `sha256:`.
+    #[serde(deserialize_with = "string_or_list")]
+    pub public_key_hashes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// `/start` calls allowed per public key in each `start_rate_window_secs`; 0 disables.
+    pub start_rate_per_key: u64,
+    pub start_rate_window_secs: u64,
+    /// Largest WebSocket frame (and reassembled message) accepted from either side.
+    pub max_frame_bytes: usize,
+    /// How long the broker waits for the bot's WebSocket handshake before answering 503.
+    pub bot_connect_timeout_ms: u64,
+    /// Interval of the pings the broker sends to each side of a bridged session.
+    pub heartbeat_interval_secs: u64,
+    /// A side from which nothing (not even a pong) arrived for this long is considered gone.
+    pub heartbeat_timeout_secs: u64,
+    /// How long actix waits for a client to close TCP after a WebSocket close before dropping it.
+    pub client_disconnect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` filter directives, e.g. `info,session_broker=debug`. `RUST_LOG` wins if set.
+    pub filter: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            region: "local".into(),
+            regions: BTreeMap::new(),
+            redis: RedisSettings::default(),
+            token: TokenSettings::default(),
+            agents: AgentSettings::default(),
+            orgs: BTreeMap::new(),
+            limits: LimitSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, key_prefix: "broker".into(), command_timeout_ms: 1_000 }
+    }
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self { lifetime_secs: 300, signing_key_id: String::new(), keys: BTreeMap::new() }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            start_rate_per_key: 600,
+            start_rate_window_secs: 60,
+            max_frame_bytes: 1024 * 1024,
+            bot_connect_timeout_ms: 3_000,
+            heartbeat_interval_secs: 15,
+            heartbeat_timeout_secs: 45,
+            client_disconnect_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, filter: "info".into() }
+    }
+}
+
+/// Where settings come from, in increasing precedence after the built-in defaults.
+#[derive(Debug, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// Environment variables to read; `None` reads the process environment.
+    pub env: Option<std::collections::HashMap<String, String>>,
+    /// `(setting path, value)` pairs from the command line.
+    pub overrides: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Layers the sources over the defaults and validates the result.
+    pub fn load(sources: Sources) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = &sources.file {
+            builder = builder.add_source(config::File::from(file.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator(ENV_SEPARATOR)
+                .separator(ENV_SEPARATOR)
+                .try_parsing(true)
+                .source(sources.env),
+        );
+        for (key, value) in sources.overrides {
+            builder = builder.set_override(key, value).map_err(|e| ConfigError(e.to_string()))?;
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot. Errors name the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting: &str, why: String| Err(ConfigError(format!("{setting}: {why}")));
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("listen", format!("`{}` is not an address like 127.0.0.1:8080", self.listen));
+        }
+        if !crate::agents::is_valid_name(&self.region) {
+            return bad("region", format!("`{}` is not a valid region name", self.region));
+        }
+        for (name, region) in &self.regions {
+            if url::Url::parse(&region.public_ws_url)
+                .map(|u| !matches!(u.scheme(), "ws" | "wss"))
+                .unwrap_or(true)
+            {
+                return bad(
+                    &format!("regions.{name}.public_ws_url"),
+                    "must be a ws:// or wss:// URL".into(),
+                );
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            if let Err(e) = redis::Client::open(url.expose_secret()) {
+                // The URL may hold a password: say what is wrong, not what it is.
+                return bad("redis.url", format!("not a usable Redis URL ({})", format!("{:?}", e.kind())));
+            }
+        }
+        if self.redis.command_timeout_ms == 0 {
+            return bad("redis.command_timeout_ms", "must be above 0".into());
+        }
+        if !(1..=86_400).contains(&self.token.lifetime_secs) {
+            return bad("token.lifetime_secs", "must be between 1 and 86400".into());
+        }
+        for (id, key) in &self.token.keys {
+            let len = key.expose_secret().len();
+            if len < MIN_KEY_BYTES {
+                return bad(
+                    &format!("token.keys.{id}"),
+                    format!("{len} bytes; at least {MIN_KEY_BYTES} are required"),
+                );
+            }
+        }
+        if !self.token.keys.is_empty() && !self.token.keys.contains_key(&self.token.signing_key_id)
+        {
+            return bad(
+                "token.signing_key_id",
+                format!("`{}` is not one of token.keys", self.token.signing_key_id),
+            );
+        }
+        if self.token.keys.is_empty() && self.redis.url.is_some() {
+            return bad(
+                "token.keys",
+                "required with Redis: replicas must share their signing keys".into(),
+            );
+        }
+        for (org, settings) in &self.orgs {
+            if !crate::agents::is_valid_name(org) {
+                return bad(&format!("orgs.{org}"), "not a valid organization name".into());
+            }
+            for hash in &settings.public_key_hashes {
+                if crate::keys::parse_key_hash(hash).is_none() {
+                    return bad(
+                        &format!("orgs.{org}.public_key_hashes"),
+                        "each entry must be 64 hex digits (optionally prefixed sha256:)".into(),
+                    );
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.start_rate_per_key > 0 && l.start_rate_window_secs == 0 {
+            return bad("limits.start_rate_window_secs", "must be above 0".into());
+        }
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes", "must be at least 1024".into());
+        }
+        if l.bot_connect_timeout_ms == 0 {
+            return bad("limits.bot_connect_timeout_ms", "must be above 0".into());
+        }
+        if l.heartbeat_interval_secs == 0 || l.heartbeat_timeout_secs <= l.heartbeat_interval_secs
+        {
+            return bad(
+                "limits.heartbeat_timeout_secs",
+                "must be above limits.heartbeat_interval_secs, which must be above 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// True when nothing names an agent or an org: the broker then serves its built-in demo.
+    pub fn is_demo(&self) -> bool {
+        self.agents.files.is_empty() && self.agents.dir.is_none() && self.orgs.is_empty()
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis.command_timeout_ms)
+    }
+}
+
+/// Accepts `["a", "b"]` or `"a,b"`, so that list settings can come from one environment variable.
+fn string_or_list<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(s) => {
+            s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+        }
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items.into_iter().map(T::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_demo() {
+        let s = Settings::load(env(&[])).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert!(s.redis.url.is_none());
+        assert!(s.is_demo());
+        assert_eq!(s.token.lifetime_secs, 300);
+    }
+
+    #[test]
+    fn environment_sets_nested_settings() {
+        let s = Settings::load(env(&[
+            ("BROKER__LISTEN", "0.0.0.0:9000"),
+            ("BROKER__TOKEN__LIFETIME_SECS", "30"),
+            ("BROKER__AGENTS__FILES", "a.toml, b.toml"),
+        ]))
+        .unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9000");
+        assert_eq!(s.token.lifetime_secs, 30);
+        assert_eq!(s.agents.files, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let err = |pairs: &[(&str, &str)]| Settings::load(env(pairs)).unwrap_err().to_string();
+        assert!(err(&[("BROKER__LISTEN", "nowhere")]).contains("listen"));
+        assert!(err(&[("BROKER__TOKEN__LIFETIME_SECS", "0")]).contains("token.lifetime_secs"));
+        assert!(
+            err(&[("BROKER__TOKEN__KEYS__K1", "short"), ("BROKER__TOKEN__SIGNING_KEY_ID", "k1")])
+                .contains("token.keys.k1: 5 bytes")
+        );
+        assert!(
+            err(&[("BROKER__REDIS__URL", "redis://127.0.0.1:1")]).contains("token.keys: required")
+        );
+        assert!(err(&[("BROKER__REDIS__URL", "http://x")]).contains("redis.url"));
+        assert!(err(&[("BROKER__NO_SUCH_SETTING", "1")]).contains("no_such_setting"));
+    }
+}

@@ -1,0 +1,160 @@
+//! `POST /v1/public/{agent}/start`: authenticate the org's public key, then mint a session token
+//! for the agent's WebSocket. No bot is contacted: for websocket transport the bot is dialled
+//! when the client connects.
+
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::{
+    agents::{Lookup, WebsocketAuth},
+    error::ApiError,
+    keys::{self, KeyRejection},
+    startup::AppState,
+    store::unix_ms,
+};
+
+/// Largest request body accepted for any transport.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest `body` (as JSON text) for websocket transport: it travels to the bot in a URL.
+pub const MAX_WEBSOCKET_BODY_BYTES: usize = 4 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Transport {
+    Websocket,
+    Daily,
+    Webrtc,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Websocket => "websocket",
+            Self::Daily => "daily",
+            Self::Webrtc => "webrtc",
+        }
+    }
+}
+
+/// The request fields Pipecat Cloud's clients send. Unknown fields are ignored; known fields
+/// of the wrong type are a 400. The Daily and ICE fields are accepted and validated, but only
+/// websocket transport is served here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartRequest {
+    transport: Option<Transport>,
+    body: Option<Map<String, Value>>,
+    #[serde(rename = "createDailyRoom")]
+    _create_daily_room: Option<bool>,
+    #[serde(rename = "dailyRoomProperties")]
+    _daily_room_properties: Option<Map<String, Value>>,
+    #[serde(rename = "dailyMeetingTokenProperties")]
+    _daily_meeting_token_properties: Option<Map<String, Value>>,
+    #[serde(rename = "enableDefaultIceServers")]
+    _enable_default_ice_servers: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StartResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    ws_url: String,
+    session_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+}
+
+pub async fn start(
+    req: HttpRequest,
+    agent_name: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let key = keys::bearer(req.headers().get(header::AUTHORIZATION))
+        .ok_or(ApiError::Unauthorized(KeyRejection::Missing))?;
+    let org = state.keys.org_of(key).map_err(ApiError::Unauthorized)?;
+
+    if let Some((limit, window)) = state.start_rate {
+        // The bucket is named by the key's hash: the key itself never reaches the store.
+        let bucket = hex::encode(&keys::hash_key(key)[..16]);
+        if !state.store.rate_limit(&bucket, limit, window).await? {
+            return Err(ApiError::RateLimited);
+        }
+    }
+
+    let agent = match state.agents.lookup(org, &agent_name) {
+        Lookup::Found(agent) => agent,
+        Lookup::OtherOrg => return Err(ApiError::Unauthorized(KeyRejection::OtherOrg)),
+        Lookup::Unknown => return Err(ApiError::AgentNotFound),
+    };
+
+    let request = read_request(payload).await?;
+    // The official Python SDK never sends `transport`; the agent's default applies, which is
+    // websocket for every agent of this broker.
+    let transport = request.transport.unwrap_or(Transport::Websocket);
+    if transport != Transport::Websocket {
+        return Err(ApiError::BadRequest(format!(
+            "Transport \"{}\" is not served by agent {}; use \"websocket\"",
+            transport.as_str(),
+            agent.name
+        )));
+    }
+    let body = match request.body {
+        None => None,
+        Some(_) if agent.websocket_auth == WebsocketAuth::None => {
+            return Err(ApiError::BadRequest(
+                "A body cannot be sent through /start to an agent without websocket_auth = \"token\"; \
+                 pass it as ?body= on the WebSocket URL"
+                    .into(),
+            ));
+        }
+        Some(body) => {
+            // Serializing a JSON map cannot fail.
+            let json = serde_json::to_string(&body).expect("JSON map serializes");
+            if json.len() > MAX_WEBSOCKET_BODY_BYTES {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "body is {} bytes of JSON; websocket transport allows at most {MAX_WEBSOCKET_BODY_BYTES}",
+                    json.len()
+                )));
+            }
+            Some(STANDARD.encode(json))
+        }
+    };
+
+    let session_id = Uuid::new_v4();
+    let token = (agent.websocket_auth == WebsocketAuth::Token).then(|| {
+        let expires = unix_ms() + state.token_lifetime.as_millis() as u64;
+        state.keyring.mint(&agent.service_host, session_id, &state.region, expires)
+    });
+    tracing::info!(%session_id, agent = %agent.service_host, "session token minted");
+    Ok(HttpResponse::Ok().json(StartResponse {
+        token,
+        ws_url: format!("{}/ws/generic/{}", state.ws_base_url, agent.service_host),
+        session_id,
+        body,
+    }))
+}
+
+/// Reads and parses the request body, refusing it as soon as it passes the size limit.
+async fn read_request(mut payload: web::Payload) -> Result<StartRequest, ApiError> {
+    let mut bytes = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("Could not read the request body: {e}")))?;
+        if bytes.len() + chunk.len() > MAX_REQUEST_BYTES {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "Request body exceeds {MAX_REQUEST_BYTES} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(StartRequest::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))
+}

@@ -1,0 +1,219 @@
+//! Builds the application from validated settings: binds the listener (port 0 picks a free one
+//! and [`Application::port`] reports it), loads keys and agents, opens the store and starts the
+//! HTTP server. Production and the tests use this same factory.
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{App, HttpServer, dev::Server, web};
+use anyhow::Context;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{
+    agents::{Agent, AgentRegistry, WebsocketAuth},
+    bridge::BridgeLimits,
+    config::Settings,
+    keys::{self, KeyIndex},
+    routes,
+    store::{Store, memory::MemoryStore, redis::RedisStore},
+    token::Keyring,
+};
+
+/// Id of the signing key generated when none is configured (embedded mode only).
+pub const GENERATED_KEY_ID: &str = "generated";
+/// Name of the built-in demo org and agent.
+pub const DEMO_ORG: &str = "demo";
+pub const DEMO_AGENT: &str = "echo";
+
+/// Everything a request handler needs, shared by all workers.
+pub struct AppState {
+    pub region: String,
+    /// This replica's id, written as the holder of the tokens it consumes.
+    pub replica_id: String,
+    /// Public WebSocket base URL of this replica's region, e.g. `wss://us-west.example.net`.
+    pub ws_base_url: String,
+    pub token_lifetime: Duration,
+    pub keyring: Keyring,
+    pub keys: KeyIndex,
+    pub agents: AgentRegistry,
+    pub store: Arc<dyn Store>,
+    pub bridge: BridgeLimits,
+    pub bot_connect_timeout: Duration,
+    pub start_rate: Option<(u64, Duration)>,
+}
+
+pub struct Application {
+    server: Server,
+    port: u16,
+    state: web::Data<AppState>,
+    /// The demo's echo bot, kept alive as long as the application.
+    _echo_bot: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Must be called within a Tokio runtime: the store's connection and the demo bot live on it.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.listen)
+            .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
+        let local = listener.local_addr()?;
+
+        let mut agents = AgentRegistry::default();
+        let mut key_index = KeyIndex::default();
+        let mut echo_bot = None;
+        if settings.is_demo() {
+            let bot = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let bot_url = format!("ws://{}/", bot.local_addr()?);
+            echo_bot = Some(tokio::spawn(crate::echo_bot::serve(bot)));
+            agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
+            key_index.insert(keys::hash_key(keys::DEMO_PUBLIC_KEY), DEMO_ORG);
+            tracing::warn!(
+                public_key = keys::DEMO_PUBLIC_KEY,
+                agent = DEMO_AGENT,
+                org = DEMO_ORG,
+                "demo mode: no agents or orgs configured; serving the built-in echo agent, \
+                 which accepts the public demo key. Never expose this to a network."
+            );
+        }
+        load_agents(&settings, &mut agents)?;
+        for (org, org_settings) in &settings.orgs {
+            for hash in &org_settings.public_key_hashes {
+                // validate() already checked the format.
+                let hash = keys::parse_key_hash(hash).context("orgs: bad key hash")?;
+                key_index.insert(hash, org);
+            }
+        }
+        for agent in agents.iter().filter(|a| !settings.orgs.contains_key(&a.org)) {
+            if !settings.is_demo() {
+                tracing::warn!(agent = %agent.service_host, "the agent's org has no public keys configured; /start cannot reach it");
+            }
+        }
+
+        let keyring = build_keyring(&settings)?;
+        let store: Arc<dyn Store> = match &settings.redis.url {
+            Some(url) => Arc::new(
+                RedisStore::new(url.expose_secret(), &settings.redis.key_prefix, settings.command_timeout())
+                    .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
+            ),
+            None => {
+                tracing::info!("state store: embedded in memory (single process; set redis.url to run replicas)");
+                Arc::new(MemoryStore::default())
+            }
+        };
+        if let Err(e) = store.check().await {
+            tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
+        }
+
+        let ws_base_url = settings
+            .regions
+            .get(&settings.region)
+            .map(|r| r.public_ws_url.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| format!("ws://{local}"));
+        let limits = &settings.limits;
+        let state = web::Data::new(AppState {
+            region: settings.region.clone(),
+            replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
+            ws_base_url,
+            token_lifetime: Duration::from_secs(settings.token.lifetime_secs),
+            keyring,
+            keys: key_index,
+            agents,
+            store,
+            bridge: BridgeLimits {
+                max_frame_bytes: limits.max_frame_bytes,
+                heartbeat_interval: Duration::from_secs(limits.heartbeat_interval_secs),
+                heartbeat_timeout: Duration::from_secs(limits.heartbeat_timeout_secs),
+            },
+            bot_connect_timeout: Duration::from_millis(limits.bot_connect_timeout_ms),
+            start_rate: (limits.start_rate_per_key > 0).then(|| {
+                (limits.start_rate_per_key, Duration::from_secs(limits.start_rate_window_secs))
+            }),
+        });
+
+        let app_state = state.clone();
+        let mut server = HttpServer::new(move || {
+            App::new().app_data(app_state.clone()).configure(routes::configure)
+        })
+        .client_disconnect_timeout(Duration::from_millis(limits.client_disconnect_timeout_ms))
+        .listen(listener)?;
+        if settings.workers > 0 {
+            server = server.workers(settings.workers);
+        }
+        tracing::info!(
+            listen = %local,
+            region = %settings.region,
+            ws_base_url = %state.ws_base_url,
+            agents = state.agents.len(),
+            signing_key = state.keyring.signing_kid(),
+            "session broker ready"
+        );
+        Ok(Self { server: server.run(), port: local.port(), state, _echo_bot: echo_bot })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A handle that stops the server (gracefully, or not) from elsewhere.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let _echo_bot = self._echo_bot;
+        self.server.await
+    }
+}
+
+fn demo_agent(bot_url: &str) -> anyhow::Result<Agent> {
+    let text = format!(
+        "agent_name = \"{DEMO_AGENT}\"\nwebsocket_auth = \"token\"\n\n[broker]\norg = \"{DEMO_ORG}\"\nbot_url = \"{bot_url}\"\n"
+    );
+    let agent = Agent::from_toml(&text, "built-in demo agent")?;
+    debug_assert_eq!(agent.websocket_auth, WebsocketAuth::Token);
+    Ok(agent)
+}
+
+fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Result<()> {
+    let mut files = settings.agents.files.clone();
+    if let Some(dir) = &settings.agents.dir {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("agents.dir: cannot read {}", dir.display()))?;
+        let mut found: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    for file in files {
+        let agent = Agent::from_file(&file)?;
+        agents.insert(agent).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
+/// The configured keyring, or, with no keys configured (validation allows that only without
+/// Redis), a random key that lives as long as the process.
+fn build_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
+    if !settings.token.keys.is_empty() {
+        return Ok(Keyring::new(&settings.token.signing_key_id, &settings.token.keys)?);
+    }
+    let mut bytes = [0u8; 48];
+    rand::rng().fill_bytes(&mut bytes);
+    let keys = std::collections::BTreeMap::from([(
+        GENERATED_KEY_ID.to_owned(),
+        SecretString::from(URL_SAFE_NO_PAD.encode(bytes)),
+    )]);
+    tracing::warn!(
+        key_id = GENERATED_KEY_ID,
+        "no token.keys configured: generated a random signing key for this process; tokens \
+         will not survive a restart and no other replica can verify them"
+    );
+    Ok(Keyring::new(GENERATED_KEY_ID, &keys)?)
+}
