@@ -118,7 +118,8 @@ impl Agent {
         for key in IGNORED_KEYS {
             table.remove(*key);
         }
-        let file: DeployFile = table.try_into().map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
+        let file: DeployFile =
+            table.try_into().map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
         if !is_valid_name(&file.agent_name) {
             return Err(fail(format!(
                 "agent_name `{}` must match ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ (at most {MAX_NAME_LEN} characters)",
@@ -128,10 +129,10 @@ impl Agent {
         if !is_valid_name(&file.broker.org) {
             return Err(fail(format!("broker.org `{}` is not a valid org name", file.broker.org)));
         }
-        if let Some(region) = &file.region {
-            if !is_valid_name(region) {
-                return Err(fail(format!("region `{region}` is not a valid region name")));
-            }
+        if let Some(region) = &file.region
+            && !is_valid_name(region)
+        {
+            return Err(fail(format!("region `{region}` is not a valid region name")));
         }
         let duration = file.max_session_duration.unwrap_or(DEFAULT_SESSION_DURATION_SECS);
         if !SESSION_DURATION_RANGE.contains(&duration) {
@@ -141,10 +142,10 @@ impl Agent {
                 SESSION_DURATION_RANGE.end()
             )));
         }
-        if let (Some(min), Some(max)) = (file.scaling.min_agents, file.scaling.max_agents) {
-            if max < min {
-                return Err(fail("scaling.max_agents must be at least scaling.min_agents".into()));
-            }
+        if let (Some(min), Some(max)) = (file.scaling.min_agents, file.scaling.max_agents)
+            && max < min
+        {
+            return Err(fail("scaling.max_agents must be at least scaling.min_agents".into()));
         }
         if file.scaling.max_agents == Some(0) {
             return Err(fail("scaling.max_agents must be above 0".into()));
@@ -204,7 +205,9 @@ impl AgentRegistry {
     pub fn lookup(&self, org: &str, name: &str) -> Lookup<'_> {
         match self.get(org, name) {
             Some(agent) => Lookup::Found(agent),
-            None if self.by_org.values().any(|agents| agents.contains_key(name)) => Lookup::OtherOrg,
+            None if self.by_org.values().any(|agents| agents.contains_key(name)) => {
+                Lookup::OtherOrg
+            }
             None => Lookup::Unknown,
         }
     }
@@ -261,6 +264,13 @@ bot_url = "ws://127.0.0.1:7860/ws"
         assert_eq!(agent.max_session_duration, Duration::from_secs(600));
         assert_eq!(agent.max_agents, Some(50));
         assert_eq!(agent.bot_url.as_str(), "ws://127.0.0.1:7860/ws");
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let text = include_str!("../examples/agents/pcc-deploy.toml");
+        let agent = Agent::from_toml(text, "example").unwrap();
+        assert_eq!(agent.service_host, "my-agent.my-org");
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub async fn relay(
 
     let ending = {
         let upstream = async {
-            let mut beat = tokio::time::interval(limits.heartbeat_interval);
+            let mut beat = heartbeat(limits.heartbeat_interval);
             loop {
                 tokio::select! {
                     msg = client_rx.recv() => {
@@ -167,7 +167,7 @@ pub async fn relay(
             }
         };
         let downstream = async {
-            let mut beat = tokio::time::interval(limits.heartbeat_interval);
+            let mut beat = heartbeat(limits.heartbeat_interval);
             loop {
                 tokio::select! {
                     msg = bot_rx.next() => {
@@ -279,7 +279,9 @@ impl Ending {
 
     fn timeout(reason: EndReason) -> Self {
         let (client_text, bot_text) = match reason {
-            EndReason::Timeout => ("session duration limit reached", "session duration limit reached"),
+            EndReason::Timeout => {
+                ("session duration limit reached", "session duration limit reached")
+            }
             EndReason::ClientTimeout => ("heartbeat timeout", "client stopped responding"),
             _ => ("bot stopped responding", "heartbeat timeout"),
         };
@@ -290,6 +292,13 @@ impl Ending {
             to_bot: Some(bot_frame(BotCloseCode::from(u16::from(code)), bot_text)),
         }
     }
+}
+
+/// Ticks every `period`, first one `period` from now (a plain interval ticks at once).
+fn heartbeat(period: Duration) -> tokio::time::Interval {
+    let mut beat = tokio::time::interval_at(Instant::now() + period, period);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat
 }
 
 fn client_reason(code: CloseCode, text: &str) -> CloseReason {

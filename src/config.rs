@@ -212,7 +212,10 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting: &str, why: String| Err(ConfigError(format!("{setting}: {why}")));
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("listen", format!("`{}` is not an address like 127.0.0.1:8080", self.listen));
+            return bad(
+                "listen",
+                format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
+            );
         }
         if !crate::agents::is_valid_name(&self.region) {
             return bad("region", format!("`{}` is not a valid region name", self.region));
@@ -228,11 +231,11 @@ impl Settings {
                 );
             }
         }
-        if let Some(url) = &self.redis.url {
-            if let Err(e) = redis::Client::open(url.expose_secret()) {
-                // The URL may hold a password: say what is wrong, not what it is.
-                return bad("redis.url", format!("not a usable Redis URL ({})", format!("{:?}", e.kind())));
-            }
+        if let Some(url) = &self.redis.url
+            && let Err(e) = redis::Client::open(url.expose_secret())
+        {
+            // The URL may hold a password: say what is wrong, not what it is.
+            return bad("redis.url", format!("not a usable Redis URL ({:?})", e.kind()));
         }
         if self.redis.command_timeout_ms == 0 {
             return bad("redis.command_timeout_ms", "must be above 0".into());
@@ -285,8 +288,7 @@ impl Settings {
         if l.bot_connect_timeout_ms == 0 {
             return bad("limits.bot_connect_timeout_ms", "must be above 0".into());
         }
-        if l.heartbeat_interval_secs == 0 || l.heartbeat_timeout_secs <= l.heartbeat_interval_secs
-        {
+        if l.heartbeat_interval_secs == 0 || l.heartbeat_timeout_secs <= l.heartbeat_interval_secs {
             return bad(
                 "limits.heartbeat_timeout_secs",
                 "must be above limits.heartbeat_interval_secs, which must be above 0".into(),
@@ -357,6 +359,17 @@ mod tests {
         assert_eq!(s.listen, "0.0.0.0:9000");
         assert_eq!(s.token.lifetime_secs, 30);
         assert_eq!(s.agents.files, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let file =
+            Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/broker.toml")));
+        let s = Settings::load(Sources { file, ..env(&[]) }).unwrap();
+        assert_eq!(s.region, "us-west");
+        assert!(!s.is_demo());
+        let hash = &s.orgs["my-org"].public_key_hashes[0];
+        assert_eq!(crate::keys::parse_key_hash(hash), Some(crate::keys::hash_key("pk_example")));
     }
 
     #[test]

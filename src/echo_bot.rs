@@ -17,7 +17,8 @@ pub async fn serve(listener: TcpListener) {
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_MESSAGE_BYTES))
                 .max_frame_size(Some(MAX_MESSAGE_BYTES));
-            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            let Ok(mut ws) =
+                tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             else {
                 return;
             };

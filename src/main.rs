@@ -5,7 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use session_broker::{
     config::{Settings, Sources},
-    keys, startup::Application, telemetry,
+    keys,
+    startup::Application,
+    telemetry,
 };
 
 #[derive(Parser)]

@@ -92,11 +92,17 @@ impl Application {
         let keyring = build_keyring(&settings)?;
         let store: Arc<dyn Store> = match &settings.redis.url {
             Some(url) => Arc::new(
-                RedisStore::new(url.expose_secret(), &settings.redis.key_prefix, settings.command_timeout())
-                    .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
+                RedisStore::new(
+                    url.expose_secret(),
+                    &settings.redis.key_prefix,
+                    settings.command_timeout(),
+                )
+                .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
             ),
             None => {
-                tracing::info!("state store: embedded in memory (single process; set redis.url to run replicas)");
+                tracing::info!(
+                    "state store: embedded in memory (single process; set redis.url to run replicas)"
+                );
                 Arc::new(MemoryStore::default())
             }
         };
@@ -181,8 +187,8 @@ fn demo_agent(bot_url: &str) -> anyhow::Result<Agent> {
 fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Result<()> {
     let mut files = settings.agents.files.clone();
     if let Some(dir) = &settings.agents.dir {
-        let entries =
-            std::fs::read_dir(dir).with_context(|| format!("agents.dir: cannot read {}", dir.display()))?;
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("agents.dir: cannot read {}", dir.display()))?;
         let mut found: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())

@@ -71,7 +71,10 @@ impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut kids: Vec<_> = self.keys.keys().collect();
         kids.sort();
-        f.debug_struct("Keyring").field("signing_kid", &self.signing_kid).field("kids", &kids).finish()
+        f.debug_struct("Keyring")
+            .field("signing_kid", &self.signing_kid)
+            .field("kids", &kids)
+            .finish()
     }
 }
 
@@ -121,7 +124,12 @@ impl Keyring {
     }
 
     /// Verifies a token for `service_host` at time `now_ms` and returns its claims.
-    pub fn verify(&self, token: &str, service_host: &str, now_ms: u64) -> Result<Claims, TokenError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        service_host: &str,
+        now_ms: u64,
+    ) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }

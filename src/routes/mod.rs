@@ -10,12 +10,15 @@ use actix_web::{HttpResponse, web};
 use crate::error::ApiError;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::QueryConfig::default().error_handler(|e, _| {
-        ApiError::BadRequest(format!("Invalid query string: {e}")).into()
-    }))
-    .app_data(web::PathConfig::default().error_handler(|e, _| {
-        ApiError::BadRequest(format!("Invalid path: {e}")).into()
-    }))
+    cfg.app_data(
+        web::QueryConfig::default().error_handler(|e, _| {
+            ApiError::BadRequest(format!("Invalid query string: {e}")).into()
+        }),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::BadRequest(format!("Invalid path: {e}")).into()),
+    )
     .service(
         web::resource("/v1/public/{agent}/start")
             .route(web::post().to(start::start))

@@ -144,8 +144,8 @@ pub async fn start(
 async fn read_request(mut payload: web::Payload) -> Result<StartRequest, ApiError> {
     let mut bytes = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("Could not read the request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("Could not read the request body: {e}")))?;
         if bytes.len() + chunk.len() > MAX_REQUEST_BYTES {
             return Err(ApiError::PayloadTooLarge(format!(
                 "Request body exceeds {MAX_REQUEST_BYTES} bytes"
@@ -156,5 +156,6 @@ async fn read_request(mut payload: web::Payload) -> Result<StartRequest, ApiErro
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(StartRequest::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))
 }

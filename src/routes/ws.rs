@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use base64::{
     Engine,
-    engine::{
-        DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig,
-        general_purpose::STANDARD,
-    },
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
 };
 use serde::Deserialize;
 use uuid::Uuid;

@@ -68,7 +68,12 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn consume_token(&self, sid: Uuid, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+    async fn consume_token(
+        &self,
+        sid: Uuid,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
         if inner.tokens.get(&sid).is_some_and(|c| c.expires > now) {
@@ -87,7 +92,12 @@ impl Store for MemoryStore {
         Ok(false)
     }
 
-    async fn rate_limit(&self, bucket: &str, limit: u64, window: Duration) -> Result<bool, StoreError> {
+    async fn rate_limit(
+        &self,
+        bucket: &str,
+        limit: u64,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
         let window_ms = window.as_millis().max(1) as u64;
         let elapsed = self.started.elapsed().as_millis() as u64;
         // Windows are identified by the time they end, which also tells the sweep when to drop them.

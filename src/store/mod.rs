@@ -22,7 +22,12 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the token of session `sid` as used by `holder`, unless it already is. Returns
     /// `true` for the one caller that wins. The mark lives for `ttl`, the token's remaining
     /// lifetime, after which the token is refused as expired anyway.
-    async fn consume_token(&self, sid: Uuid, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
+    async fn consume_token(
+        &self,
+        sid: Uuid,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// Undoes [`Store::consume_token`] if, and only if, `holder` still holds it, so that a
     /// connect that could not reach the bot leaves the token usable. Returns whether it did.
@@ -30,7 +35,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts one call against `bucket` in the current fixed window of length `window` and says
     /// whether it stays within `limit`.
-    async fn rate_limit(&self, bucket: &str, limit: u64, window: Duration) -> Result<bool, StoreError>;
+    async fn rate_limit(
+        &self,
+        bucket: &str,
+        limit: u64,
+        window: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;

@@ -72,7 +72,12 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn consume_token(&self, sid: Uuid, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+    async fn consume_token(
+        &self,
+        sid: Uuid,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let key = self.token_key(sid);
         let options = SetOptions::default()
@@ -92,7 +97,12 @@ impl Store for RedisStore {
         Ok(released == 1)
     }
 
-    async fn rate_limit(&self, bucket: &str, limit: u64, window: Duration) -> Result<bool, StoreError> {
+    async fn rate_limit(
+        &self,
+        bucket: &str,
+        limit: u64,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let window_ms = window.as_millis().max(1) as u64;
         let window_number = super::unix_ms() / window_ms;

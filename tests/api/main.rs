@@ -1,0 +1,7 @@
+//! Integration tests: the broker built by its production factory, against real `redis-server`
+//! processes (and the embedded store), driven over HTTP and WebSocket like a client would.
+
+mod helpers;
+mod replicas;
+mod start;
+mod ws;

@@ -1,0 +1,209 @@
+//! `POST /v1/public/{agent}/start` and the service readiness endpoint.
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert_eq!(content_type, "application/json", "every answer is JSON (status {status})");
+    (status, resp.json().await.unwrap())
+}
+
+/// Asserts the error shape every client renders, and returns its message.
+fn assert_error(body: &Value, status: u16, code: &str) -> String {
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["error"].as_str().expect("error is a string").to_owned();
+    assert!(!message.is_empty());
+    assert_eq!(body["message"], message.as_str());
+    assert_eq!(body["detail"], message.as_str());
+    message
+}
+
+#[tokio::test]
+async fn start_mints_a_token_for_the_agent_websocket() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (status, body) =
+        json_of(app.post_start(TOKEN_AGENT, Some(KEY), r#"{"transport":"websocket"}"#).await).await;
+    assert_eq!(status, 200);
+    let token = body["token"].as_str().unwrap();
+    assert!(token.starts_with("eyJzaCI6"), "token payload starts with the sh claim: {token}");
+    assert_eq!(body["wsUrl"], app.ws_url(TOKEN_AGENT, ORG));
+    let sid = body["sessionId"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(sid).unwrap().get_version_num(), 4);
+    assert!(body.get("body").is_none(), "no body sent, none returned");
+    assert_eq!(app.bot.connections(), 0, "/start must not contact the bot");
+}
+
+#[tokio::test]
+async fn start_accepts_what_the_python_sdk_sends() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    // The SDK sends no transport and may send the Daily fields; unknown fields are ignored.
+    let sdk = json!({
+        "createDailyRoom": false,
+        "dailyRoomProperties": {"start_video_off": true},
+        "dailyMeetingTokenProperties": {},
+        "enableDefaultIceServers": true,
+        "somethingNew": [1, 2, 3],
+        "body": {"caller": "+15551234567", "lang": "en"}
+    });
+    let (status, body) =
+        json_of(app.post_start(TOKEN_AGENT, Some(KEY), &sdk.to_string()).await).await;
+    assert_eq!(status, 200, "{body}");
+    let decoded = STANDARD.decode(body["body"].as_str().unwrap()).unwrap();
+    let round_trip: Value = serde_json::from_slice(&decoded).unwrap();
+    assert_eq!(round_trip, sdk["body"]);
+
+    for empty in ["{}", ""] {
+        let (status, _) = json_of(app.post_start(TOKEN_AGENT, Some(KEY), empty).await).await;
+        assert_eq!(status, 200, "body {empty:?}");
+    }
+}
+
+#[tokio::test]
+async fn agents_without_websocket_auth_get_no_token() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (status, body) = json_of(app.post_start(OPEN_AGENT, Some(KEY), "{}").await).await;
+    assert_eq!(status, 200);
+    assert!(body.get("token").is_none(), "{body}");
+    assert_eq!(body["wsUrl"], app.ws_url(OPEN_AGENT, ORG));
+}
+
+#[tokio::test]
+async fn key_problems_are_401() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let cases = [
+        (None, TOKEN_AGENT, "missing"),
+        (Some("sk_not_a_public_key"), TOKEN_AGENT, "malformed"),
+        (Some("pk_unknown"), TOKEN_AGENT, "unknown"),
+        (Some(OTHER_KEY), TOKEN_AGENT, "another organization"),
+        (Some(KEY), OTHER_ORG_AGENT, "another organization"),
+    ];
+    for (key, agent, expected) in cases {
+        let (status, body) = json_of(app.post_start(agent, key, "{}").await).await;
+        assert_eq!(status, 401, "{key:?} on {agent}");
+        let message = assert_error(&body, 401, "401");
+        assert!(message.contains(expected), "{key:?}: {message}");
+    }
+    // Basic auth is not a bearer key.
+    let resp = app
+        .http
+        .post(format!("http://{}/v1/public/{TOKEN_AGENT}/start", app.addr))
+        .basic_auth("user", Some(KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn unknown_agent_is_404() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (status, body) = json_of(app.post_start("no-such-agent", Some(KEY), "{}").await).await;
+    assert_eq!(status, 404);
+    assert_error(&body, 404, "404");
+}
+
+#[tokio::test]
+async fn bad_requests_are_400() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let cases = [
+        (TOKEN_AGENT, "{not json"),
+        (TOKEN_AGENT, "[]"),
+        (TOKEN_AGENT, r#"{"transport": 5}"#),
+        (TOKEN_AGENT, r#"{"transport": "carrier-pigeon"}"#),
+        (TOKEN_AGENT, r#"{"body": "not an object"}"#),
+        (TOKEN_AGENT, r#"{"createDailyRoom": "yes"}"#),
+        (TOKEN_AGENT, r#"{"dailyRoomProperties": 1}"#),
+        (TOKEN_AGENT, r#"{"enableDefaultIceServers": "true"}"#),
+        // A transport this agent does not serve.
+        (TOKEN_AGENT, r#"{"transport": "daily"}"#),
+        (TOKEN_AGENT, r#"{"transport": "webrtc"}"#),
+        // Without a token there is nothing to carry the body to the bot.
+        (OPEN_AGENT, r#"{"transport": "websocket", "body": {"a": 1}}"#),
+    ];
+    for (agent, request) in cases {
+        let (status, body) = json_of(app.post_start(agent, Some(KEY), request).await).await;
+        assert_eq!(status, 400, "{request}: {body}");
+        assert_error(&body, 400, "400");
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let just_fits = json!({"transport": "websocket", "body": {"x": "a".repeat(4096 - 8)}});
+    let resp = app.post_start(TOKEN_AGENT, Some(KEY), &just_fits.to_string()).await;
+    assert_eq!(resp.status(), 200, "a body of exactly 4096 bytes of JSON fits");
+
+    let too_big = json!({"transport": "websocket", "body": {"x": "a".repeat(4096)}});
+    let (status, body) =
+        json_of(app.post_start(TOKEN_AGENT, Some(KEY), &too_big.to_string()).await).await;
+    assert_eq!(status, 413);
+    assert_error(&body, 413, "413");
+
+    let huge = json!({"padding": "a".repeat(1024 * 1024)});
+    let (status, body) =
+        json_of(app.post_start(TOKEN_AGENT, Some(KEY), &huge.to_string()).await).await;
+    assert_eq!(status, 413);
+    assert_error(&body, 413, "413");
+}
+
+#[tokio::test]
+async fn rate_limit_per_key_is_429() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.limits.start_rate_per_key = 3;
+    options.settings.limits.start_rate_window_secs = 3600;
+    let app = TestApp::with(options, bot).await;
+    for _ in 0..3 {
+        assert_eq!(app.post_start(TOKEN_AGENT, Some(KEY), "{}").await.status(), 200);
+    }
+    let (status, body) = json_of(app.post_start(TOKEN_AGENT, Some(KEY), "{}").await).await;
+    assert_eq!(status, 429);
+    assert_error(&body, 429, "429");
+    // Another key has its own budget.
+    let (status, _) = json_of(app.post_start(OTHER_ORG_AGENT, Some(OTHER_KEY), "{}").await).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn store_unreachable_is_503() {
+    let (app, redis) = TestApp::spawn(Store::Redis).await;
+    assert_eq!(app.post_start(TOKEN_AGENT, Some(KEY), "{}").await.status(), 200);
+    redis.unwrap().stop();
+    let resp = app.post_start(TOKEN_AGENT, Some(KEY), "{}").await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let (status, body) = json_of(resp).await;
+    assert_eq!(status, 503);
+    assert_error(&body, 503, "503");
+}
+
+#[tokio::test]
+async fn service_readiness_for_the_cli() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let url = |org: &str, agent: &str| {
+        format!("http://{}/v1/organizations/{org}/services/{agent}", app.addr)
+    };
+    let (status, body) = json_of(app.http.get(url(ORG, TOKEN_AGENT)).send().await.unwrap()).await;
+    assert_eq!((status, body), (200, json!({"body": {"ready": true}})));
+    let (status, _) = json_of(app.http.get(url(ORG, "missing")).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let (app, _redis) = TestApp::spawn(Store::Memory).await;
+    let (status, body) =
+        json_of(app.http.get(format!("http://{}/nope", app.addr)).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+    assert_error(&body, 404, "404");
+    let get_start = app.http.get(format!("http://{}/v1/public/{TOKEN_AGENT}/start", app.addr));
+    let (status, body) = json_of(get_start.send().await.unwrap()).await;
+    assert_eq!(status, 405);
+    assert_error(&body, 405, "405");
+}
