@@ -18,8 +18,10 @@ use url::Url;
 
 /// Longest agent name Pipecat Cloud accepts.
 pub const MAX_NAME_LEN: usize = 54;
+/// Longest `max_session_duration` Pipecat Cloud accepts, in seconds.
+pub const MAX_SESSION_SECS: u64 = 14_400;
 /// Bounds of `max_session_duration`, in seconds, as Pipecat Cloud documents them.
-pub const SESSION_DURATION_RANGE: std::ops::RangeInclusive<u64> = 60..=14_400;
+pub const SESSION_DURATION_RANGE: std::ops::RangeInclusive<u64> = 60..=MAX_SESSION_SECS;
 /// `max_session_duration` when the file does not set one.
 pub const DEFAULT_SESSION_DURATION_SECS: u64 = 7_200;
 

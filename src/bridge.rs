@@ -26,6 +26,8 @@ use tokio_tungstenite::{
 };
 use url::Url;
 
+use crate::sessions::{EndReason, Stop, TERMINATED_CLOSE_CODE};
+
 pub type BotSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long the broker waits for the second side's close reply once it has passed a close on.
@@ -37,35 +39,6 @@ pub struct BridgeLimits {
     pub max_frame_bytes: usize,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
-}
-
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    ClientClosed,
-    BotClosed,
-    /// The client broke the protocol or sent an oversized message.
-    ClientError,
-    BotError,
-    /// No frame from the client within the heartbeat timeout.
-    ClientTimeout,
-    BotTimeout,
-    /// `max_session_duration` was reached.
-    Timeout,
-}
-
-impl EndReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientClosed => "client_closed",
-            Self::BotClosed => "bot_closed",
-            Self::ClientError => "client_error",
-            Self::BotError => "bot_error",
-            Self::ClientTimeout => "client_timeout",
-            Self::BotTimeout => "bot_timeout",
-            Self::Timeout => "timeout",
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,14 +71,23 @@ pub async fn dial(
     Ok(socket)
 }
 
-/// Relays one session until either side ends it, then closes both. Returns why it ended.
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: EndReason,
+    pub detail: &'static str,
+}
+
+/// Relays one session until either side ends it, `max_duration` passes or `stop` fires, then
+/// closes both sides. Returns how it ended.
 pub async fn relay(
     mut client: actix_ws::Session,
     client_stream: actix_ws::MessageStream,
     bot: BotSocket,
     limits: BridgeLimits,
     max_duration: Duration,
-) -> EndReason {
+    stop: tokio::sync::oneshot::Receiver<Stop>,
+) -> Outcome {
     let mut client_rx = client_stream
         .max_frame_size(limits.max_frame_bytes)
         .aggregate_continuations()
@@ -129,7 +111,7 @@ pub async fn relay(
                                 // actix-ws validated the UTF-8 already; this re-check is cheap.
                                 match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
                                     Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
-                                    Err(_) => return Ending::client_error(CloseCode::Invalid),
+                                    Err(_) => return Ending::client_error(CloseCode::Invalid, "client sent invalid UTF-8"),
                                 }
                             }
                             Some(Ok(AggregatedMessage::Binary(data))) => {
@@ -143,12 +125,16 @@ pub async fn relay(
                             }
                             Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
                             Some(Ok(AggregatedMessage::Close(reason))) => {
-                                return Ending { reason: EndReason::ClientClosed, to_client: reason.clone(), to_bot: reason.map(bot_close) };
+                                return Ending {
+                                    outcome: Outcome { reason: EndReason::ClientClosed, detail: "client closed" },
+                                    to_client: reason.clone(),
+                                    to_bot: reason.map(bot_close),
+                                };
                             }
                             Some(Err(ProtocolError::Overflow)) => {
-                                return Ending::client_error(CloseCode::Size);
+                                return Ending::client_error(CloseCode::Size, "client message too big");
                             }
-                            Some(Err(_)) => return Ending::client_error(CloseCode::Protocol),
+                            Some(Err(_)) => return Ending::client_error(CloseCode::Protocol, "client protocol error"),
                             None => return Ending::client_gone(),
                         };
                         if forwarded.is_err() {
@@ -157,7 +143,7 @@ pub async fn relay(
                     }
                     _ = beat.tick() => {
                         if client_seen.get().elapsed() > limits.heartbeat_timeout {
-                            return Ending::timeout(EndReason::ClientTimeout);
+                            return Ending::silent(Side::Client);
                         }
                         if bot_tx.send(BotMessage::Ping(Default::default())).await.is_err() {
                             return Ending::bot_gone();
@@ -176,23 +162,28 @@ pub async fn relay(
                             Some(Ok(BotMessage::Text(text))) => {
                                 match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
                                     Ok(text) => client.text(text).await,
-                                    Err(_) => return Ending::bot_error(BotCloseCode::Invalid),
+                                    Err(_) => return Ending::bot_error(BotCloseCode::Invalid, "bot sent invalid UTF-8"),
                                 }
                             }
                             Some(Ok(BotMessage::Binary(data))) => client.binary(data).await,
                             // tungstenite answers the bot's pings itself.
                             Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
                             Some(Ok(BotMessage::Close(frame))) => {
-                                let reason = frame.map(client_close);
-                                return Ending { reason: EndReason::BotClosed, to_client: reason, to_bot: None };
+                                let normal = frame.as_ref().is_some_and(|f| f.code == BotCloseCode::Normal);
+                                let outcome = if normal {
+                                    Outcome { reason: EndReason::Completed, detail: "bot closed normally" }
+                                } else {
+                                    Outcome { reason: EndReason::BotClosed, detail: "bot closed" }
+                                };
+                                return Ending { outcome, to_client: frame.map(client_close), to_bot: None };
                             }
                             Some(Err(tungstenite::Error::Capacity(_))) => {
-                                return Ending::bot_error(BotCloseCode::Size);
+                                return Ending::bot_error(BotCloseCode::Size, "bot message too big");
                             }
                             Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
                                 return Ending::bot_gone();
                             }
-                            Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol),
+                            Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol, "bot protocol error"),
                         };
                         if forwarded.is_err() {
                             return Ending::client_gone();
@@ -200,7 +191,7 @@ pub async fn relay(
                     }
                     _ = beat.tick() => {
                         if bot_seen.get().elapsed() > limits.heartbeat_timeout {
-                            return Ending::timeout(EndReason::BotTimeout);
+                            return Ending::silent(Side::Bot);
                         }
                         if client.ping(b"").await.is_err() {
                             return Ending::client_gone();
@@ -212,13 +203,14 @@ pub async fn relay(
         tokio::select! {
             ending = upstream => ending,
             ending = downstream => ending,
-            () = tokio::time::sleep(max_duration) => Ending::timeout(EndReason::Timeout),
+            () = tokio::time::sleep(max_duration) => Ending::duration_reached(),
+            Ok(why) = stop => Ending::stopped(why),
         }
     };
 
     // Pass the close on. The bot gets a close frame and a short grace to answer it; the client's
     // close is sent by actix-ws, which then ends the response stream.
-    let reason = ending.reason;
+    let outcome = ending.outcome;
     let bot_close = async {
         let _ = bot_tx.send(BotMessage::Close(ending.to_bot)).await;
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -232,37 +224,43 @@ pub async fn relay(
     };
     let client_close = client.close(ending.to_client);
     let _ = tokio::join!(bot_close, client_close);
-    reason
+    outcome
 }
 
-/// How a session ends: the reason, and the close frames each side receives.
+/// How a session ends: the outcome, and the close frames each side receives.
 struct Ending {
-    reason: EndReason,
+    outcome: Outcome,
     to_client: Option<CloseReason>,
     to_bot: Option<CloseFrame>,
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Bot,
+}
+
 impl Ending {
-    fn client_error(code: CloseCode) -> Self {
+    fn client_error(code: CloseCode, detail: &'static str) -> Self {
         Self {
-            reason: EndReason::ClientError,
-            to_client: Some(code.into()),
+            outcome: Outcome { reason: EndReason::ClientClosed, detail },
+            to_client: Some(client_reason(code, detail)),
             to_bot: Some(bot_frame(BotCloseCode::Away, "client connection failed")),
         }
     }
 
-    fn bot_error(code: BotCloseCode) -> Self {
+    fn bot_error(code: BotCloseCode, detail: &'static str) -> Self {
         Self {
-            reason: EndReason::BotError,
+            outcome: Outcome { reason: EndReason::BotClosed, detail },
             to_client: Some(client_reason(CloseCode::Error, "bot connection failed")),
-            to_bot: Some(bot_frame(code, "")),
+            to_bot: Some(bot_frame(code, detail)),
         }
     }
 
     /// The client vanished without a close frame.
     fn client_gone() -> Self {
         Self {
-            reason: EndReason::ClientClosed,
+            outcome: Outcome { reason: EndReason::ClientClosed, detail: "client disconnected" },
             to_client: None,
             to_bot: Some(bot_frame(BotCloseCode::Away, "client disconnected")),
         }
@@ -271,25 +269,49 @@ impl Ending {
     /// The bot vanished without a close frame.
     fn bot_gone() -> Self {
         Self {
-            reason: EndReason::BotClosed,
+            outcome: Outcome { reason: EndReason::BotClosed, detail: "bot disconnected" },
             to_client: Some(client_reason(CloseCode::Error, "bot disconnected")),
             to_bot: None,
         }
     }
 
-    fn timeout(reason: EndReason) -> Self {
-        let (client_text, bot_text) = match reason {
-            EndReason::Timeout => {
-                ("session duration limit reached", "session duration limit reached")
-            }
-            EndReason::ClientTimeout => ("heartbeat timeout", "client stopped responding"),
-            _ => ("bot stopped responding", "heartbeat timeout"),
+    /// A side sent nothing, not even a pong, for the heartbeat timeout.
+    fn silent(side: Side) -> Self {
+        let detail = match side {
+            Side::Client => "client heartbeat timeout",
+            Side::Bot => "bot heartbeat timeout",
         };
-        let code = if reason == EndReason::Timeout { CloseCode::Normal } else { CloseCode::Away };
         Self {
-            reason,
-            to_client: Some(client_reason(code, client_text)),
-            to_bot: Some(bot_frame(BotCloseCode::from(u16::from(code)), bot_text)),
+            outcome: Outcome { reason: EndReason::Timeout, detail },
+            to_client: Some(client_reason(CloseCode::Away, detail)),
+            to_bot: Some(bot_frame(BotCloseCode::Away, detail)),
+        }
+    }
+
+    fn duration_reached() -> Self {
+        let detail = "max_session_duration reached";
+        Self {
+            outcome: Outcome { reason: EndReason::Timeout, detail },
+            to_client: Some(client_reason(CloseCode::Normal, detail)),
+            to_bot: Some(bot_frame(BotCloseCode::Normal, detail)),
+        }
+    }
+
+    fn stopped(why: Stop) -> Self {
+        let (outcome, code) = match why {
+            Stop::Terminated => (
+                Outcome { reason: EndReason::Terminated, detail: "session terminated" },
+                TERMINATED_CLOSE_CODE,
+            ),
+            Stop::LeaseLost => (
+                Outcome { reason: EndReason::ReplicaLost, detail: "session lease lost" },
+                u16::from(CloseCode::Away),
+            ),
+        };
+        Self {
+            outcome,
+            to_client: Some(client_reason(CloseCode::from(code), outcome.detail)),
+            to_bot: Some(bot_frame(BotCloseCode::from(code), outcome.detail)),
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct Settings {
     /// Organizations and the SHA-256 hashes of their public keys.
     pub orgs: BTreeMap<String, OrgSettings>,
     pub limits: LimitSettings,
+    pub sessions: SessionSettings,
     pub log: LogSettings,
 }
 
@@ -98,11 +99,26 @@ pub struct LimitSettings {
     /// How long the broker waits for the bot's WebSocket handshake before answering 503.
     pub bot_connect_timeout_ms: u64,
     /// Interval of the pings the broker sends to each side of a bridged session.
-    pub heartbeat_interval_secs: u64,
+    pub heartbeat_interval_ms: u64,
     /// A side from which nothing (not even a pong) arrived for this long is considered gone.
-    pub heartbeat_timeout_secs: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// Ceiling on every agent's `max_session_duration`.
+    pub max_session_secs: u64,
     /// How long actix waits for a client to close TCP after a WebSocket close before dropping it.
     pub client_disconnect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    /// How long session records are kept after they end.
+    pub retention_secs: u64,
+    /// Lease of a live session on its concurrency slot. A replica that dies stops renewing;
+    /// its slots free within one lease, its sessions are marked `replica_lost` within one lease
+    /// plus one sweep interval.
+    pub lease_ttl_ms: u64,
+    /// How often each replica looks for lapsed leases.
+    pub sweep_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -132,6 +148,7 @@ impl Default for Settings {
             agents: AgentSettings::default(),
             orgs: BTreeMap::new(),
             limits: LimitSettings::default(),
+            sessions: SessionSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -156,10 +173,17 @@ impl Default for LimitSettings {
             start_rate_window_secs: 60,
             max_frame_bytes: 1024 * 1024,
             bot_connect_timeout_ms: 3_000,
-            heartbeat_interval_secs: 15,
-            heartbeat_timeout_secs: 45,
+            heartbeat_interval_ms: 15_000,
+            heartbeat_timeout_ms: 45_000,
+            max_session_secs: crate::agents::MAX_SESSION_SECS,
             client_disconnect_timeout_ms: 1_000,
         }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self { retention_secs: 86_400, lease_ttl_ms: 15_000, sweep_interval_ms: 2_000 }
     }
 }
 
@@ -288,11 +312,21 @@ impl Settings {
         if l.bot_connect_timeout_ms == 0 {
             return bad("limits.bot_connect_timeout_ms", "must be above 0".into());
         }
-        if l.heartbeat_interval_secs == 0 || l.heartbeat_timeout_secs <= l.heartbeat_interval_secs {
+        if l.heartbeat_interval_ms == 0 || l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
             return bad(
-                "limits.heartbeat_timeout_secs",
-                "must be above limits.heartbeat_interval_secs, which must be above 0".into(),
+                "limits.heartbeat_timeout_ms",
+                "must be above limits.heartbeat_interval_ms, which must be above 0".into(),
             );
+        }
+        if l.max_session_secs == 0 {
+            return bad("limits.max_session_secs", "must be above 0".into());
+        }
+        let s = &self.sessions;
+        if s.lease_ttl_ms < 30 {
+            return bad("sessions.lease_ttl_ms", "must be at least 30".into());
+        }
+        if s.sweep_interval_ms == 0 {
+            return bad("sessions.sweep_interval_ms", "must be above 0".into());
         }
         Ok(())
     }

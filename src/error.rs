@@ -26,6 +26,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("Rate limit exceeded for this API key")]
     RateLimited,
+    #[error("Service maximum agent instances reached")]
+    AtCapacity,
+    #[error("Session not found")]
+    SessionNotFound,
     #[error("{}", .0.message())]
     TokenRefused(TokenRefusal),
     #[error("State store unavailable, retry shortly")]
@@ -47,6 +51,8 @@ pub enum TokenRefusal {
     Missing,
     Invalid(TokenError),
     Replayed,
+    /// The token's session was ended through the session API.
+    Terminated,
 }
 
 impl TokenRefusal {
@@ -59,6 +65,7 @@ impl TokenRefusal {
             Self::Invalid(TokenError::Expired) => "token_expired",
             Self::Invalid(TokenError::WrongScope) => "token_wrong_scope",
             Self::Replayed => "token_already_used",
+            Self::Terminated => "session_terminated",
         }
     }
 
@@ -70,6 +77,7 @@ impl TokenRefusal {
             Self::Invalid(TokenError::Expired) => "Session token has expired",
             Self::Invalid(TokenError::WrongScope) => "Session token was issued for another agent",
             Self::Replayed => "Session token has already been used",
+            Self::Terminated => "Session was terminated",
         }
     }
 }
@@ -91,10 +99,11 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             Self::Unauthorized(_) => "401",
-            Self::AgentNotFound | Self::RouteNotFound => "404",
+            Self::AgentNotFound | Self::RouteNotFound | Self::SessionNotFound => "404",
             Self::BadRequest(_) => "400",
             Self::PayloadTooLarge(_) => "413",
             Self::RateLimited => "429",
+            Self::AtCapacity => "PCC-AGENT-AT-CAPACITY",
             Self::TokenRefused(_) => "403",
             Self::StoreUnavailable(_) | Self::BotUnreachable => "503",
             Self::MethodNotAllowed => "405",
@@ -107,10 +116,12 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::AgentNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::AgentNotFound | Self::RouteNotFound | Self::SessionNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::AtCapacity => StatusCode::TOO_MANY_REQUESTS,
             Self::TokenRefused(_) => StatusCode::FORBIDDEN,
             Self::StoreUnavailable(_) | Self::BotUnreachable => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

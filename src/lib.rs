@@ -20,6 +20,7 @@ pub mod echo_bot;
 pub mod error;
 pub mod keys;
 pub mod routes;
+pub mod sessions;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -16,6 +16,7 @@ use crate::{
     config::Settings,
     keys::{self, KeyIndex},
     routes,
+    sessions::{self, LeaseTiming, LiveSessions},
     store::{Store, memory::MemoryStore, redis::RedisStore},
     token::Keyring,
 };
@@ -36,19 +37,43 @@ pub struct AppState {
     pub token_lifetime: Duration,
     pub keyring: Keyring,
     pub keys: KeyIndex,
-    pub agents: AgentRegistry,
+    pub agents: Arc<AgentRegistry>,
     pub store: Arc<dyn Store>,
     pub bridge: BridgeLimits,
     pub bot_connect_timeout: Duration,
     pub start_rate: Option<(u64, Duration)>,
+    /// Ceiling on every agent's `max_session_duration`.
+    pub max_session: Duration,
+    pub leases: LeaseTiming,
+    /// The sessions this replica holds.
+    pub live: Arc<LiveSessions>,
+}
+
+impl AppState {
+    /// How long a record lives once its session is active: through the longest session, then
+    /// retention. A record whose replica and every sweeper died still goes away eventually.
+    pub fn active_record_ttl(&self, max_duration: Duration) -> Duration {
+        max_duration + self.leases.lease + self.leases.retention
+    }
+}
+
+/// Background tasks that live as long as the application, and stop with it.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 pub struct Application {
     server: Server,
     port: u16,
     state: web::Data<AppState>,
-    /// The demo's echo bot, kept alive as long as the application.
-    _echo_bot: Option<tokio::task::JoinHandle<()>>,
+    /// Lease renewal, sweeping, termination listening and the demo's echo bot.
+    background: Background,
 }
 
 impl Application {
@@ -60,11 +85,11 @@ impl Application {
 
         let mut agents = AgentRegistry::default();
         let mut key_index = KeyIndex::default();
-        let mut echo_bot = None;
+        let mut background = Background(Vec::new());
         if settings.is_demo() {
             let bot = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let bot_url = format!("ws://{}/", bot.local_addr()?);
-            echo_bot = Some(tokio::spawn(crate::echo_bot::serve(bot)));
+            background.0.push(tokio::spawn(crate::echo_bot::serve(bot)));
             agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
             key_index.insert(keys::hash_key(keys::DEMO_PUBLIC_KEY), DEMO_ORG);
             tracing::warn!(
@@ -116,6 +141,18 @@ impl Application {
             .map(|r| r.public_ws_url.trim_end_matches('/').to_owned())
             .unwrap_or_else(|| format!("ws://{local}"));
         let limits = &settings.limits;
+        let leases = LeaseTiming {
+            lease: Duration::from_millis(settings.sessions.lease_ttl_ms),
+            sweep_interval: Duration::from_millis(settings.sessions.sweep_interval_ms),
+            retention: Duration::from_secs(settings.sessions.retention_secs),
+        };
+        let agents = Arc::new(agents);
+        let live = Arc::new(LiveSessions::default());
+        background.0.extend([
+            tokio::spawn(sessions::renew_leases(store.clone(), live.clone(), leases)),
+            tokio::spawn(sessions::sweep_lapsed(store.clone(), agents.clone(), leases)),
+            tokio::spawn(sessions::listen_for_terminations(store.terminations(), live.clone())),
+        ]);
         let state = web::Data::new(AppState {
             region: settings.region.clone(),
             replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
@@ -127,13 +164,16 @@ impl Application {
             store,
             bridge: BridgeLimits {
                 max_frame_bytes: limits.max_frame_bytes,
-                heartbeat_interval: Duration::from_secs(limits.heartbeat_interval_secs),
-                heartbeat_timeout: Duration::from_secs(limits.heartbeat_timeout_secs),
+                heartbeat_interval: Duration::from_millis(limits.heartbeat_interval_ms),
+                heartbeat_timeout: Duration::from_millis(limits.heartbeat_timeout_ms),
             },
             bot_connect_timeout: Duration::from_millis(limits.bot_connect_timeout_ms),
             start_rate: (limits.start_rate_per_key > 0).then(|| {
                 (limits.start_rate_per_key, Duration::from_secs(limits.start_rate_window_secs))
             }),
+            max_session: Duration::from_secs(limits.max_session_secs),
+            leases,
+            live,
         });
 
         let app_state = state.clone();
@@ -153,7 +193,7 @@ impl Application {
             signing_key = state.keyring.signing_kid(),
             "session broker ready"
         );
-        Ok(Self { server: server.run(), port: local.port(), state, _echo_bot: echo_bot })
+        Ok(Self { server: server.run(), port: local.port(), state, background })
     }
 
     pub fn port(&self) -> u16 {
@@ -170,7 +210,7 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let _echo_bot = self._echo_bot;
+        let _background = self.background;
         self.server.await
     }
 }

@@ -2,12 +2,20 @@
 
 pub mod health;
 pub mod services;
+pub mod sessions;
 pub mod start;
 pub mod ws;
 
-use actix_web::{HttpResponse, web};
+use std::sync::Arc;
 
-use crate::error::ApiError;
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+
+use crate::{
+    agents::{Agent, Lookup},
+    error::ApiError,
+    keys::{self, KeyRejection},
+    startup::AppState,
+};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
@@ -30,6 +38,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/v1/public/{agent}/sessions/{session_id}")
+            .route(web::get().to(sessions::get))
+            .route(web::delete().to(sessions::delete))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource(["/ws/generic/{service}", "/ws/generic/{service}/{token}"])
             .route(web::get().to(ws::connect))
             .default_service(web::to(method_not_allowed)),
@@ -37,6 +51,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
     .default_service(web::to(not_found));
+}
+
+/// The org whose public key authorizes this request (`Authorization: Bearer pk_…`), and the key.
+fn authenticate<'a>(
+    req: &'a HttpRequest,
+    state: &'a AppState,
+) -> Result<(&'a str, &'a str), ApiError> {
+    let key = keys::bearer(req.headers().get(header::AUTHORIZATION))
+        .ok_or(ApiError::Unauthorized(KeyRejection::Missing))?;
+    let org = state.keys.org_of(key).map_err(ApiError::Unauthorized)?;
+    Ok((org, key))
+}
+
+/// The org's agent of that name. Another org's agent is refused as the key's fault (401), not
+/// reported missing.
+fn agent_of(state: &AppState, org: &str, name: &str) -> Result<Arc<Agent>, ApiError> {
+    match state.agents.lookup(org, name) {
+        Lookup::Found(agent) => Ok(agent.clone()),
+        Lookup::OtherOrg => Err(ApiError::Unauthorized(KeyRejection::OtherOrg)),
+        Lookup::Unknown => Err(ApiError::AgentNotFound),
+    }
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

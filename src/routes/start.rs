@@ -2,18 +2,16 @@
 //! for the agent's WebSocket. No bot is contacted: for websocket transport the bot is dialled
 //! when the client connects.
 
-use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::{agent_of, authenticate};
 use crate::{
-    agents::{Lookup, WebsocketAuth},
-    error::ApiError,
-    keys::{self, KeyRejection},
-    startup::AppState,
+    agents::WebsocketAuth, error::ApiError, keys, sessions::Status, startup::AppState,
     store::unix_ms,
 };
 
@@ -75,10 +73,7 @@ pub async fn start(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = keys::bearer(req.headers().get(header::AUTHORIZATION))
-        .ok_or(ApiError::Unauthorized(KeyRejection::Missing))?;
-    let org = state.keys.org_of(key).map_err(ApiError::Unauthorized)?;
-
+    let (org, key) = authenticate(&req, &state)?;
     if let Some((limit, window)) = state.start_rate {
         // The bucket is named by the key's hash: the key itself never reaches the store.
         let bucket = hex::encode(&keys::hash_key(key)[..16]);
@@ -87,12 +82,7 @@ pub async fn start(
         }
     }
 
-    let agent = match state.agents.lookup(org, &agent_name) {
-        Lookup::Found(agent) => agent,
-        Lookup::OtherOrg => return Err(ApiError::Unauthorized(KeyRejection::OtherOrg)),
-        Lookup::Unknown => return Err(ApiError::AgentNotFound),
-    };
-
+    let agent = agent_of(&state, org, &agent_name)?;
     let request = read_request(payload).await?;
     // The official Python SDK never sends `transport`; the agent's default applies, which is
     // websocket for every agent of this broker.
@@ -126,11 +116,33 @@ pub async fn start(
         }
     };
 
+    // The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
+    if let Some(cap) = agent.max_agents {
+        if state.store.live_sessions(&agent.service_host).await? >= u64::from(cap) {
+            return Err(ApiError::AtCapacity);
+        }
+    }
+
     let session_id = Uuid::new_v4();
-    let token = (agent.websocket_auth == WebsocketAuth::Token).then(|| {
-        let expires = unix_ms() + state.token_lifetime.as_millis() as u64;
-        state.keyring.mint(&agent.service_host, session_id, &state.region, expires)
-    });
+    let token = match agent.websocket_auth {
+        // Without a token nothing ties a connect to this id: the connect makes its own record.
+        WebsocketAuth::None => None,
+        WebsocketAuth::Token => {
+            let now = unix_ms();
+            let expires = now + state.token_lifetime.as_millis() as u64;
+            let record = [
+                ("status", Status::Pending.as_str().to_owned()),
+                ("service", agent.service_host.clone()),
+                ("created_ms", now.to_string()),
+                ("token_expires_ms", expires.to_string()),
+                ("minted_region", state.region.clone()),
+            ];
+            // Written before the token is handed out: a token never exists without its record.
+            let ttl = state.token_lifetime + state.leases.retention;
+            state.store.update_session(session_id, &[""], &record, Some(ttl)).await?;
+            Some(state.keyring.mint(&agent.service_host, session_id, &state.region, expires))
+        }
+    };
     tracing::info!(%session_id, agent = %agent.service_host, "session token minted");
     Ok(HttpResponse::Ok().json(StartResponse {
         token,

@@ -6,7 +6,7 @@
 //! bot has answered is the client upgraded and the relay started. If the bot cannot be reached,
 //! the consume is undone so the token works again for the rest of its lifetime.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use base64::{
@@ -21,6 +21,7 @@ use crate::{
     bridge,
     error::{ApiError, TokenRefusal},
     keys,
+    sessions::{EndReason, Status, ended_fields},
     startup::AppState,
     store::unix_ms,
     token::redact,
@@ -54,62 +55,157 @@ pub async fn connect(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
-    let (response, session, stream) = actix_ws::handle(&req, payload)
+    let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
     let WsPath { service, token: path_token } = path.into_inner();
     let agent = state.agents.by_service_host(&service).ok_or(ApiError::AgentNotFound)?.clone();
     let body = query.body.as_deref().map(decode_body).transpose()?;
 
-    let (session_id, minted_in, consumed) = match agent.websocket_auth {
-        WebsocketAuth::None => (Uuid::new_v4(), state.region.clone(), None),
+    let admission = match agent.websocket_auth {
+        WebsocketAuth::None => Admission::open(&state),
         WebsocketAuth::Token => {
             let token = find_token(&req, query.token.as_deref(), path_token.as_deref())
                 .ok_or(ApiError::TokenRefused(TokenRefusal::Missing))?;
-            let now = unix_ms();
-            let claims = state.keyring.verify(token, &agent.service_host, now).map_err(|e| {
-                tracing::info!(agent = %agent.service_host, token = %redact(token), reason = %e, "connect refused");
-                ApiError::TokenRefused(TokenRefusal::Invalid(e))
-            })?;
-            let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
-            // The mark needs to outlive the token only: after expiry the token is refused anyway.
-            let remaining = Duration::from_millis(claims.exp - now);
-            if !state.store.consume_token(claims.sid, &holder, remaining).await? {
-                tracing::info!(session_id = %claims.sid, agent = %agent.service_host, "connect refused: token already used");
-                return Err(ApiError::TokenRefused(TokenRefusal::Replayed));
-            }
-            (claims.sid, claims.rg, Some(holder))
+            Admission::consume(&state, &agent, token).await?
         }
     };
+    let sid = admission.session_id;
 
-    let bot = match dial_bot(&req, &agent, &state, session_id, &minted_in, body.as_deref()).await {
+    // The cap is taken after the token so that a replay never touches it; at the cap the token
+    // is given back.
+    match state
+        .store
+        .acquire_slot(&agent.service_host, sid, agent.max_agents, state.leases.lease)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            admission.give_back(&state).await;
+            tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
+            return Err(ApiError::AtCapacity);
+        }
+        Err(e) => {
+            admission.give_back(&state).await;
+            return Err(e.into());
+        }
+    }
+    // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
+    let (registration, stop) = state.live.register(sid, &agent.service_host);
+
+    let bot = match dial_bot(&req, &agent, &state, sid, &admission.minted_in, body.as_deref()).await
+    {
         Ok(bot) => bot,
         Err(e) => {
-            tracing::warn!(%session_id, agent = %agent.service_host, error = %e, "bot unreachable");
-            if let Some(holder) = consumed {
-                // If this fails the token stays spent: the client must call /start again.
-                if let Err(e) = state.store.release_token(session_id, &holder).await {
-                    tracing::warn!(%session_id, error = %e, "could not give the token back");
-                }
+            tracing::warn!(session_id = %sid, agent = %agent.service_host, error = %e, "bot unreachable");
+            drop(registration);
+            if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
+                tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+            }
+            admission.give_back(&state).await;
+            if admission.consumed.is_some() {
+                let note = [("last_error", EndReason::BotUnreachable.as_str().to_owned())];
+                let _ =
+                    state.store.update_session(sid, &[Status::Pending.as_str()], &note, None).await;
             }
             return Err(ApiError::BotUnreachable);
         }
     };
 
-    tracing::info!(%session_id, agent = %agent.service_host, "session connected");
-    let limits = state.bridge;
-    let max_duration = agent.max_session_duration;
+    let max_duration = agent.max_session_duration.min(state.max_session);
+    let connected_ms = unix_ms();
+    let active = [
+        ("status", Status::Active.as_str().to_owned()),
+        ("service", agent.service_host.clone()),
+        ("replica", state.replica_id.clone()),
+        ("region", state.region.clone()),
+        ("minted_region", admission.minted_in.clone()),
+        ("connected_ms", connected_ms.to_string()),
+    ];
+    // A token session must still be pending (or unrecorded, if Redis lost it in a failover): if
+    // DELETE ended it meanwhile, the connect is refused and the bot let go.
+    let from: &[&str] = if admission.consumed.is_some() { &["", "pending"] } else { &[""] };
+    let ttl = state.active_record_ttl(max_duration);
+    match state.store.update_session(sid, from, &active, Some(ttl)).await {
+        Ok(true) => {}
+        Ok(false) => {
+            drop(registration);
+            let _ = state.store.release_slot(&agent.service_host, sid).await;
+            let mut bot = bot;
+            let _ = bot.close(None).await;
+            tracing::info!(session_id = %sid, "connect refused: session was terminated");
+            return Err(ApiError::TokenRefused(TokenRefusal::Terminated));
+        }
+        // The session goes on; its record says pending until it ends.
+        Err(e) => {
+            tracing::warn!(session_id = %sid, error = %e, "could not mark the session active")
+        }
+    }
+
+    tracing::info!(session_id = %sid, agent = %agent.service_host, "session connected");
     actix_web::rt::spawn(async move {
-        let started = Instant::now();
-        let reason = bridge::relay(session, stream, bot, limits, max_duration).await;
+        let _registration = registration;
+        let outcome = bridge::relay(client, stream, bot, state.bridge, max_duration, stop).await;
+        let ended = ended_fields(outcome.reason, outcome.detail, Some(connected_ms));
+        let retention = Some(state.leases.retention);
+        if let Err(e) =
+            state.store.update_session(sid, &["pending", "active"], &ended, retention).await
+        {
+            tracing::warn!(session_id = %sid, error = %e, "could not record the end of the session");
+        }
+        if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
+            tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+        }
         tracing::info!(
-            %session_id,
+            session_id = %sid,
             agent = %agent.service_host,
-            reason = reason.as_str(),
-            duration_ms = started.elapsed().as_millis() as u64,
+            reason = outcome.reason.as_str(),
+            detail = outcome.detail,
+            duration_ms = unix_ms().saturating_sub(connected_ms),
             "session ended"
         );
     });
     Ok(response)
+}
+
+/// The right to start one session: a session id, and for token agents the consumed token.
+struct Admission {
+    session_id: Uuid,
+    minted_in: String,
+    /// The value this connect wrote to consume the token, to give it back by.
+    consumed: Option<String>,
+}
+
+impl Admission {
+    /// An agent without websocket auth: every connect is a new session.
+    fn open(state: &AppState) -> Self {
+        Self { session_id: Uuid::new_v4(), minted_in: state.region.clone(), consumed: None }
+    }
+
+    /// Verifies the token and consumes it, exactly once across all replicas.
+    async fn consume(state: &AppState, agent: &Agent, token: &str) -> Result<Self, ApiError> {
+        let now = unix_ms();
+        let claims = state.keyring.verify(token, &agent.service_host, now).map_err(|e| {
+            tracing::info!(agent = %agent.service_host, token = %redact(token), reason = %e, "connect refused");
+            ApiError::TokenRefused(TokenRefusal::Invalid(e))
+        })?;
+        let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
+        // The mark needs to outlive the token only: after expiry the token is refused anyway.
+        let remaining = Duration::from_millis(claims.exp - now);
+        if !state.store.consume_token(claims.sid, &holder, remaining).await? {
+            tracing::info!(session_id = %claims.sid, agent = %agent.service_host, "connect refused: token already used");
+            return Err(ApiError::TokenRefused(TokenRefusal::Replayed));
+        }
+        Ok(Self { session_id: claims.sid, minted_in: claims.rg, consumed: Some(holder) })
+    }
+
+    /// Gives the token back, so the client can connect again within its lifetime.
+    async fn give_back(&self, state: &AppState) {
+        let Some(holder) = &self.consumed else { return };
+        // If this fails the token stays spent: the client must call /start again.
+        if let Err(e) = state.store.release_token(self.session_id, holder).await {
+            tracing::warn!(session_id = %self.session_id, error = %e, "could not give the token back");
+        }
+    }
 }
 
 /// The token, from the first place that holds one: `Authorization: Bearer`, then `?token=`,

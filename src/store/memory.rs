@@ -8,9 +8,10 @@ use std::{
 };
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, TERMINATION_BACKLOG, unix_ms};
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
 /// stays bounded by what was written during one token lifetime plus this interval.
@@ -23,10 +24,19 @@ struct Consumed {
 }
 
 #[derive(Debug)]
+struct Record {
+    fields: HashMap<String, String>,
+    expires: Option<Instant>,
+}
+
+#[derive(Debug)]
 struct Inner {
     tokens: HashMap<Uuid, Consumed>,
     /// bucket -> (window number, calls counted in it)
     rates: HashMap<String, (u64, u64)>,
+    sessions: HashMap<Uuid, Record>,
+    /// agent -> session id -> lease expiry (Unix ms)
+    leases: HashMap<String, HashMap<Uuid, u64>>,
     next_sweep: Instant,
 }
 
@@ -34,6 +44,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     started: Instant,
+    terminations: broadcast::Sender<Uuid>,
 }
 
 impl Default for MemoryStore {
@@ -43,9 +54,12 @@ impl Default for MemoryStore {
             inner: Mutex::new(Inner {
                 tokens: HashMap::new(),
                 rates: HashMap::new(),
+                sessions: HashMap::new(),
+                leases: HashMap::new(),
                 next_sweep: now + SWEEP_INTERVAL,
             }),
             started: now,
+            terminations: broadcast::channel(TERMINATION_BACKLOG).0,
         }
     }
 }
@@ -60,6 +74,7 @@ impl MemoryStore {
             inner.tokens.retain(|_, c| c.expires > now);
             let window_floor = now.duration_since(self.started).as_millis() as u64;
             inner.rates.retain(|_, (window_end, _)| *window_end > window_floor);
+            inner.sessions.retain(|_, r| r.expires.is_none_or(|at| at > now));
             inner.next_sweep = now + SWEEP_INTERVAL;
         }
         inner
@@ -115,6 +130,118 @@ impl Store for MemoryStore {
         drop(self.lock());
         Ok(())
     }
+
+    async fn update_session(
+        &self,
+        sid: Uuid,
+        from: &[&str],
+        fields: &[(&str, String)],
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let live = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
+        let current = live.and_then(|r| r.fields.get("status")).map_or("", String::as_str);
+        if !from.contains(&current) {
+            return Ok(false);
+        }
+        if live.is_none() {
+            inner.sessions.insert(sid, Record { fields: HashMap::new(), expires: None });
+        }
+        let record = inner.sessions.get_mut(&sid).expect("inserted above");
+        for (name, value) in fields {
+            record.fields.insert((*name).to_owned(), value.clone());
+        }
+        if let Some(ttl) = ttl {
+            record.expires = Some(now + ttl);
+        }
+        Ok(true)
+    }
+
+    async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let record = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
+        Ok(record.map(|r| r.fields.clone()))
+    }
+
+    async fn acquire_slot(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        cap: Option<u32>,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = unix_ms();
+        let mut inner = self.lock();
+        let leases = inner.leases.entry(agent.to_owned()).or_default();
+        let live = leases.values().filter(|&&expiry| expiry > now).count() as u64;
+        if cap.is_some_and(|cap| live >= u64::from(cap)) {
+            return Ok(false);
+        }
+        leases.insert(sid, now + lease.as_millis() as u64);
+        Ok(true)
+    }
+
+    async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
+        if let Some(leases) = self.lock().leases.get_mut(agent) {
+            leases.remove(&sid);
+        }
+        Ok(())
+    }
+
+    async fn renew_leases(
+        &self,
+        agent: &str,
+        sids: &[Uuid],
+        lease: Duration,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let expiry = unix_ms() + lease.as_millis() as u64;
+        let mut inner = self.lock();
+        let leases = inner.leases.entry(agent.to_owned()).or_default();
+        let mut gone = Vec::new();
+        for sid in sids {
+            match leases.get_mut(sid) {
+                Some(at) => *at = expiry,
+                None => gone.push(*sid),
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn claim_lapsed_leases(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let now = unix_ms();
+        let mut inner = self.lock();
+        let Some(leases) = inner.leases.get_mut(agent) else { return Ok(Vec::new()) };
+        let lapsed: Vec<Uuid> =
+            leases.iter().filter(|(_, at)| **at <= now).map(|(sid, _)| *sid).take(limit).collect();
+        for sid in &lapsed {
+            leases.remove(sid);
+        }
+        Ok(lapsed)
+    }
+
+    async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
+        let now = unix_ms();
+        let inner = self.lock();
+        let live =
+            inner.leases.get(agent).map_or(0, |l| l.values().filter(|&&at| at > now).count());
+        Ok(live as u64)
+    }
+
+    async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
+        // No receiver (no live session anywhere) is not an error.
+        let _ = self.terminations.send(sid);
+        Ok(())
+    }
+
+    fn terminations(&self) -> broadcast::Receiver<Uuid> {
+        self.terminations.subscribe()
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +267,35 @@ mod tests {
         assert!(!store.consume_token(sid, "b", Duration::from_secs(5)).await.unwrap());
         assert!(store.release_token(sid, "a").await.unwrap());
         assert!(store.consume_token(sid, "b", Duration::from_secs(5)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn session_updates_are_conditional_on_status() {
+        let store = MemoryStore::default();
+        let sid = Uuid::new_v4();
+        let set = |status: &str| vec![("status", status.to_owned())];
+        assert!(store.update_session(sid, &[""], &set("pending"), None).await.unwrap());
+        assert!(!store.update_session(sid, &[""], &set("pending"), None).await.unwrap());
+        assert!(store.update_session(sid, &["pending"], &set("ended"), None).await.unwrap());
+        assert!(
+            !store.update_session(sid, &["pending", "active"], &set("active"), None).await.unwrap()
+        );
+        assert_eq!(store.get_session(sid).await.unwrap().unwrap()["status"], "ended");
+    }
+
+    #[tokio::test]
+    async fn slots_respect_the_cap_and_lapse() {
+        let store = MemoryStore::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let short = Duration::from_millis(30);
+        assert!(store.acquire_slot("x", a, Some(1), short).await.unwrap());
+        assert!(!store.acquire_slot("x", b, Some(1), short).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(store.live_sessions("x").await.unwrap(), 0);
+        assert!(store.acquire_slot("x", b, Some(1), Duration::from_secs(5)).await.unwrap());
+        assert_eq!(store.claim_lapsed_leases("x", 10).await.unwrap(), vec![a]);
+        assert!(store.claim_lapsed_leases("x", 10).await.unwrap().is_empty());
+        assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
     }
 
     #[tokio::test]

@@ -7,10 +7,15 @@
 pub mod memory;
 pub mod redis;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 use uuid::Uuid;
+
+/// Session ids announced for termination that a slow listener may lag behind before it misses
+/// some; a missed one is still ended at the holder's next lease renewal.
+pub const TERMINATION_BACKLOG: usize = 1024;
 
 /// The store could not answer. Callers answer 503 and change nothing.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,55 @@ pub trait Store: Send + Sync + 'static {
 
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// Sets `fields` on the record of session `sid` if its `status` field is one of `from`
+    /// (`""` standing for "no record"), then sets its time to live unless `ttl` is `None`.
+    /// Returns whether it applied. This one conditional write is every session transition.
+    async fn update_session(
+        &self,
+        sid: Uuid,
+        from: &[&str],
+        fields: &[(&str, String)],
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError>;
+
+    /// The record of session `sid`, as fields.
+    async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError>;
+
+    /// Takes a live-session slot of `agent` for `sid` with a lease of `lease`, unless `cap`
+    /// slots are already held by live leases. Returns whether it did.
+    async fn acquire_slot(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        cap: Option<u32>,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError>;
+
+    /// Extends the leases of `sids` (all of `agent`) to `lease` from now. Returns the ids whose
+    /// lease is gone: terminated, or claimed after it lapsed. Their holder must end them.
+    async fn renew_leases(
+        &self,
+        agent: &str,
+        sids: &[Uuid],
+        lease: Duration,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Removes up to `limit` lapsed leases of `agent` and returns their session ids; each id is
+    /// returned to one caller only.
+    async fn claim_lapsed_leases(&self, agent: &str, limit: usize)
+    -> Result<Vec<Uuid>, StoreError>;
+
+    /// Live sessions of `agent` (unlapsed leases).
+    async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError>;
+
+    /// Tells every replica that session `sid` must end.
+    async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError>;
+
+    /// Session ids announced by [`Store::publish_termination`], on any replica.
+    fn terminations(&self) -> broadcast::Receiver<Uuid>;
 }
 
 /// Milliseconds since the Unix epoch, the time base of token expiry.

@@ -1,0 +1,77 @@
+//! `GET` and `DELETE /v1/public/{agent}/sessions/{sessionId}`: read a session's record, or end
+//! the session wherever it runs. Authenticated with the org's public key, like `/start`.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use uuid::Uuid;
+
+use super::{agent_of, authenticate};
+use crate::{
+    agents::Agent,
+    error::ApiError,
+    sessions::{EndReason, SessionRecord, Status, ended_fields},
+    startup::AppState,
+    store::unix_ms,
+};
+
+pub async fn get(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (agent, sid) = target(&req, &state, path.into_inner())?;
+    let record = load(&state, &agent, sid).await?;
+    Ok(HttpResponse::Ok().json(record))
+}
+
+/// Ends the session. A pending session's token is spent so it can no longer connect; a live
+/// session's lease is removed and its holder told through the store's pub/sub, and it closes both
+/// sockets with code 4000. Ending an ended session changes nothing. Answers the record.
+pub async fn delete(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (agent, sid) = target(&req, &state, path.into_inner())?;
+    let record = load(&state, &agent, sid).await?;
+    if record.status == Status::Ended {
+        return Ok(HttpResponse::Ok().json(record));
+    }
+    let fields =
+        ended_fields(EndReason::Terminated, "terminated through the API", record.connected_at_ms);
+    let retention = Some(state.leases.retention);
+    let from = [Status::Pending.as_str(), Status::Active.as_str()];
+    state.store.update_session(sid, &from, &fields, retention).await?;
+    if let Some(expires) = record.token_expires_at_ms {
+        // Spend the token: a connect racing this DELETE either lost already, or finds the record
+        // ended when it tries to mark it active, and is refused.
+        let remaining = expires.saturating_sub(unix_ms());
+        if remaining > 0 {
+            let ttl = std::time::Duration::from_millis(remaining);
+            state.store.consume_token(sid, "terminated", ttl).await?;
+        }
+    }
+    state.store.release_slot(&agent.service_host, sid).await?;
+    state.store.publish_termination(sid).await?;
+    tracing::info!(session_id = %sid, agent = %agent.service_host, "session terminated");
+    Ok(HttpResponse::Ok().json(load(&state, &agent, sid).await?))
+}
+
+fn target(
+    req: &HttpRequest,
+    state: &AppState,
+    (agent_name, session_id): (String, String),
+) -> Result<(std::sync::Arc<Agent>, Uuid), ApiError> {
+    let (org, _) = authenticate(req, state)?;
+    let agent = agent_of(state, org, &agent_name)?;
+    // Not a UUID: no such session, rather than a request error a client must handle apart.
+    let sid = Uuid::parse_str(&session_id).map_err(|_| ApiError::SessionNotFound)?;
+    Ok((agent, sid))
+}
+
+/// The record of `sid`, if it belongs to `agent`: another agent's session is not found.
+async fn load(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionRecord, ApiError> {
+    let fields = state.store.get_session(sid).await?.ok_or(ApiError::SessionNotFound)?;
+    SessionRecord::from_fields(sid, &fields, unix_ms())
+        .filter(|record| record.service == agent.service_host)
+        .ok_or(ApiError::SessionNotFound)
+}
