@@ -117,10 +117,10 @@ pub async fn start(
     };
 
     // The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
-    if let Some(cap) = agent.max_agents {
-        if state.store.live_sessions(&agent.service_host).await? >= u64::from(cap) {
-            return Err(ApiError::AtCapacity);
-        }
+    if let Some(cap) = agent.max_agents
+        && state.store.live_sessions(&agent.service_host).await? >= u64::from(cap)
+    {
+        return Err(ApiError::AtCapacity);
     }
 
     let session_id = Uuid::new_v4();

@@ -35,6 +35,9 @@ pub const TOKEN_AGENT: &str = "voice";
 pub const OPEN_AGENT: &str = "open";
 pub const SECOND_AGENT: &str = "voice-two";
 pub const OTHER_ORG_AGENT: &str = "rival-agent";
+/// An agent with `max_agents = CAP`.
+pub const CAPPED_AGENT: &str = "capped";
+pub const CAP: u32 = 2;
 pub const SIGNING_KEY: &str = "test-signing-key-0123456789abcdefghij";
 
 pub type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -114,6 +117,8 @@ pub struct TestBot {
     pub addr: SocketAddr,
     pub handshakes: Arc<Mutex<Vec<Handshake>>>,
     connections: Arc<AtomicUsize>,
+    /// Frames a `flood` command has sent so far.
+    pub flooded: Arc<AtomicUsize>,
 }
 
 impl TestBot {
@@ -126,6 +131,7 @@ impl TestBot {
             addr: listener.local_addr().unwrap(),
             handshakes: Arc::default(),
             connections: Arc::default(),
+            flooded: Arc::default(),
         };
         let shared = bot.clone();
         tokio::spawn(async move {
@@ -164,6 +170,20 @@ impl TestBot {
                             reason: reason.into(),
                         }))
                         .await;
+                }
+                // `flood <count> <bytes>` sends that many binary frames as fast as it can.
+                Message::Text(text) if text.starts_with("flood ") => {
+                    let mut parts = text.split(' ').skip(1).map(|n| n.parse::<usize>().unwrap());
+                    let (count, size) = (parts.next().unwrap(), parts.next().unwrap());
+                    for i in 0..count {
+                        let frame = vec![(i % 251) as u8; size];
+                        let Ok(()) = ws.send(Message::binary(frame)).await else { return };
+                        self.flooded.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                // `silent` makes the bot stop reading (and so stop answering pings).
+                Message::Text(text) if text.as_str() == "silent" => {
+                    std::future::pending::<()>().await;
                 }
                 Message::Text(_) | Message::Binary(_) => {
                     let Ok(()) = ws.send(msg).await else { break };
@@ -227,7 +247,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub bot: TestBot,
     handle: actix_web::dev::ServerHandle,
-    _agent_dir: tempfile::TempDir,
+    pub agent_dir: tempfile::TempDir,
 }
 
 impl TestApp {
@@ -242,15 +262,18 @@ impl TestApp {
     pub async fn with(options: AppOptions, bot: TestBot) -> Self {
         let agent_dir = tempfile::tempdir().unwrap();
         let agents = [
-            (TOKEN_AGENT, ORG, "token", options.bot_url.as_str()),
-            (SECOND_AGENT, ORG, "token", options.bot_url.as_str()),
-            (OPEN_AGENT, ORG, "none", options.bot_url.as_str()),
-            (OTHER_ORG_AGENT, OTHER_ORG, "token", options.bot_url.as_str()),
+            (TOKEN_AGENT, ORG, "token", 0),
+            (SECOND_AGENT, ORG, "token", 0),
+            (OPEN_AGENT, ORG, "none", 0),
+            (OTHER_ORG_AGENT, OTHER_ORG, "token", 0),
+            (CAPPED_AGENT, ORG, "token", CAP),
         ];
-        for (name, org, auth, bot_url) in agents {
+        for (name, org, auth, cap) in agents {
+            let bot_url = &options.bot_url;
+            let max_agents = if cap > 0 { format!("max_agents = {cap}\n") } else { String::new() };
             let text = format!(
                 "agent_name = \"{name}\"\nwebsocket_auth = \"{auth}\"\nimage = \"x/y:1\"\n\n\
-                 [scaling]\nmin_agents = 0\n\n[broker]\norg = \"{org}\"\nbot_url = \"{bot_url}\"\n"
+                 [scaling]\nmin_agents = 0\n{max_agents}\n[broker]\norg = \"{org}\"\nbot_url = \"{bot_url}\"\n"
             );
             std::fs::write(agent_dir.path().join(format!("{name}.toml")), text).unwrap();
         }
@@ -263,7 +286,7 @@ impl TestApp {
         let addr = format!("127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        Self { addr, http: reqwest::Client::new(), bot, handle, _agent_dir: agent_dir }
+        Self { addr, http: reqwest::Client::new(), bot, handle, agent_dir }
     }
 
     pub async fn post_start(
@@ -283,7 +306,19 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
-    /// `/start` for the token agent; returns `(token, wsUrl, sessionId)`.
+    /// `GET` or `DELETE` of a session record, with the org's key.
+    pub async fn session(
+        &self,
+        method: reqwest::Method,
+        agent: &str,
+        sid: &str,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("http://{}/v1/public/{agent}/sessions/{sid}", self.addr);
+        let resp = self.http.request(method, url).bearer_auth(KEY).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// `/start` for a token agent; returns `(token, wsUrl, sessionId)`.
     pub async fn start_session(&self, agent: &str) -> (String, String, String) {
         let resp = self.post_start(agent, Some(KEY), r#"{"transport":"websocket"}"#).await;
         assert_eq!(resp.status(), 200);
@@ -414,4 +449,76 @@ macro_rules! on_both_stores {
             }
         }
     };
+}
+
+/// The broker binary as a process of its own, for what only a real process shows: being
+/// killed without any chance to clean up.
+pub struct BrokerProcess {
+    pub addr: String,
+    child: Child,
+}
+
+impl BrokerProcess {
+    pub fn spawn(
+        redis_url: &str,
+        key_prefix: &str,
+        agent_dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_session-broker"))
+            .arg("serve")
+            .env_clear()
+            .env("BROKER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("BROKER__REDIS__URL", redis_url)
+            .env("BROKER__REDIS__KEY_PREFIX", key_prefix)
+            .env("BROKER__TOKEN__SIGNING_KEY_ID", "k1")
+            .env("BROKER__TOKEN__KEYS__K1", SIGNING_KEY)
+            .env("BROKER__AGENTS__DIR", agent_dir)
+            .env(format!("BROKER__ORGS__{ORG}__PUBLIC_KEY_HASHES"), hex::encode(hash_key(KEY)))
+            .env("BROKER__WORKERS", "1")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the broker binary runs");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready =
+            lines.by_ref().map_while(Result::ok).any(|line| line.contains("session broker ready"));
+        assert!(ready, "the broker process exited before it was ready");
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { addr: format!("127.0.0.1:{port}"), child }
+    }
+
+    pub fn ws_url(&self, agent: &str, org: &str) -> String {
+        format!("ws://{}/ws/generic/{agent}.{org}", self.addr)
+    }
+
+    /// SIGKILL: the process gets no chance to end its sessions or release anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Awaits a condition the test cannot be notified of, probing every 20 ms for at most `within`.
+pub async fn eventually<T, F: Future<Output = Option<T>>>(
+    within: std::time::Duration,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {within:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

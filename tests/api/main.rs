@@ -1,7 +1,9 @@
 //! Integration tests: the broker built by its production factory, against real `redis-server`
 //! processes (and the embedded store), driven over HTTP and WebSocket like a client would.
 
+mod bridge;
 mod helpers;
 mod replicas;
+mod sessions;
 mod start;
 mod ws;

@@ -324,7 +324,8 @@ async fn close_codes_pass_through_both_ways() {
         .await
         .unwrap();
     while ws.next().await.is_some() {}
-    let closes = wait_for(|| app.bot.closes().first().cloned()).await;
+    let closes =
+        eventually(Duration::from_secs(2), || async { app.bot.closes().first().cloned() }).await;
     assert_eq!(closes, ("4001".to_owned(), "caller hung up".to_owned()));
 
     // Bot closes: the client receives the same code and reason.
@@ -350,15 +351,4 @@ async fn large_binary_frames_relay_unchanged() {
     for i in 0..100u8 {
         assert_echo(&mut ws, Message::binary(vec![i; 160])).await;
     }
-}
-
-/// Awaits a condition the test cannot be notified of, within a bound.
-async fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..200 {
-        if let Some(value) = probe() {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached within 2 s");
 }

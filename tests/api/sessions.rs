@@ -1,0 +1,256 @@
+//! Session records, the session API, the concurrency cap and what happens when a replica dies.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use reqwest::Method;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
+
+use crate::{helpers::*, on_both_stores};
+
+async fn record(app: &TestApp, agent: &str, sid: &str) -> Value {
+    let (status, body) = app.session(Method::GET, agent, sid).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Waits until the record of `sid` has `status`, and returns it.
+async fn record_with_status(app: &TestApp, agent: &str, sid: &str, status: &str) -> Value {
+    eventually(Duration::from_secs(5), || async {
+        let body = record(app, agent, sid).await;
+        (body["status"] == status).then_some(body)
+    })
+    .await
+}
+
+async fn a_session_goes_pending_active_ended(store: Store) {
+    let (app, _redis) = TestApp::spawn(store).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let pending = record(&app, TOKEN_AGENT, &sid).await;
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["service"], format!("{TOKEN_AGENT}.{ORG}"));
+    assert!(
+        pending["tokenExpiresAtMs"].as_u64().unwrap() > pending["createdAtMs"].as_u64().unwrap()
+    );
+
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("hi")).await;
+    let active = record_with_status(&app, TOKEN_AGENT, &sid, "active").await;
+    assert_eq!(active["region"], "local");
+    assert!(active["replica"].as_str().unwrap().starts_with("local/"));
+
+    ws.close(Some(CloseFrame { code: 1000.into(), reason: "bye".into() })).await.unwrap();
+    let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
+    assert_eq!(ended["endReason"], "client_closed");
+    assert!(ended["durationMs"].is_u64());
+}
+on_both_stores!(a_session_goes_pending_active_ended_on, a_session_goes_pending_active_ended);
+
+#[tokio::test]
+async fn a_normal_close_by_the_bot_is_completed() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    ws.send(Message::text("close 1000 goodbye")).await.unwrap();
+    assert!(matches!(next_data(&mut ws).await, Some(Message::Close(_))));
+    let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
+    assert_eq!(ended["endReason"], "completed");
+}
+
+#[tokio::test]
+async fn an_unreachable_bot_is_recorded_and_the_session_ends_with_its_token() {
+    let redis = RedisServer::start();
+    let unused = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &unused);
+    options.bot_url = format!("ws://127.0.0.1:{}/ws", free_port());
+    options.settings.token.lifetime_secs = 1;
+    let app = TestApp::with(options, unused).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    assert!(matches!(connect(&ws_url, Some((&token, Via::Path))).await, Err((503, _, _))));
+    let pending = record(&app, TOKEN_AGENT, &sid).await;
+    assert_eq!(
+        (pending["status"].as_str(), pending["lastError"].as_str()),
+        (Some("pending"), Some("bot_unreachable"))
+    );
+    let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
+    assert_eq!(ended["endReason"], "bot_unreachable");
+}
+
+#[tokio::test]
+async fn the_session_api_is_scoped_to_the_key_and_agent() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (_, _, sid) = app.start_session(TOKEN_AGENT).await;
+    let url =
+        |agent: &str, sid: &str| format!("http://{}/v1/public/{agent}/sessions/{sid}", app.addr);
+
+    let anonymous = app.http.get(url(TOKEN_AGENT, &sid)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let foreign = app.http.get(url(TOKEN_AGENT, &sid)).bearer_auth(OTHER_KEY).send().await.unwrap();
+    assert_eq!(foreign.status(), 401);
+    for (agent, id) in [
+        (SECOND_AGENT, sid.as_str()),
+        (TOKEN_AGENT, "not-a-uuid"),
+        (TOKEN_AGENT, &uuid::Uuid::new_v4().to_string()),
+    ] {
+        let (status, body) = app.session(Method::GET, agent, id).await;
+        assert_eq!((status, body["code"].as_str()), (404, Some("404")), "{agent}/{id}");
+        let (status, _) = app.session(Method::DELETE, agent, id).await;
+        assert_eq!(status, 404);
+    }
+    let (status, _) = app.session(Method::GET, "no-such-agent", &sid).await;
+    assert_eq!(status, 404);
+}
+
+async fn deleting_a_pending_session_spends_its_token(store: Store) {
+    let (app, _redis) = TestApp::spawn(store).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let (status, body) = app.session(Method::DELETE, TOKEN_AGENT, &sid).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["status"].as_str(), body["endReason"].as_str()),
+        (Some("ended"), Some("terminated"))
+    );
+    match connect(&ws_url, Some((&token, Via::Path))).await {
+        Err((403, _, _)) => {}
+        other => panic!(
+            "a terminated session's token must be refused, got {:?}",
+            other.map(|_| "upgrade")
+        ),
+    }
+    assert_eq!(app.bot.connections(), 0);
+    // Deleting again changes nothing.
+    let (status, again) = app.session(Method::DELETE, TOKEN_AGENT, &sid).await;
+    assert_eq!((status, &again["endedAtMs"]), (200, &body["endedAtMs"]));
+}
+on_both_stores!(
+    deleting_a_pending_session_spends_its_token_on,
+    deleting_a_pending_session_spends_its_token
+);
+
+#[tokio::test]
+async fn delete_on_one_replica_ends_a_session_held_by_another() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let shared = |bot: &TestBot| {
+        let mut o = AppOptions::new(Some(redis.url()), bot);
+        o.key_prefix = "shared".into();
+        o
+    };
+    let a = TestApp::with(shared(&bot), bot.clone()).await;
+    let b = TestApp::with(shared(&bot), bot.clone()).await;
+    let (token, _, sid) = a.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&b.ws_url(TOKEN_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("held by B")).await;
+    record_with_status(&a, TOKEN_AGENT, &sid, "active").await;
+
+    let (status, body) = a.session(Method::DELETE, TOKEN_AGENT, &sid).await;
+    assert_eq!((status, body["endReason"].as_str()), (200, Some("terminated")));
+    match next_data(&mut ws).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4000),
+        other => panic!("expected close 4000, got {other:?}"),
+    }
+    let closes =
+        eventually(Duration::from_secs(2), || async { bot.closes().first().cloned() }).await;
+    assert_eq!(closes.0, "4000");
+    // The first reason stays: the relay's own end does not overwrite it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(record(&b, TOKEN_AGENT, &sid).await["endReason"], "terminated");
+}
+
+#[tokio::test]
+async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let shared = |bot: &TestBot| {
+        let mut o = AppOptions::new(Some(redis.url()), bot);
+        o.key_prefix = "shared".into();
+        o
+    };
+    let a = TestApp::with(shared(&bot), bot.clone()).await;
+    let b = TestApp::with(shared(&bot), bot.clone()).await;
+
+    // A token minted while there is room, used once the cap is reached.
+    let (late_token, _, _) = a.start_session(CAPPED_AGENT).await;
+    let mut held = Vec::new();
+    for app in [&a, &b] {
+        let (token, _, _) = app.start_session(CAPPED_AGENT).await;
+        let mut ws =
+            connect(&app.ws_url(CAPPED_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
+        assert_echo(&mut ws, Message::text("slot")).await;
+        held.push(ws);
+    }
+    for app in [&a, &b] {
+        let resp = app.post_start(CAPPED_AGENT, Some(KEY), "{}").await;
+        assert_eq!(resp.status(), 429);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "PCC-AGENT-AT-CAPACITY");
+        match connect(&app.ws_url(CAPPED_AGENT, ORG), Some((&late_token, Via::Query))).await {
+            Err((429, body, _)) => assert_eq!(body["code"], "PCC-AGENT-AT-CAPACITY"),
+            other => panic!("expected 429, got {:?}", other.map(|_| "upgrade")),
+        }
+    }
+    assert_eq!(bot.connections(), 2, "refused connects never reach the bot");
+    // Other agents are not capped by this one.
+    assert_eq!(a.post_start(TOKEN_AGENT, Some(KEY), "{}").await.status(), 200);
+
+    // One session ends: its slot is free and the refused token still works.
+    let mut first = held.remove(0);
+    first.close(None).await.unwrap();
+    let mut ws = eventually(Duration::from_secs(5), || async {
+        connect(&b.ws_url(CAPPED_AGENT, ORG), Some((&late_token, Via::Query))).await.ok()
+    })
+    .await;
+    assert_echo(&mut ws, Message::text("freed")).await;
+}
+
+#[tokio::test]
+async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.key_prefix = "shared".into();
+    options.settings.sessions.lease_ttl_ms = 300;
+    options.settings.sessions.sweep_interval_ms = 100;
+    let survivor = TestApp::with(options, bot.clone()).await;
+    let lease =
+        [("BROKER__SESSIONS__LEASE_TTL_MS", "300"), ("BROKER__SESSIONS__SWEEP_INTERVAL_MS", "100")];
+    let doomed = BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease);
+
+    let mut sessions = Vec::new();
+    for _ in 0..CAP {
+        let (token, _, sid) = survivor.start_session(CAPPED_AGENT).await;
+        let mut ws =
+            connect(&doomed.ws_url(CAPPED_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
+        assert_echo(&mut ws, Message::text("on the doomed replica")).await;
+        sessions.push((sid, ws));
+    }
+    assert_eq!(survivor.post_start(CAPPED_AGENT, Some(KEY), "{}").await.status(), 429);
+
+    doomed.kill();
+    for (sid, _) in &sessions {
+        let lost = record_with_status(&survivor, CAPPED_AGENT, sid, "ended").await;
+        assert_eq!(lost["endReason"], "replica_lost", "{lost}");
+    }
+    let (token, ws_url, _) = survivor.start_session(CAPPED_AGENT).await;
+    let mut ws =
+        connect(&ws_url, Some((&token, Via::Path))).await.expect("the slots are free again");
+    assert_echo(&mut ws, Message::text("after the loss")).await;
+}
+
+#[tokio::test]
+async fn a_live_replica_keeps_its_sessions_past_many_leases() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.sessions.lease_ttl_ms = 600;
+    options.settings.sessions.sweep_interval_ms = 50;
+    let app = TestApp::with(options, bot).await;
+    let (token, ws_url, sid) = app.start_session(CAPPED_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_echo(&mut ws, Message::text("still here")).await;
+    }
+    assert_eq!(record(&app, CAPPED_AGENT, &sid).await["status"], "active");
+}
