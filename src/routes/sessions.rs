@@ -25,7 +25,11 @@ pub async fn get(
 
 /// Ends the session. A pending session's token is spent so it can no longer connect; a live
 /// session's lease is removed and its holder told through the store's pub/sub, and it closes both
-/// sockets with code 4000. Ending an ended session changes nothing. Answers the record.
+/// sockets with code 4000. Answers the record.
+///
+/// Every step is idempotent, and a session already ended as `terminated` repeats them, so a
+/// retry after a failure part-way (503) completes the termination. A session that ended for
+/// another reason is left as it is.
 pub async fn delete(
     req: HttpRequest,
     path: web::Path<(String, String)>,

@@ -119,9 +119,10 @@ async fn deleting_a_pending_session_spends_its_token(store: Store) {
         ),
     }
     assert_eq!(app.bot.connections(), 0);
-    // Deleting again changes nothing.
+    // Deleting again changes nothing in the record.
     let (status, again) = app.session(Method::DELETE, TOKEN_AGENT, &sid).await;
     assert_eq!((status, &again["endedAtMs"]), (200, &body["endedAtMs"]));
+    assert_eq!(again["endReason"], "terminated");
 }
 on_both_stores!(
     deleting_a_pending_session_spends_its_token_on,

@@ -329,7 +329,7 @@ async fn close_codes_pass_through_both_ways() {
     assert_eq!(closes, ("4001".to_owned(), "caller hung up".to_owned()));
 
     // Bot closes: the client receives the same code and reason.
-    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
     ws.send(Message::text("close 4002 bot is done")).await.unwrap();
     match next_data(&mut ws).await {
@@ -339,6 +339,12 @@ async fn close_codes_pass_through_both_ways() {
         }
         other => panic!("expected the bot's close, got {other:?}"),
     }
+    let reason = eventually(Duration::from_secs(2), || async {
+        let (_, body) = app.session(reqwest::Method::GET, TOKEN_AGENT, &sid).await;
+        (body["status"] == "ended").then(|| body["endReason"].clone())
+    })
+    .await;
+    assert_eq!(reason, "bot_closed", "a close other than 1000 is the bot's, not a completion");
 }
 
 #[tokio::test]
