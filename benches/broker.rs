@@ -1,0 +1,650 @@
+//! The broker against its own ceilings, in one run: `cargo bench --bench broker`.
+//!
+//! Starts a real `redis-server`, the echo bot and the broker (release build) as processes pinned
+//! to core 0, and drives them from this process pinned to core 1: HTTP ceiling, `/start`, full
+//! sessions through the broker and directly to the bot, relay round trips and message rates,
+//! server CPU per connect with and without the token gate, and memory per idle bridged session.
+//! Prints one table of figures and one of ratios. Numbers are never asserted: machines are
+//! noisy; compare ratios from the same run. `--quick` runs each figure briefly, as a smoke check.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
+
+const KEY: &str = "pk_bench_key";
+const SIGNING_KEY: &str = "bench-signing-key-0123456789abcdefghij";
+/// One 20 ms frame of 8 kHz mu-law audio, what a phone call sends.
+const FRAME_BYTES: usize = 160;
+/// File descriptors the harness and its children should be allowed: 10,000 bridged sessions
+/// need two per session in the broker, one in the bot and one here.
+const FD_WANTED: u64 = 65_536;
+/// Descriptors the broker needs besides its sessions' (listener, Redis, epoll, logs, ...).
+const FD_MARGIN: u64 = 200;
+
+struct Plan {
+    warmup: Duration,
+    measure: Duration,
+    idle_counts: [usize; 2],
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                warmup: Duration::from_millis(100),
+                measure: Duration::from_millis(400),
+                idle_counts: [100, 200],
+            }
+        } else {
+            Self {
+                warmup: Duration::from_secs(1),
+                measure: Duration::from_secs(5),
+                idle_counts: [1_000, 10_000],
+            }
+        }
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut plan = Plan::new(quick);
+    let fd_limit = raise_fd_limit();
+    let most_sessions = (fd_limit.saturating_sub(FD_MARGIN) / 2) as usize;
+    if plan.idle_counts[1] > most_sessions {
+        println!(
+            "open-file limit is {fd_limit} and cannot be raised here: measuring {most_sessions} idle \
+             sessions instead of {} (the broker holds two descriptors per session)",
+            plan.idle_counts[1]
+        );
+        plan.idle_counts[1] = most_sessions;
+    }
+    let pinning = pin_self_to_core(1);
+    // One generator thread: the load comes from one core, the server side runs on the other.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, run(plan, pinning));
+}
+
+async fn run(plan: Plan, pinning: bool) {
+    let server_prefix: Vec<String> =
+        if pinning { vec!["taskset".into(), "-c".into(), "0".into()] } else { Vec::new() };
+    let redis = Proc::redis(&server_prefix);
+    let bot = Proc::bot(&server_prefix);
+    let agents = tempfile::tempdir().unwrap();
+    for (name, auth) in [("bench", "token"), ("open", "none")] {
+        std::fs::write(
+            agents.path().join(format!("{name}.toml")),
+            format!(
+                "agent_name = \"{name}\"\nwebsocket_auth = \"{auth}\"\n[broker]\norg = \"bench\"\nbot_url = \"ws://{}/\"\n",
+                bot.addr
+            ),
+        )
+        .unwrap();
+    }
+    let broker = Proc::broker(&server_prefix, &redis.addr, agents.path());
+    let broker_addr = broker.addr;
+
+    println!(
+        "session-broker benchmark: {} mode; generator on core 1, broker + redis + bot on core 0 {}",
+        if plan.measure < Duration::from_secs(1) { "quick" } else { "full" },
+        if pinning {
+            "(pinned with taskset)"
+        } else {
+            "(NOT pinned: taskset unavailable or one core)"
+        }
+    );
+    println!(
+        "warm-up {:?} then {:?} per figure; broker: release build, 1 worker, log level warn; loopback\n",
+        plan.warmup, plan.measure
+    );
+
+    let mut rows = Vec::new();
+    let healthz =
+        phase(&plan, 64, http_worker(broker_addr, get_request(broker_addr, "/healthz"))).await;
+    rows.push(("GET /healthz (HTTP ceiling)", healthz.clone()));
+    let start = phase(&plan, 64, http_worker(broker_addr, start_request(broker_addr))).await;
+    rows.push(("POST /start (mint, record)", start.clone()));
+
+    let servers = [("broker", broker.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
+    let meter = CpuMeter::new(&servers);
+    let full = phase(&plan, 32, session_worker(broker_addr, Target::Broker)).await;
+    let gated_cpu = meter.per_op(full.count);
+    rows.push(("session via broker: /start+connect+echo+close", full.clone()));
+    let meter = CpuMeter::new(&servers);
+    let open = phase(&plan, 32, session_worker(broker_addr, Target::Open)).await;
+    let open_cpu = meter.per_op(open.count);
+    rows.push(("connect+echo+close via broker, no token", open.clone()));
+    let bot_addr = bot.addr;
+    let meter = CpuMeter::new(&servers);
+    let direct = phase(&plan, 32, session_worker(bot_addr, Target::Direct)).await;
+    let direct_cpu = meter.per_op(direct.count);
+    rows.push(("connect+echo+close direct to bot", direct.clone()));
+
+    let relay_rtt = phase(&plan, 1, relay_worker(broker_addr, Target::Broker)).await;
+    rows.push(("relay RTT, 160 B, 1 session, via broker", relay_rtt.clone()));
+    let direct_rtt = phase(&plan, 1, relay_worker(bot_addr, Target::Direct)).await;
+    rows.push(("relay RTT, 160 B, 1 session, direct", direct_rtt.clone()));
+    let relay_rate = phase(&plan, 32, relay_worker(broker_addr, Target::Broker)).await;
+    rows.push(("relay, 160 B, 32 sessions, via broker", relay_rate.clone()));
+    let direct_rate = phase(&plan, 32, relay_worker(bot_addr, Target::Direct)).await;
+    rows.push(("relay, 160 B, 32 sessions, direct", direct_rate.clone()));
+
+    println!("| figure | ops/s | p50 | p90 | p99 |\n|---|---:|---:|---:|---:|");
+    for (name, f) in &rows {
+        println!("| {name} | {:.0} | {} | {} | {} |", f.rate, us(f.p50), us(f.p90), us(f.p99));
+    }
+
+    let mut memory = Vec::new();
+    for count in plan.idle_counts {
+        memory.push((count, idle_bytes_per_session(broker_addr, broker.pid(), count).await));
+    }
+    println!("\n| idle bridged sessions | broker RSS growth per session |\n|---:|---:|");
+    for (count, bytes) in &memory {
+        println!("| {count} | {:.1} KiB |", bytes / 1024.0);
+    }
+    println!("\n| server CPU per session (µs) | broker | redis | bot |\n|---|---:|---:|---:|");
+    for (name, cpu) in [
+        ("/start + connect + echo + close, token agent", &gated_cpu),
+        ("connect + echo + close, agent without token", &open_cpu),
+        ("connect + echo + close, direct to the bot", &direct_cpu),
+    ] {
+        println!("| {name} | {:.0} | {:.0} | {:.0} |", cpu[0], cpu[1], cpu[2]);
+    }
+
+    let worst_memory = memory.iter().map(|(_, b)| *b).fold(0.0, f64::max);
+    let ratios = [
+        ("/start ÷ HTTP ceiling", start.rate / healthz.rate, "≥ 0.50"),
+        (
+            "token gate ÷ ungated connect, broker + redis CPU",
+            (gated_cpu[0] + gated_cpu[1]) / (open_cpu[0] + open_cpu[1]),
+            "≤ 1.30",
+        ),
+        ("full session via broker ÷ direct", full.rate / direct.rate, "≥ 0.45"),
+        ("relay p50 RTT added (µs)", (relay_rtt.p50 - direct_rtt.p50).as_secs_f64() * 1e6, "≤ 100"),
+        ("relay p99 RTT added (µs)", (relay_rtt.p99 - direct_rtt.p99).as_secs_f64() * 1e6, "≤ 300"),
+        ("relay messages/s via broker ÷ direct", relay_rate.rate / direct_rate.rate, "≥ 0.45"),
+        ("broker memory per idle session (KiB)", worst_memory / 1024.0, "< 64"),
+    ];
+    println!("\n| ratio | this run | target |\n|---|---:|---:|");
+    for (name, value, target) in ratios {
+        println!("| {name} | {value:.2} | {target} |");
+    }
+}
+
+/// Throughput and latency of one figure.
+#[derive(Clone, Debug)]
+struct Figures {
+    count: usize,
+    rate: f64,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// When a worker's samples count: after the warm-up, before the end.
+#[derive(Clone, Copy)]
+struct Window {
+    from: Instant,
+    until: Instant,
+}
+
+/// Runs `workers` copies of a worker for warm-up plus measure, and summarizes the samples taken
+/// inside the measured window. Workers set themselves up during the warm-up.
+async fn phase(plan: &Plan, workers: usize, worker: impl Fn(Window) -> LoopFuture) -> Figures {
+    let now = Instant::now();
+    let window = Window { from: now + plan.warmup, until: now + plan.warmup + plan.measure };
+    let tasks: Vec<_> = (0..workers).map(|_| tokio::task::spawn_local(worker(window))).collect();
+    let mut samples: Vec<Duration> = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.unwrap());
+    }
+    samples.sort_unstable();
+    let pick = |q: f64| {
+        let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+        samples.get(index).copied().unwrap_or_default()
+    };
+    Figures {
+        count: samples.len(),
+        rate: samples.len() as f64 / plan.measure.as_secs_f64(),
+        p50: pick(0.50),
+        p90: pick(0.90),
+        p99: pick(0.99),
+    }
+}
+
+type LoopFuture = std::pin::Pin<Box<dyn Future<Output = Vec<Duration>>>>;
+
+impl Window {
+    /// The start time of the next operation, or `None` once the window has closed.
+    fn next(&self) -> Option<Instant> {
+        let now = Instant::now();
+        (now < self.until).then_some(now)
+    }
+
+    /// Keeps the duration of an operation begun at `began` if it began after the warm-up.
+    fn record(&self, samples: &mut Vec<Duration>, began: Instant) {
+        if began >= self.from {
+            samples.push(began.elapsed());
+        }
+    }
+}
+
+// ----- HTTP: a minimal keep-alive client, so the generator costs as little as wrk would. -----
+
+struct Http {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self { stream, buf: Vec::with_capacity(4096) }
+    }
+
+    /// Sends one request and returns the status and body of its answer.
+    async fn call(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        self.stream.write_all(request).await.unwrap();
+        self.buf.clear();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).unwrap().to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while self.buf.len() < end + 4 + length {
+                    let n = self.stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "server closed mid-body");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                let status = head[9..12].parse().unwrap();
+                return (status, self.buf[end + 4..end + 4 + length].to_vec());
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn get_request(addr: SocketAddr, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes()
+}
+
+fn start_request(addr: SocketAddr) -> Vec<u8> {
+    let body = r#"{"transport":"websocket"}"#;
+    format!(
+        "POST /v1/public/bench/start HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn http_worker(addr: SocketAddr, request: Vec<u8>) -> impl Fn(Window) -> LoopFuture {
+    move |window| {
+        let request = request.clone();
+        Box::pin(async move {
+            let mut http = Http::connect(addr).await;
+            let mut samples = Vec::new();
+            while let Some(began) = window.next() {
+                let (status, _) = http.call(&request).await;
+                assert_eq!(status, 200);
+                window.record(&mut samples, began);
+            }
+            samples
+        })
+    }
+}
+
+// ----- WebSocket sessions -----
+
+#[derive(Clone, Copy)]
+enum Target {
+    /// The token agent through the broker: /start, then connect with the token.
+    Broker,
+    /// The agent without websocket auth through the broker: connect only.
+    Open,
+    /// The echo bot itself.
+    Direct,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Opens a session the way a client would; for the broker, `/start` over `http` first.
+async fn open_session(addr: SocketAddr, target: Target, http: &mut Option<Http>) -> Ws {
+    let path = match target {
+        Target::Broker => {
+            let http = http.get_or_insert(Http::connect(addr).await);
+            let (status, body) = http.call(&start_request(addr)).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            format!("/ws/generic/bench.bench/{}", json["token"].as_str().unwrap())
+        }
+        Target::Open => "/ws/generic/open.bench".to_owned(),
+        Target::Direct => "/".to_owned(),
+    };
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
+        .await
+        .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+    ws
+}
+
+async fn echo(ws: &mut Ws, frame: &[u8]) {
+    ws.send(Message::binary(frame.to_vec())).await.unwrap();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(data))) => {
+                assert_eq!(data.len(), frame.len());
+                return;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    }
+}
+
+/// Closes with a close handshake, then drops the TCP connection at once, as browsers do. (A
+/// client that waits for the server to drop TCP first waits out actix's
+/// `client_disconnect_timeout`.)
+async fn close(mut ws: Ws) {
+    let _ = ws.close(None).await;
+    while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_close() {
+            break;
+        }
+    }
+}
+
+/// Whole sessions, one after the other: (/start,) connect, one echo, close.
+fn session_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFuture {
+    move |window| {
+        Box::pin(async move {
+            let mut http = None;
+            let frame = [0x7fu8; FRAME_BYTES];
+            let mut samples = Vec::new();
+            while let Some(began) = window.next() {
+                let mut ws = open_session(addr, target, &mut http).await;
+                echo(&mut ws, &frame).await;
+                close(ws).await;
+                window.record(&mut samples, began);
+            }
+            samples
+        })
+    }
+}
+
+/// Echo round trips over one established session.
+fn relay_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFuture {
+    move |window| {
+        Box::pin(async move {
+            let mut ws = open_session(addr, target, &mut None).await;
+            let frame = [0x7fu8; FRAME_BYTES];
+            let mut samples = Vec::new();
+            while let Some(began) = window.next() {
+                echo(&mut ws, &frame).await;
+                window.record(&mut samples, began);
+            }
+            close(ws).await;
+            samples
+        })
+    }
+}
+
+/// Opens `count` bridged sessions, leaves them idle, and returns the broker's RSS growth per
+/// session. The sessions close before this returns.
+async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> f64 {
+    let before = rss_bytes(broker);
+    let mut sessions = Vec::with_capacity(count);
+    let mut http = None;
+    // Sixteen at a time: fast enough, and well inside the listen backlog.
+    while sessions.len() < count {
+        let batch = (count - sessions.len()).min(16);
+        let mut opening = Vec::new();
+        for _ in 0..batch {
+            opening.push(tokio::task::spawn_local(async move {
+                open_session(addr, Target::Open, &mut None).await
+            }));
+        }
+        for task in opening {
+            sessions.push(task.await.unwrap());
+        }
+    }
+    // One token session too, so the figure includes a gated one's record and lease bookkeeping.
+    sessions.push(open_session(addr, Target::Broker, &mut http).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(broker);
+    let per_session = (after.saturating_sub(before)) as f64 / sessions.len() as f64;
+    let closing: Vec<_> =
+        sessions.into_iter().map(|ws| tokio::task::spawn_local(close(ws))).collect();
+    for task in closing {
+        let _ = task.await;
+    }
+    per_session
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// CPU time (user + system) of each server process, from /proc.
+struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<f64>,
+}
+
+impl CpuMeter {
+    fn new(servers: &[(&str, u32)]) -> Self {
+        let pids: Vec<u32> = servers.iter().map(|(_, pid)| *pid).collect();
+        let start = pids.iter().map(|pid| cpu_seconds(*pid)).collect();
+        Self { pids, start }
+    }
+
+    /// Microseconds of CPU per operation of each process since the meter started. The warm-up's
+    /// operations are not counted but their CPU is, so this errs high by the warm-up's share;
+    /// the same for every figure, so ratios are unaffected.
+    fn per_op(&self, ops: usize) -> Vec<f64> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(pid, start)| (cpu_seconds(*pid) - start) * 1e6 / ops.max(1) as f64)
+            .collect()
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let utime: f64 = fields[11].parse().unwrap();
+    let stime: f64 = fields[12].parse().unwrap();
+    (utime + stime) / ticks
+}
+
+// ----- processes -----
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(
+        prefix: &[String],
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+        ready: &str,
+        addr: SocketAddr,
+    ) -> Self {
+        let mut argv: Vec<String> = prefix.to_vec();
+        argv.push(program.to_owned());
+        argv.extend(args.iter().cloned());
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .envs(env.iter().cloned())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        // Readiness is announced on stdout (redis, broker) or stderr (echo bot).
+        let (tx, rx) = std::sync::mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            let ready = ready.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.contains(&ready) {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{program} did not become ready"));
+        Self { child, addr }
+    }
+
+    fn redis(prefix: &[String]) -> Self {
+        let addr = free_addr();
+        let args = [
+            "--port",
+            &addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        Self::spawn(
+            prefix,
+            "redis-server",
+            &args.map(String::from),
+            &[],
+            "Ready to accept connections",
+            addr,
+        )
+    }
+
+    fn bot(prefix: &[String]) -> Self {
+        let addr = free_addr();
+        let args = ["echo-bot".to_owned(), "--listen".to_owned(), addr.to_string()];
+        Self::spawn(
+            prefix,
+            env!("CARGO_BIN_EXE_session-broker"),
+            &args,
+            &[],
+            "echo bot listening",
+            addr,
+        )
+    }
+
+    fn broker(prefix: &[String], redis: &SocketAddr, agents: &std::path::Path) -> Self {
+        let addr = free_addr();
+        let hash = session_broker::keys::hash_key(KEY);
+        let env = [
+            ("BROKER__LISTEN", addr.to_string()),
+            ("BROKER__WORKERS", "1".into()),
+            ("BROKER__REDIS__URL", format!("redis://{redis}")),
+            ("BROKER__TOKEN__SIGNING_KEY_ID", "k1".into()),
+            ("BROKER__TOKEN__KEYS__K1", SIGNING_KEY.into()),
+            ("BROKER__AGENTS__DIR", agents.display().to_string()),
+            ("BROKER__ORGS__BENCH__PUBLIC_KEY_HASHES", hex::encode(hash)),
+            ("BROKER__LIMITS__START_RATE_PER_KEY", "0".into()),
+            ("BROKER__LOG__FILTER", "warn,session_broker::startup=info".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v));
+        let args = ["serve".to_owned()];
+        Self::spawn(
+            prefix,
+            env!("CARGO_BIN_EXE_session-broker"),
+            &args,
+            &env,
+            "session broker ready",
+            addr,
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Raises the open-file limit (inherited by the servers) as far as allowed; returns it.
+fn raise_fd_limit() -> u64 {
+    let wanted = libc::rlimit { rlim_cur: FD_WANTED, rlim_max: FD_WANTED };
+    // SAFETY: getrlimit and setrlimit only read or write the struct we pass.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return FD_WANTED;
+        }
+        // Without CAP_SYS_RESOURCE the hard limit is the ceiling.
+        let mut current: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+        current.rlim_cur = current.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &current);
+        current.rlim_max
+    }
+}
+
+/// Pins this process to `core`, when the machine has it and taskset exists for the servers.
+fn pin_self_to_core(core: usize) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset =
+        Command::new("taskset").arg("--version").output().is_ok_and(|o| o.status.success());
+    if cores < 2 || !taskset {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only touch
+    // the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
