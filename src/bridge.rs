@@ -32,6 +32,10 @@ pub type BotSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long the broker waits for the second side's close reply once it has passed a close on.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Read buffer of each bot connection. tungstenite zero-fills the whole buffer before every read,
+/// so its 128 KiB default would make every idle session cost 128 KiB of resident memory. Audio
+/// frames are a few hundred bytes; larger messages just take several reads.
+const BOT_READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Per-session limits, from `[limits]`.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +67,7 @@ pub async fn dial(
         }
     }
     let config = WebSocketConfig::default()
+        .read_buffer_size(BOT_READ_BUFFER_BYTES)
         .max_frame_size(Some(limits.max_frame_bytes))
         .max_message_size(Some(limits.max_frame_bytes));
     let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);

@@ -139,7 +139,7 @@ pub async fn start(
             ];
             // Written before the token is handed out: a token never exists without its record.
             let ttl = state.token_lifetime + state.leases.retention;
-            state.store.update_session(session_id, &[""], &record, Some(ttl)).await?;
+            state.store.create_session(session_id, &record, ttl).await?;
             Some(state.keyring.mint(&agent.service_host, session_id, &state.region, expires))
         }
     };

@@ -131,6 +131,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn create_session(
+        &self,
+        sid: Uuid,
+        fields: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let fields = fields.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        let record = Record { fields, expires: Some(Instant::now() + ttl) };
+        self.lock().sessions.insert(sid, record);
+        Ok(())
+    }
+
     async fn update_session(
         &self,
         sid: Uuid,

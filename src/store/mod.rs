@@ -50,6 +50,15 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;
 
+    /// Writes the record of a new session, `sid` being freshly drawn (random UUID v4) so that no
+    /// record can exist yet: a plain write, cheaper than [`Store::update_session`]'s script.
+    async fn create_session(
+        &self,
+        sid: Uuid,
+        fields: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
     /// Sets `fields` on the record of session `sid` if its `status` field is one of `from`
     /// (`""` standing for "no record"), then sets its time to live unless `ttl` is `None`.
     /// Returns whether it applied. This one conditional write is every session transition.

@@ -1,12 +1,21 @@
-//! The Redis store. Hot-path commands go over one shared multiplexed connection
-//! ([`ConnectionManager`], which reconnects by itself): a pooled connection would add a
-//! `PING` round trip per checkout (see `PERF-NOTES.md`), and one connection pipelines all
-//! concurrent requests of a replica.
+//! The Redis store. Commands go over a shared multiplexed connection ([`ConnectionManager`],
+//! which reconnects by itself): a pooled connection would add a `PING` round trip per checkout
+//! (see `PERF-NOTES.md`), and one connection pipelines all concurrent requests of its thread.
+//!
+//! There is one such connection per thread, created on first use and driven by that thread's
+//! runtime. actix-web runs each worker on its own single-threaded runtime; a connection driven
+//! elsewhere would cost two thread switches per command, which measured as a third of the
+//! broker's CPU on `/start` (see `BENCHMARKS.md`).
 //!
 //! Keys are `{prefix}:{<session id>}:…`: the braces make every key of one session hash to the
 //! same Redis Cluster slot, so scripts that touch several of them stay legal on a cluster.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -51,8 +60,18 @@ impl Scripts {
     }
 }
 
+/// Distinguishes stores in the per-thread connection table (tests run several in one process).
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's connection of each store, by store id.
+    static CONNECTIONS: RefCell<HashMap<u64, ConnectionManager>> = RefCell::new(HashMap::new());
+}
+
 pub struct RedisStore {
-    conn: ConnectionManager,
+    id: u64,
+    client: Client,
+    config: ConnectionManagerConfig,
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
@@ -77,18 +96,31 @@ impl RedisStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError(e.to_string()))?;
         let terminations = broadcast::channel(TERMINATION_BACKLOG).0;
         let channel = format!("{prefix}:terminate");
-        let subscriber = tokio::spawn(subscribe(client, channel, terminations.clone()));
+        let subscriber = tokio::spawn(subscribe(client.clone(), channel, terminations.clone()));
         Ok(Self {
-            conn,
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
+            client,
+            config,
             prefix: prefix.to_owned(),
             timeout,
             scripts: Scripts::new(),
             terminations,
             subscriber,
+        })
+    }
+
+    /// This thread's connection, created (without waiting for Redis) on first use.
+    fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        CONNECTIONS.with(|table| {
+            if let Some(conn) = table.borrow().get(&self.id) {
+                return Ok(conn.clone());
+            }
+            let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                .map_err(|e| StoreError(e.to_string()))?;
+            table.borrow_mut().insert(self.id, conn.clone());
+            Ok(conn)
         })
     }
 
@@ -128,7 +160,7 @@ impl Store for RedisStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let key = self.token_key(sid);
         let options = SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
@@ -140,7 +172,7 @@ impl Store for RedisStore {
     }
 
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut call = self.scripts.release_token.key(self.token_key(sid));
         call.arg(holder);
         let released: i64 = self.bounded("release token", call.invoke_async(&mut conn)).await?;
@@ -153,7 +185,7 @@ impl Store for RedisStore {
         limit: u64,
         window: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let window_ms = window.as_millis().max(1) as u64;
         let window_number = super::unix_ms() / window_ms;
         let key = format!("{}:rate:{{{bucket}}}:{window_number}", self.prefix);
@@ -174,9 +206,22 @@ impl Store for RedisStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let key = format!("{}:health", self.prefix);
         self.bounded("health write", conn.set_ex::<_, _, ()>(&key, super::unix_ms(), 60)).await
+    }
+
+    async fn create_session(
+        &self,
+        sid: Uuid,
+        fields: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let key = self.session_key(sid);
+        let mut pipe = redis::pipe();
+        pipe.atomic().hset_multiple(&key, fields).ignore().pexpire(&key, ttl.as_millis() as i64).ignore();
+        self.bounded("create session", pipe.query_async::<()>(&mut conn)).await
     }
 
     async fn update_session(
@@ -186,7 +231,7 @@ impl Store for RedisStore {
         fields: &[(&str, String)],
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut call = self.scripts.update_session.key(self.session_key(sid));
         call.arg(from.join(",")).arg(ttl.map_or(0, |t| t.as_millis().max(1) as u64));
         for (name, value) in fields {
@@ -197,7 +242,7 @@ impl Store for RedisStore {
     }
 
     async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let fields: HashMap<String, String> =
             self.bounded("read session", conn.hgetall(self.session_key(sid))).await?;
         Ok((!fields.is_empty()).then_some(fields))
@@ -210,7 +255,7 @@ impl Store for RedisStore {
         cap: Option<u32>,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let now = unix_ms();
         let mut call = self.scripts.acquire_slot.key(self.live_key(agent));
         call.arg(now)
@@ -222,7 +267,7 @@ impl Store for RedisStore {
     }
 
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let key = self.live_key(agent);
         self.bounded("release slot", conn.zrem::<_, _, ()>(key, sid.to_string())).await
     }
@@ -233,7 +278,7 @@ impl Store for RedisStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut call = self.scripts.renew_leases.key(self.live_key(agent));
         call.arg(unix_ms() + lease.as_millis() as u64);
         for sid in sids {
@@ -248,7 +293,7 @@ impl Store for RedisStore {
         agent: &str,
         limit: usize,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut call = self.scripts.claim_lapsed_leases.key(self.live_key(agent));
         call.arg(unix_ms()).arg(limit);
         let claimed: Vec<String> =
@@ -257,14 +302,14 @@ impl Store for RedisStore {
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let key = self.live_key(agent);
         let min = format!("({}", unix_ms());
         self.bounded("count live sessions", conn.zcount(key, min, "+inf")).await
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let channel = format!("{}:terminate", self.prefix);
         self.bounded("publish termination", conn.publish::<_, _, ()>(channel, sid.to_string()))
             .await
