@@ -8,9 +8,11 @@
 //! noisy; compare ratios from the same run. `--quick` runs each figure briefly, as a smoke check.
 
 use std::{
+    cell::RefCell,
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -118,12 +120,20 @@ async fn run(plan: Plan, pinning: bool) {
     let servers = [("broker", broker.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
     let meter = CpuMeter::new(&servers);
     let full = phase(&plan, 32, session_worker(broker_addr, Target::Broker)).await;
-    let gated_cpu = meter.per_op(full.count);
+    let full_cpu = meter.per_op(full.count);
     rows.push(("session via broker: /start+connect+echo+close", full.clone()));
     let meter = CpuMeter::new(&servers);
     let open = phase(&plan, 32, session_worker(broker_addr, Target::Open)).await;
     let open_cpu = meter.per_op(open.count);
     rows.push(("connect+echo+close via broker, no token", open.clone()));
+    // Tokens minted beforehand, so that the gate is measured without /start: enough for the
+    // phase at the ungated rate, with room to spare.
+    let wanted = (open.rate * (plan.warmup + plan.measure).as_secs_f64() * 1.5) as usize + 64;
+    let pool = mint_tokens(broker_addr, wanted).await;
+    let meter = CpuMeter::new(&servers);
+    let gated = phase(&plan, 32, session_worker(broker_addr, Target::Minted(pool))).await;
+    let gated_cpu = meter.per_op(gated.count);
+    rows.push(("connect+echo+close via broker, token minted before", gated.clone()));
     let bot_addr = bot.addr;
     let meter = CpuMeter::new(&servers);
     let direct = phase(&plan, 32, session_worker(bot_addr, Target::Direct)).await;
@@ -154,7 +164,8 @@ async fn run(plan: Plan, pinning: bool) {
     }
     println!("\n| server CPU per session (µs) | broker | redis | bot |\n|---|---:|---:|---:|");
     for (name, cpu) in [
-        ("/start + connect + echo + close, token agent", &gated_cpu),
+        ("/start + connect + echo + close, token agent", &full_cpu),
+        ("connect + echo + close, token minted before", &gated_cpu),
         ("connect + echo + close, agent without token", &open_cpu),
         ("connect + echo + close, direct to the bot", &direct_cpu),
     ] {
@@ -320,10 +331,12 @@ fn http_worker(addr: SocketAddr, request: Vec<u8>) -> impl Fn(Window) -> LoopFut
 
 // ----- WebSocket sessions -----
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Target {
     /// The token agent through the broker: /start, then connect with the token.
     Broker,
+    /// The token agent through the broker, with a token from a pool minted beforehand.
+    Minted(Rc<RefCell<Vec<String>>>),
     /// The agent without websocket auth through the broker: connect only.
     Open,
     /// The echo bot itself.
@@ -333,14 +346,15 @@ enum Target {
 type Ws = WebSocketStream<TcpStream>;
 
 /// Opens a session the way a client would; for the broker, `/start` over `http` first.
-async fn open_session(addr: SocketAddr, target: Target, http: &mut Option<Http>) -> Ws {
+async fn open_session(addr: SocketAddr, target: &Target, http: &mut Option<Http>) -> Ws {
     let path = match target {
         Target::Broker => {
             let http = http.get_or_insert(Http::connect(addr).await);
-            let (status, body) = http.call(&start_request(addr)).await;
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            format!("/ws/generic/bench.bench/{}", json["token"].as_str().unwrap())
+            format!("/ws/generic/bench.bench/{}", mint(http, addr).await)
+        }
+        Target::Minted(pool) => {
+            let token = pool.borrow_mut().pop().expect("the token pool is large enough");
+            format!("/ws/generic/bench.bench/{token}")
         }
         Target::Open => "/ws/generic/open.bench".to_owned(),
         Target::Direct => "/".to_owned(),
@@ -351,6 +365,35 @@ async fn open_session(addr: SocketAddr, target: Target, http: &mut Option<Http>)
         .await
         .unwrap_or_else(|e| panic!("connect {path}: {e}"));
     ws
+}
+
+/// Calls /start and returns the token.
+async fn mint(http: &mut Http, addr: SocketAddr) -> String {
+    let (status, body) = http.call(&start_request(addr)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    json["token"].as_str().unwrap().to_owned()
+}
+
+/// Mints `count` tokens over 16 connections.
+async fn mint_tokens(addr: SocketAddr, count: usize) -> Rc<RefCell<Vec<String>>> {
+    let pool = Rc::new(RefCell::new(Vec::with_capacity(count)));
+    let minters: Vec<_> = (0..16)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::task::spawn_local(async move {
+                let mut http = Http::connect(addr).await;
+                for _ in (i..count).step_by(16) {
+                    let token = mint(&mut http, addr).await;
+                    pool.borrow_mut().push(token);
+                }
+            })
+        })
+        .collect();
+    for minter in minters {
+        minter.await.unwrap();
+    }
+    pool
 }
 
 async fn echo(ws: &mut Ws, frame: &[u8]) {
@@ -382,12 +425,13 @@ async fn close(mut ws: Ws) {
 /// Whole sessions, one after the other: (/start,) connect, one echo, close.
 fn session_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFuture {
     move |window| {
+        let target = target.clone();
         Box::pin(async move {
             let mut http = None;
             let frame = [0x7fu8; FRAME_BYTES];
             let mut samples = Vec::new();
             while let Some(began) = window.next() {
-                let mut ws = open_session(addr, target, &mut http).await;
+                let mut ws = open_session(addr, &target, &mut http).await;
                 echo(&mut ws, &frame).await;
                 close(ws).await;
                 window.record(&mut samples, began);
@@ -400,8 +444,9 @@ fn session_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFu
 /// Echo round trips over one established session.
 fn relay_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFuture {
     move |window| {
+        let target = target.clone();
         Box::pin(async move {
-            let mut ws = open_session(addr, target, &mut None).await;
+            let mut ws = open_session(addr, &target, &mut None).await;
             let frame = [0x7fu8; FRAME_BYTES];
             let mut samples = Vec::new();
             while let Some(began) = window.next() {
@@ -426,7 +471,7 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         let mut opening = Vec::new();
         for _ in 0..batch {
             opening.push(tokio::task::spawn_local(async move {
-                open_session(addr, Target::Open, &mut None).await
+                open_session(addr, &Target::Open, &mut None).await
             }));
         }
         for task in opening {
@@ -434,7 +479,7 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         }
     }
     // One token session too, so the figure includes a gated one's record and lease bookkeeping.
-    sessions.push(open_session(addr, Target::Broker, &mut http).await);
+    sessions.push(open_session(addr, &Target::Broker, &mut http).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_bytes(broker);
     let per_session = (after.saturating_sub(before)) as f64 / sessions.len() as f64;

@@ -8,7 +8,11 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use actix_web::{
+    HttpRequest, HttpResponse,
+    http::{Method, header},
+    web,
+};
 use base64::{
     Engine,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
@@ -33,10 +37,17 @@ const LENIENT: GeneralPurposeConfig =
 const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
 const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
 
-#[derive(Debug, Deserialize)]
-pub struct WsPath {
-    service: String,
-    token: Option<String>,
+/// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
+pub const PREFIX: &str = "/ws/generic";
+
+/// The rest of the path after [`PREFIX`]: the service host and, maybe, the token.
+fn parse_path(rest: &str) -> Option<(&str, Option<&str>)> {
+    let rest = rest.strip_prefix('/')?;
+    match rest.split_once('/') {
+        None => Some((rest, None)),
+        Some((service, token)) if !token.contains('/') => Some((service, Some(token))),
+        Some(_) => None,
+    }
 }
 
 /// The query parameters the gate reads; the rest of the query string is dropped, never passed
@@ -49,22 +60,25 @@ pub struct WsQuery {
 
 pub async fn connect(
     req: HttpRequest,
-    path: web::Path<WsPath>,
     query: web::Query<WsQuery>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let (service, path_token) =
+        parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)?;
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
     let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
-    let WsPath { service, token: path_token } = path.into_inner();
-    let agent = state.agents.by_service_host(&service).ok_or(ApiError::AgentNotFound)?.clone();
+    let agent = state.agents.by_service_host(service).ok_or(ApiError::AgentNotFound)?.clone();
     let body = query.body.as_deref().map(decode_body).transpose()?;
 
     let admission = match agent.websocket_auth {
         WebsocketAuth::None => Admission::open(&state),
         WebsocketAuth::Token => {
-            let token = find_token(&req, query.token.as_deref(), path_token.as_deref())
+            let token = find_token(&req, query.token.as_deref(), path_token)
                 .ok_or(ApiError::TokenRefused(TokenRefusal::Missing))?;
             Admission::consume(&state, &agent, token).await?
         }
@@ -256,4 +270,18 @@ async fn dial_bot(
         ("x-forwarded-for", forwarded_for),
     ];
     bridge::dial(&url, &headers, &state.bridge, state.bot_connect_timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_path;
+
+    #[test]
+    fn paths() {
+        assert_eq!(parse_path("/a.o"), Some(("a.o", None)));
+        assert_eq!(parse_path("/a.o/tok"), Some(("a.o", Some("tok"))));
+        assert_eq!(parse_path("/a.o/"), Some(("a.o", Some(""))));
+        assert_eq!(parse_path("/a.o/tok/more"), None);
+        assert_eq!(parse_path(""), None);
+    }
 }

@@ -117,8 +117,9 @@ impl RedisStore {
             if let Some(conn) = table.borrow().get(&self.id) {
                 return Ok(conn.clone());
             }
-            let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-                .map_err(|e| StoreError(e.to_string()))?;
+            let conn =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                    .map_err(|e| StoreError(e.to_string()))?;
             table.borrow_mut().insert(self.id, conn.clone());
             Ok(conn)
         })
@@ -220,7 +221,11 @@ impl Store for RedisStore {
         let mut conn = self.conn()?;
         let key = self.session_key(sid);
         let mut pipe = redis::pipe();
-        pipe.atomic().hset_multiple(&key, fields).ignore().pexpire(&key, ttl.as_millis() as i64).ignore();
+        pipe.atomic()
+            .hset_multiple(&key, fields)
+            .ignore()
+            .pexpire(&key, ttl.as_millis() as i64)
+            .ignore();
         self.bounded("create session", pipe.query_async::<()>(&mut conn)).await
     }
 
