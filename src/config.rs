@@ -48,14 +48,48 @@ pub struct RegionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://…`; absent means the embedded in-memory store (one process only).
+    /// A standalone Redis, `redis://…`. With none of `url`, `sentinels` and `cluster_nodes`
+    /// the broker uses the embedded in-memory store (one process only).
     pub url: Option<SecretString>,
+    /// Sentinels watching the master named `master_name`, `redis://host:26379` each. The broker
+    /// asks them for the master, and asks again after any error, so it follows a failover.
+    #[serde(deserialize_with = "string_or_list")]
+    pub sentinels: Vec<String>,
+    pub master_name: Option<String>,
+    /// Password of the master and replicas found through the sentinels, if they need one.
+    pub master_password: Option<SecretString>,
+    /// Seed nodes of a Redis Cluster, `redis://host:port` each.
+    #[serde(deserialize_with = "string_or_list")]
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key the broker writes, so that several deployments (or tests) can share
     /// one Redis without seeing each other.
     pub key_prefix: String,
     /// Upper bound on one store operation, connection set-up included. Past it the request is
     /// answered 503 rather than left hanging.
     pub command_timeout_ms: u64,
+    /// What a connect does when Redis cannot be asked whether its token was used: `closed`
+    /// (default) refuses with 503; `open` lets it through unchecked, logged and counted.
+    pub on_unavailable: FailMode,
+    /// Replicas that must acknowledge a token's consume (Redis `WAIT`) before the connect goes
+    /// on; 0 (default) does not wait. See README: what this does and does not guarantee.
+    pub wait_replicas: u32,
+    /// How long to wait for those acknowledgements before refusing with 503.
+    pub wait_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Closed,
+    Open,
+}
+
+impl RedisSettings {
+    /// Whether a Redis of any topology is configured.
+    pub fn is_configured(&self) -> bool {
+        self.url.is_some() || !self.sentinels.is_empty() || !self.cluster_nodes.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,7 +190,18 @@ impl Default for Settings {
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, key_prefix: "broker".into(), command_timeout_ms: 1_000 }
+        Self {
+            url: None,
+            sentinels: Vec::new(),
+            master_name: None,
+            master_password: None,
+            cluster_nodes: Vec::new(),
+            key_prefix: "broker".into(),
+            command_timeout_ms: 1_000,
+            on_unavailable: FailMode::Closed,
+            wait_replicas: 0,
+            wait_timeout_ms: 100,
+        }
     }
 }
 
@@ -283,7 +328,37 @@ impl Settings {
                 format!("`{}` is not one of token.keys", self.token.signing_key_id),
             );
         }
-        if self.token.keys.is_empty() && self.redis.url.is_some() {
+        let r = &self.redis;
+        let topologies = [r.url.is_some(), !r.sentinels.is_empty(), !r.cluster_nodes.is_empty()];
+        if topologies.iter().filter(|set| **set).count() > 1 {
+            return bad(
+                "redis",
+                "set one of redis.url, redis.sentinels and redis.cluster_nodes".into(),
+            );
+        }
+        for (setting, urls) in
+            [("redis.sentinels", &r.sentinels), ("redis.cluster_nodes", &r.cluster_nodes)]
+        {
+            if let Some(e) = urls.iter().find_map(|u| redis::Client::open(u.as_str()).err()) {
+                return bad(setting, format!("not a usable Redis URL ({:?})", e.kind()));
+            }
+        }
+        if !r.sentinels.is_empty() && r.master_name.as_deref().unwrap_or("").is_empty() {
+            return bad("redis.master_name", "required with redis.sentinels".into());
+        }
+        if r.wait_replicas > 0 && r.wait_timeout_ms == 0 {
+            return bad(
+                "redis.wait_timeout_ms",
+                "must be above 0 when wait_replicas is set".into(),
+            );
+        }
+        if r.wait_replicas > 0 && !r.cluster_nodes.is_empty() {
+            return bad(
+                "redis.wait_replicas",
+                "not supported with redis.cluster_nodes (WAIT must follow the write's node)".into(),
+            );
+        }
+        if self.token.keys.is_empty() && self.redis.is_configured() {
             return bad(
                 "token.keys",
                 "required with Redis: replicas must share their signing keys".into(),

@@ -8,7 +8,7 @@ use actix_web::{App, HttpServer, dev::Server, web};
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use crate::{
     agents::{Agent, AgentRegistry, WebsocketAuth},
@@ -115,21 +115,16 @@ impl Application {
         }
 
         let keyring = build_keyring(&settings)?;
-        let store: Arc<dyn Store> = match &settings.redis.url {
-            Some(url) => Arc::new(
-                RedisStore::new(
-                    url.expose_secret(),
-                    &settings.redis.key_prefix,
-                    settings.command_timeout(),
-                )
-                .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
-            ),
-            None => {
-                tracing::info!(
-                    "state store: embedded in memory (single process; set redis.url to run replicas)"
-                );
-                Arc::new(MemoryStore::default())
-            }
+        let store: Arc<dyn Store> = if settings.redis.is_configured() {
+            Arc::new(
+                RedisStore::new(&settings.redis, settings.command_timeout())
+                    .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
+            )
+        } else {
+            tracing::info!(
+                "state store: embedded in memory (single process; configure redis to run replicas)"
+            );
+            Arc::new(MemoryStore::default())
         };
         if let Err(e) = store.check().await {
             tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod topology;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,36 +1,27 @@
-//! The Redis store. Commands go over a shared multiplexed connection ([`ConnectionManager`],
-//! which reconnects by itself): a pooled connection would add a `PING` round trip per checkout
-//! (see `PERF-NOTES.md`), and one connection pipelines all concurrent requests of its thread.
+//! The Redis store, on a standalone server, a Sentinel-managed master or a Cluster
+//! ([`Topology`]). Commands go over a multiplexed connection per thread: a pooled connection
+//! would add a `PING` round trip per checkout (see `PERF-NOTES.md`), and one connection pipelines
+//! all concurrent requests of its thread. actix-web runs each worker on its own single-threaded
+//! runtime; a connection driven elsewhere would cost two thread switches per command, which
+//! measured as a third of the broker's CPU on `/start` (see `BENCHMARKS.md`).
 //!
-//! There is one such connection per thread, created on first use and driven by that thread's
-//! runtime. actix-web runs each worker on its own single-threaded runtime; a connection driven
-//! elsewhere would cost two thread switches per command, which measured as a third of the
-//! broker's CPU on `/start` (see `BENCHMARKS.md`).
-//!
-//! Keys are `{prefix}:{<session id>}:…`: the braces make every key of one session hash to the
-//! same Redis Cluster slot, so scripts that touch several of them stay legal on a cluster.
+//! Keys are `{prefix}:{<session id>}:…` and `{prefix}:agent:{<agent.org>}:…`: the braces make
+//! every key one script or pipeline touches hash to the same Redis Cluster slot.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::{
-    AsyncCommands, Client, Script, SetExpiry, SetOptions,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::{AsyncCommands, RedisResult, Script, SetExpiry, SetOptions};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use super::{Store, StoreError, TERMINATION_BACKLOG, unix_ms};
-
-/// Reconnect attempts the manager makes in the background after a connection breaks. Requests
-/// do not wait for them beyond the command timeout; they fail fast with 503 instead.
-const RECONNECT_RETRIES: usize = 2;
+use super::{
+    Store, StoreError, TERMINATION_BACKLOG,
+    topology::{Conn, Purpose, Topology},
+    unix_ms,
+};
+use crate::config::RedisSettings;
 
 /// Longest wait between two attempts to re-subscribe to termination announcements.
 const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
@@ -60,19 +51,11 @@ impl Scripts {
     }
 }
 
-/// Distinguishes stores in the per-thread connection table (tests run several in one process).
-static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// This thread's connection of each store, by store id.
-    static CONNECTIONS: RefCell<HashMap<u64, ConnectionManager>> = RefCell::new(HashMap::new());
-}
-
 pub struct RedisStore {
-    id: u64,
-    client: Client,
-    config: ConnectionManagerConfig,
+    topology: std::sync::Arc<Topology>,
     prefix: String,
+    /// Replicas that must acknowledge a consume, and for how long to wait; see [`Store::consume_token`].
+    durability: Option<(u32, Duration)>,
     timeout: Duration,
     scripts: Scripts,
     terminations: broadcast::Sender<Uuid>,
@@ -89,21 +72,20 @@ impl Drop for RedisStore {
 impl RedisStore {
     /// Creates the store without waiting for Redis: a replica starts (and reports itself not
     /// ready) while Redis is down, and connects as soon as Redis answers.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = Client::open(url).map_err(|e| StoreError(format!("{:?}", e.kind())))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_max_delay(timeout);
+    pub fn new(settings: &RedisSettings, timeout: Duration) -> Result<Self, StoreError> {
+        let topology = std::sync::Arc::new(
+            Topology::new(settings, timeout).map_err(|e| StoreError(format!("{:?}", e.kind())))?,
+        );
+        let prefix = settings.key_prefix.clone();
         let terminations = broadcast::channel(TERMINATION_BACKLOG).0;
         let channel = format!("{prefix}:terminate");
-        let subscriber = tokio::spawn(subscribe(client.clone(), channel, terminations.clone()));
+        let subscriber = tokio::spawn(subscribe(topology.clone(), channel, terminations.clone()));
+        let durability = (settings.wait_replicas > 0)
+            .then(|| (settings.wait_replicas, Duration::from_millis(settings.wait_timeout_ms)));
         Ok(Self {
-            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
-            client,
-            config,
-            prefix: prefix.to_owned(),
+            topology,
+            prefix,
+            durability,
             timeout,
             scripts: Scripts::new(),
             terminations,
@@ -111,18 +93,25 @@ impl RedisStore {
         })
     }
 
-    /// This thread's connection, created (without waiting for Redis) on first use.
-    fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        CONNECTIONS.with(|table| {
-            if let Some(conn) = table.borrow().get(&self.id) {
-                return Ok(conn.clone());
-            }
-            let conn =
-                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-                    .map_err(|e| StoreError(e.to_string()))?;
-            table.borrow_mut().insert(self.id, conn.clone());
-            Ok(conn)
-        })
+    /// Runs `op` on this thread's connection for `purpose`, within the command timeout, turning
+    /// every failure into a [`StoreError`] that names the operation.
+    async fn run<T>(
+        &self,
+        what: &str,
+        purpose: Purpose,
+        op: impl AsyncFnOnce(&mut Conn) -> RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let attempt = async {
+            let mut conn = self.topology.conn(purpose).await?;
+            op(&mut conn).await
+        };
+        let failure = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => format!("{what}: {e}"),
+            Err(_) => format!("{what}: no answer within {:?}", self.timeout),
+        };
+        self.topology.on_failure(purpose);
+        Err(StoreError(failure))
     }
 
     fn token_key(&self, sid: Uuid) -> String {
@@ -137,20 +126,6 @@ impl RedisStore {
     fn live_key(&self, agent: &str) -> String {
         format!("{}:agent:{{{agent}}}:live", self.prefix)
     }
-
-    /// Runs one store operation within the command timeout, turning every failure into a
-    /// [`StoreError`] that names the operation.
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        op: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, op).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError(format!("{what}: {e}"))),
-            Err(_) => Err(StoreError(format!("{what}: no answer within {:?}", self.timeout))),
-        }
-    }
 }
 
 #[async_trait]
@@ -161,22 +136,48 @@ impl Store for RedisStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn()?;
         let key = self.token_key(sid);
         let options = SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .with_expiration(SetExpiry::PX(ttl.as_millis().max(1) as u64));
-        // SET NX answers OK when it wrote and nil when the key existed.
-        let written: Option<String> =
-            self.bounded("consume token", conn.set_options(&key, holder, options)).await?;
-        Ok(written.is_some())
+        let Some((replicas, wait)) = self.durability else {
+            // SET NX answers OK when it wrote and nil when the key existed.
+            let written: Option<String> = self
+                .run("consume token", Purpose::Commands, async |c| {
+                    c.set_options(&key, holder, options).await
+                })
+                .await?;
+            return Ok(written.is_some());
+        };
+        // WAIT must follow the write on the same connection, and blocks it until the replicas
+        // answer: a connection of its own keeps that wait off every other command.
+        let mut pipe = redis::pipe();
+        pipe.set_options(&key, holder, options)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(wait.as_millis() as u64);
+        let (written, acked): (Option<String>, u32) = self
+            .run("consume token (durable)", Purpose::Durable, async |c| pipe.query_async(c).await)
+            .await?;
+        if written.is_none() {
+            return Ok(false);
+        }
+        if acked < replicas {
+            // The mark might not survive a failover: give the token back and refuse for now.
+            self.release_token(sid, holder).await?;
+            return Err(StoreError(format!(
+                "consume token: {acked} of {replicas} replicas acknowledged within {wait:?}"
+            )));
+        }
+        Ok(true)
     }
 
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn()?;
         let mut call = self.scripts.release_token.key(self.token_key(sid));
         call.arg(holder);
-        let released: i64 = self.bounded("release token", call.invoke_async(&mut conn)).await?;
+        let released: i64 = self
+            .run("release token", Purpose::Commands, async |c| call.invoke_async(c).await)
+            .await?;
         Ok(released == 1)
     }
 
@@ -186,30 +187,24 @@ impl Store for RedisStore {
         limit: u64,
         window: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn()?;
         let window_ms = window.as_millis().max(1) as u64;
-        let window_number = super::unix_ms() / window_ms;
+        let window_number = unix_ms() / window_ms;
         let key = format!("{}:rate:{{{bucket}}}:{window_number}", self.prefix);
         // INCR and PEXPIRE in one MULTI: a counter never outlives its window by more than one
         // window, even if this replica dies between the two.
-        let (count,): (u64,) = self
-            .bounded(
-                "rate limit",
-                redis::pipe()
-                    .atomic()
-                    .incr(&key, 1)
-                    .pexpire(&key, (2 * window_ms) as i64)
-                    .ignore()
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().incr(&key, 1).pexpire(&key, (2 * window_ms) as i64).ignore();
+        let (count,): (u64,) =
+            self.run("rate limit", Purpose::Commands, async |c| pipe.query_async(c).await).await?;
         Ok(count <= limit)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
         let key = format!("{}:health", self.prefix);
-        self.bounded("health write", conn.set_ex::<_, _, ()>(&key, super::unix_ms(), 60)).await
+        self.run("health write", Purpose::Commands, async |c| {
+            c.set_ex::<_, _, ()>(&key, unix_ms(), 60).await
+        })
+        .await
     }
 
     async fn create_session(
@@ -218,7 +213,6 @@ impl Store for RedisStore {
         fields: &[(&str, String)],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
         let key = self.session_key(sid);
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -226,7 +220,8 @@ impl Store for RedisStore {
             .ignore()
             .pexpire(&key, ttl.as_millis() as i64)
             .ignore();
-        self.bounded("create session", pipe.query_async::<()>(&mut conn)).await
+        self.run("create session", Purpose::Commands, async |c| pipe.query_async::<()>(c).await)
+            .await
     }
 
     async fn update_session(
@@ -236,20 +231,21 @@ impl Store for RedisStore {
         fields: &[(&str, String)],
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn()?;
         let mut call = self.scripts.update_session.key(self.session_key(sid));
         call.arg(from.join(",")).arg(ttl.map_or(0, |t| t.as_millis().max(1) as u64));
         for (name, value) in fields {
             call.arg(*name).arg(value);
         }
-        let applied: i64 = self.bounded("update session", call.invoke_async(&mut conn)).await?;
+        let applied: i64 = self
+            .run("update session", Purpose::Commands, async |c| call.invoke_async(c).await)
+            .await?;
         Ok(applied == 1)
     }
 
     async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let mut conn = self.conn()?;
+        let key = self.session_key(sid);
         let fields: HashMap<String, String> =
-            self.bounded("read session", conn.hgetall(self.session_key(sid))).await?;
+            self.run("read session", Purpose::Commands, async |c| c.hgetall(&key).await).await?;
         Ok((!fields.is_empty()).then_some(fields))
     }
 
@@ -260,21 +256,24 @@ impl Store for RedisStore {
         cap: Option<u32>,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn()?;
         let now = unix_ms();
         let mut call = self.scripts.acquire_slot.key(self.live_key(agent));
         call.arg(now)
             .arg(now + lease.as_millis() as u64)
             .arg(sid.to_string())
             .arg(cap.unwrap_or(0));
-        let taken: i64 = self.bounded("acquire slot", call.invoke_async(&mut conn)).await?;
+        let taken: i64 = self
+            .run("acquire slot", Purpose::Commands, async |c| call.invoke_async(c).await)
+            .await?;
         Ok(taken == 1)
     }
 
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
         let key = self.live_key(agent);
-        self.bounded("release slot", conn.zrem::<_, _, ()>(key, sid.to_string())).await
+        self.run("release slot", Purpose::Commands, async |c| {
+            c.zrem::<_, _, ()>(&key, sid.to_string()).await
+        })
+        .await
     }
 
     async fn renew_leases(
@@ -283,13 +282,14 @@ impl Store for RedisStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn()?;
         let mut call = self.scripts.renew_leases.key(self.live_key(agent));
         call.arg(unix_ms() + lease.as_millis() as u64);
         for sid in sids {
             call.arg(sid.to_string());
         }
-        let gone: Vec<String> = self.bounded("renew leases", call.invoke_async(&mut conn)).await?;
+        let gone: Vec<String> = self
+            .run("renew leases", Purpose::Commands, async |c| call.invoke_async(c).await)
+            .await?;
         Ok(gone.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
@@ -298,26 +298,29 @@ impl Store for RedisStore {
         agent: &str,
         limit: usize,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut conn = self.conn()?;
         let mut call = self.scripts.claim_lapsed_leases.key(self.live_key(agent));
         call.arg(unix_ms()).arg(limit);
-        let claimed: Vec<String> =
-            self.bounded("claim lapsed leases", call.invoke_async(&mut conn)).await?;
+        let claimed: Vec<String> = self
+            .run("claim lapsed leases", Purpose::Commands, async |c| call.invoke_async(c).await)
+            .await?;
         Ok(claimed.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
-        let mut conn = self.conn()?;
         let key = self.live_key(agent);
         let min = format!("({}", unix_ms());
-        self.bounded("count live sessions", conn.zcount(key, min, "+inf")).await
+        self.run("count live sessions", Purpose::Commands, async |c| {
+            c.zcount(&key, &min, "+inf").await
+        })
+        .await
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
         let channel = format!("{}:terminate", self.prefix);
-        self.bounded("publish termination", conn.publish::<_, _, ()>(channel, sid.to_string()))
-            .await
+        self.run("publish termination", Purpose::Commands, async |c| {
+            c.publish::<_, _, ()>(&channel, sid.to_string()).await
+        })
+        .await
     }
 
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
@@ -326,27 +329,32 @@ impl Store for RedisStore {
 }
 
 /// Forwards termination announcements from Redis pub/sub to this replica's listeners, and
-/// re-subscribes whenever the connection drops. An announcement missed while disconnected is
-/// caught by the holder's next lease renewal, which finds the lease removed.
-async fn subscribe(client: Client, channel: String, out: broadcast::Sender<Uuid>) {
+/// re-subscribes whenever the connection drops (after a failover, to the new master). An
+/// announcement missed while disconnected is caught by the holder's next lease renewal, which
+/// finds the lease removed.
+async fn subscribe(
+    topology: std::sync::Arc<Topology>,
+    channel: String,
+    out: broadcast::Sender<Uuid>,
+) {
     let mut delay = Duration::from_millis(50);
     loop {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                Ok(()) => {
-                    delay = Duration::from_millis(50);
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        let sid = msg.get_payload::<String>().ok().and_then(|s| s.parse().ok());
-                        if let Some(sid) = sid {
-                            let _ = out.send(sid);
-                        }
-                    }
-                    tracing::warn!("termination subscription lost; re-subscribing");
+        for client in topology.pubsub_clients().await.unwrap_or_default() {
+            let Ok(mut pubsub) = client.get_async_pubsub().await else { continue };
+            if let Err(e) = pubsub.subscribe(&channel).await {
+                tracing::warn!(error = %e, "cannot subscribe to terminations");
+                continue;
+            }
+            delay = Duration::from_millis(50);
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                let sid = msg.get_payload::<String>().ok().and_then(|s| s.parse().ok());
+                if let Some(sid) = sid {
+                    let _ = out.send(sid);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to terminations"),
-            },
-            Err(e) => tracing::debug!(error = %e, "cannot connect for terminations"),
+            }
+            tracing::warn!("termination subscription lost; re-subscribing");
+            break;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RESUBSCRIBE_MAX_DELAY);
