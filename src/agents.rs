@@ -5,13 +5,25 @@
 //! ```toml
 //! agent_name = "my-agent"
 //! websocket_auth = "token"
+//! region = "us-west"                  # the primary region
 //!
 //! [broker]
 //! org = "my-org"
-//! bot_url = "ws://127.0.0.1:7860/ws"
+//! bot_url = "ws://bot.us-west.internal:7860/ws"
+//!
+//! [broker.bot_urls]                   # more regions, each with its own bot
+//! eu-central = "ws://bot.eu-central.internal:7860/ws"
 //! ```
+//!
+//! An agent serves the regions that have a bot: its primary region (`region`, through
+//! `bot_url`) and those in `bot_urls`. Without `region`, `bot_url` serves every region.
 
-use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use url::Url;
@@ -55,8 +67,42 @@ pub struct Agent {
     pub max_session_duration: Duration,
     /// Concurrent sessions cap across all replicas; `None` is unlimited.
     pub max_agents: Option<u32>,
-    /// WebSocket URL of the bot that serves this agent's sessions.
-    pub bot_url: Url,
+    /// Primary region: where `/start` sends clients of regions the agent does not serve.
+    pub region: Option<String>,
+    /// Bot of the primary region, or of every region when `region` is unset.
+    pub bot_url: Option<Url>,
+    /// Bots of further regions.
+    pub bot_urls: BTreeMap<String, Url>,
+}
+
+impl Agent {
+    /// Whether the agent has a bot in `region`.
+    pub fn serves(&self, region: &str) -> bool {
+        self.bot_urls.contains_key(region)
+            || (self.bot_url.is_some() && self.region.as_deref().is_none_or(|r| r == region))
+    }
+
+    /// The region whose WebSocket URL `/start` answers on a replica of `region`: that region if
+    /// the agent serves it, else the agent's primary region.
+    pub fn region_for<'a>(&'a self, region: &'a str) -> &'a str {
+        if self.serves(region) {
+            return region;
+        }
+        self.region
+            .as_deref()
+            .or_else(|| self.bot_urls.keys().next().map(String::as_str))
+            .unwrap_or(region)
+    }
+
+    /// The bot a replica of `region` dials: the region's own, else the primary region's (a
+    /// token minted elsewhere may be presented anywhere).
+    pub fn bot_for(&self, region: &str) -> &Url {
+        self.bot_urls
+            .get(region)
+            .or(self.bot_url.as_ref())
+            .or_else(|| self.bot_urls.values().next())
+            .expect("from_toml ensures at least one bot URL")
+    }
 }
 
 /// Keys of Pipecat Cloud's deploy file that configure its image, build and runtime rather than
@@ -102,7 +148,9 @@ struct Scaling {
 #[serde(deny_unknown_fields)]
 struct BrokerSection {
     org: String,
-    bot_url: String,
+    bot_url: Option<String>,
+    #[serde(default)]
+    bot_urls: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,10 +200,26 @@ impl Agent {
         if file.scaling.max_agents == Some(0) {
             return Err(fail("scaling.max_agents must be above 0".into()));
         }
-        let bot_url = Url::parse(&file.broker.bot_url)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
-            .ok_or_else(|| fail("broker.bot_url must be a ws:// or wss:// URL".into()))?;
+        let parse_bot = |setting: &str, url: &str| {
+            Url::parse(url)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
+                .ok_or_else(|| fail(format!("{setting} must be a ws:// or wss:// URL")))
+        };
+        let bot_url =
+            file.broker.bot_url.as_deref().map(|u| parse_bot("broker.bot_url", u)).transpose()?;
+        let mut bot_urls = BTreeMap::new();
+        for (region, url) in &file.broker.bot_urls {
+            if !is_valid_name(region) {
+                return Err(fail(format!(
+                    "broker.bot_urls: `{region}` is not a valid region name"
+                )));
+            }
+            bot_urls.insert(region.clone(), parse_bot(&format!("broker.bot_urls.{region}"), url)?);
+        }
+        if bot_url.is_none() && bot_urls.is_empty() {
+            return Err(fail("broker.bot_url or broker.bot_urls is required".into()));
+        }
         Ok(Self {
             service_host: format!("{}.{}", file.agent_name, file.broker.org),
             name: file.agent_name,
@@ -163,7 +227,9 @@ impl Agent {
             websocket_auth: file.websocket_auth,
             max_session_duration: Duration::from_secs(duration),
             max_agents: file.scaling.max_agents,
+            region: file.region,
             bot_url,
+            bot_urls,
         })
     }
 
@@ -265,7 +331,25 @@ bot_url = "ws://127.0.0.1:7860/ws"
         assert_eq!(agent.websocket_auth, WebsocketAuth::Token);
         assert_eq!(agent.max_session_duration, Duration::from_secs(600));
         assert_eq!(agent.max_agents, Some(50));
-        assert_eq!(agent.bot_url.as_str(), "ws://127.0.0.1:7860/ws");
+        assert_eq!(agent.bot_for("us-west").as_str(), "ws://127.0.0.1:7860/ws");
+    }
+
+    #[test]
+    fn regions_choose_the_ws_url_and_the_bot() {
+        let text = FULL.replace(
+            "bot_url = \"ws://127.0.0.1:7860/ws\"",
+            "bot_url = \"ws://west/\"\n[broker.bot_urls]\neu-central = \"ws://eu/\"",
+        );
+        let agent = Agent::from_toml(&text, "f").unwrap();
+        assert!(agent.serves("us-west") && agent.serves("eu-central") && !agent.serves("ap-south"));
+        assert_eq!(agent.region_for("eu-central"), "eu-central");
+        assert_eq!(agent.region_for("ap-south"), "us-west", "unserved regions go to the primary");
+        assert_eq!(agent.bot_for("eu-central").as_str(), "ws://eu/");
+        assert_eq!(agent.bot_for("ap-south").as_str(), "ws://west/");
+
+        let anywhere = Agent::from_toml(&FULL.replace("region = \"us-west\"\n", ""), "f").unwrap();
+        assert!(anywhere.serves("ap-south"));
+        assert_eq!(anywhere.region_for("ap-south"), "ap-south");
     }
 
     #[test]

@@ -32,8 +32,9 @@ pub struct AppState {
     pub region: String,
     /// This replica's id, written as the holder of the tokens it consumes.
     pub replica_id: String,
-    /// Public WebSocket base URL of this replica's region, e.g. `wss://us-west.example.net`.
-    pub ws_base_url: String,
+    /// Public WebSocket base URL of every known region, e.g. `wss://us-west.example.net`; this
+    /// replica's own region is always present.
+    pub ws_base_urls: std::collections::BTreeMap<String, String>,
     pub token_lifetime: Duration,
     pub keyring: Keyring,
     pub keys: KeyIndex,
@@ -47,9 +48,19 @@ pub struct AppState {
     pub leases: LeaseTiming,
     /// The sessions this replica holds.
     pub live: Arc<LiveSessions>,
+    /// `redis.on_unavailable = "open"`: connects go through unchecked while Redis is down.
+    pub fail_open: bool,
+    /// Connects let through without a token check because Redis was unreachable.
+    pub unchecked_accepts: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
+    /// The public WebSocket base URL for `region`; this replica's own when the region has none
+    /// configured (start-up warns about such agents).
+    pub fn ws_base_url(&self, region: &str) -> &str {
+        self.ws_base_urls.get(region).unwrap_or(&self.ws_base_urls[&self.region])
+    }
+
     /// How long a record lives once its session is active: through the longest session, then
     /// retention. A record whose replica and every sweeper died still goes away eventually.
     pub fn active_record_ttl(&self, max_duration: Duration) -> Duration {
@@ -108,6 +119,15 @@ impl Application {
                 key_index.insert(hash, org);
             }
         }
+        for agent in agents.iter() {
+            let region = agent.region_for(&settings.region);
+            if region != settings.region && !settings.regions.contains_key(region) {
+                tracing::warn!(
+                    agent = %agent.service_host, region,
+                    "the agent's region has no regions.<name>.public_ws_url; /start will answer this replica's URL"
+                );
+            }
+        }
         for agent in agents.iter().filter(|a| !settings.orgs.contains_key(&a.org)) {
             if !settings.is_demo() {
                 tracing::warn!(agent = %agent.service_host, "the agent's org has no public keys configured; /start cannot reach it");
@@ -126,15 +146,22 @@ impl Application {
             );
             Arc::new(MemoryStore::default())
         };
+        if settings.redis.on_unavailable == crate::config::FailMode::Open {
+            tracing::warn!(
+                "redis.on_unavailable = open: while Redis is unreachable, connects are accepted \
+                 WITHOUT checking that their token is unused; every such accept is logged"
+            );
+        }
         if let Err(e) = store.check().await {
             tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
         }
 
-        let ws_base_url = settings
+        let mut ws_base_urls: std::collections::BTreeMap<String, String> = settings
             .regions
-            .get(&settings.region)
-            .map(|r| r.public_ws_url.trim_end_matches('/').to_owned())
-            .unwrap_or_else(|| format!("ws://{local}"));
+            .iter()
+            .map(|(name, r)| (name.clone(), r.public_ws_url.trim_end_matches('/').to_owned()))
+            .collect();
+        ws_base_urls.entry(settings.region.clone()).or_insert_with(|| format!("ws://{local}"));
         let limits = &settings.limits;
         let leases = LeaseTiming {
             lease: Duration::from_millis(settings.sessions.lease_ttl_ms),
@@ -151,7 +178,7 @@ impl Application {
         let state = web::Data::new(AppState {
             region: settings.region.clone(),
             replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
-            ws_base_url,
+            ws_base_urls,
             token_lifetime: Duration::from_secs(settings.token.lifetime_secs),
             keyring,
             keys: key_index,
@@ -169,6 +196,8 @@ impl Application {
             max_session: Duration::from_secs(limits.max_session_secs),
             leases,
             live,
+            fail_open: settings.redis.on_unavailable == crate::config::FailMode::Open,
+            unchecked_accepts: Default::default(),
         });
 
         let app_state = state.clone();
@@ -183,7 +212,7 @@ impl Application {
         tracing::info!(
             listen = %local,
             region = %settings.region,
-            ws_base_url = %state.ws_base_url,
+            ws_base_url = %state.ws_base_urls[&settings.region],
             agents = state.agents.len(),
             signing_key = state.keyring.signing_kid(),
             "session broker ready"

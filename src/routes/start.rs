@@ -146,7 +146,11 @@ pub async fn start(
     tracing::info!(%session_id, agent = %agent.service_host, "session token minted");
     Ok(HttpResponse::Ok().json(StartResponse {
         token,
-        ws_url: format!("{}/ws/generic/{}", state.ws_base_url, agent.service_host),
+        ws_url: format!(
+            "{}/ws/generic/{}",
+            state.ws_base_url(agent.region_for(&state.region)),
+            agent.service_host
+        ),
         session_id,
         body,
     }))

@@ -6,7 +6,7 @@
 //! bot has answered is the client upgraded and the relay started. If the bot cannot be reached,
 //! the consume is undone so the token works again for the rest of its lifetime.
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -97,6 +97,10 @@ pub async fn connect(
             admission.give_back(&state).await;
             tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
             return Err(ApiError::AtCapacity);
+        }
+        // Failing open means no cap either: the session runs without a lease.
+        Err(e) if state.fail_open => {
+            tracing::warn!(session_id = %sid, error = %e, "UNCHECKED ACCEPT: concurrency cap not enforced");
         }
         Err(e) => {
             admission.give_back(&state).await;
@@ -205,11 +209,26 @@ impl Admission {
         let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
         // The mark needs to outlive the token only: after expiry the token is refused anyway.
         let remaining = Duration::from_millis(claims.exp - now);
-        if !state.store.consume_token(claims.sid, &holder, remaining).await? {
-            tracing::info!(session_id = %claims.sid, agent = %agent.service_host, "connect refused: token already used");
-            return Err(ApiError::TokenRefused(TokenRefusal::Replayed));
+        match state.store.consume_token(claims.sid, &holder, remaining).await {
+            Ok(true) => {
+                Ok(Self { session_id: claims.sid, minted_in: claims.rg, consumed: Some(holder) })
+            }
+            Ok(false) => {
+                tracing::info!(session_id = %claims.sid, agent = %agent.service_host, "connect refused: token already used");
+                Err(ApiError::TokenRefused(TokenRefusal::Replayed))
+            }
+            Err(e) if state.fail_open => {
+                let count = state.unchecked_accepts.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    session_id = %claims.sid, agent = %agent.service_host, error = %e,
+                    unchecked_accepts = count,
+                    "UNCHECKED ACCEPT: Redis unreachable and on_unavailable = open; the token's \
+                     one-time use is not enforced for this connect"
+                );
+                Ok(Self { session_id: claims.sid, minted_in: claims.rg, consumed: None })
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok(Self { session_id: claims.sid, minted_in: claims.rg, consumed: Some(holder) })
     }
 
     /// Gives the token back, so the client can connect again within its lifetime.
@@ -253,7 +272,7 @@ async fn dial_bot(
     minted_in: &str,
     body: Option<&str>,
 ) -> Result<bridge::BotSocket, bridge::DialError> {
-    let mut url = agent.bot_url.clone();
+    let mut url = agent.bot_for(&state.region).clone();
     if let Some(body) = body {
         url.query_pairs_mut().append_pair("body", body);
     }

@@ -42,67 +42,7 @@ pub const SIGNING_KEY: &str = "test-signing-key-0123456789abcdefghij";
 
 pub type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A `redis-server` on a free loopback port, killed when dropped.
-pub struct RedisServer {
-    pub port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    pub fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    /// Starts on a given port, for tests that stop Redis and bring it back.
-    pub fn start_on(port: u16) -> Self {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        // Wait for Redis to say it is ready rather than polling it; keep draining its output
-        // afterwards so it never blocks on a full pipe.
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.contains("Ready to accept connections"));
-        assert!(ready, "redis-server on port {port} exited before it was ready");
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { port, child }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn stop(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.port
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use crate::redis_fixtures::*;
 
 /// What the bot saw of one handshake.
 #[derive(Debug, Clone)]
@@ -240,6 +180,8 @@ pub struct AppOptions {
     pub key_prefix: String,
     pub bot_url: String,
     pub settings: Settings,
+    /// More agent files, as (file stem, TOML).
+    pub extra_agents: Vec<(String, String)>,
 }
 
 pub struct TestApp {
@@ -277,9 +219,14 @@ impl TestApp {
             );
             std::fs::write(agent_dir.path().join(format!("{name}.toml")), text).unwrap();
         }
+        for (name, text) in &options.extra_agents {
+            std::fs::write(agent_dir.path().join(format!("{name}.toml")), text).unwrap();
+        }
         let mut settings = options.settings;
         settings.agents.dir = Some(agent_dir.path().to_owned());
-        settings.redis.url = options.redis_url.map(SecretString::from);
+        if let Some(url) = options.redis_url {
+            settings.redis.url = Some(SecretString::from(url));
+        }
         settings.redis.key_prefix = options.key_prefix;
         settings.validate().expect("test settings are valid");
         let app = Application::build(settings).await.expect("app builds");
@@ -360,6 +307,7 @@ impl AppOptions {
             key_prefix: format!("test-{}", uuid::Uuid::new_v4().simple()),
             bot_url: bot.url(),
             settings,
+            extra_agents: Vec::new(),
         }
     }
 }
@@ -368,6 +316,32 @@ impl AppOptions {
 pub fn test_keyring() -> Keyring {
     let keys = BTreeMap::from([("k1".to_string(), SecretString::from(SIGNING_KEY))]);
     Keyring::new("k1", &keys).unwrap()
+}
+
+/// Presents every token to every app at the same moment (the three connects of a token are
+/// started together; tokens go ten at a time). Returns (upgrades, refusals as "already used").
+pub async fn race(apps: &[&TestApp], agent: &str, tokens: &[String]) -> (usize, usize) {
+    let (mut upgrades, mut refusals) = (0, 0);
+    for batch in tokens.chunks(10) {
+        let mut attempts = Vec::new();
+        for token in batch {
+            for app in apps {
+                let url = app.ws_url(agent, ORG);
+                let token = token.clone();
+                attempts.push(tokio::spawn(async move {
+                    connect(&url, Some((&token, Via::Path))).await.map(drop)
+                }));
+            }
+        }
+        for attempt in futures_util::future::join_all(attempts).await {
+            match attempt.unwrap() {
+                Ok(()) => upgrades += 1,
+                Err((403, body, _)) if body["reason"] == "token_already_used" => refusals += 1,
+                Err(other) => panic!("unexpected answer {other:?}"),
+            }
+        }
+    }
+    (upgrades, refusals)
 }
 
 /// Where a connect puts its token.

@@ -3,6 +3,8 @@
 
 mod bridge;
 mod helpers;
+mod redis_fixtures;
+mod regions;
 mod replicas;
 mod sessions;
 mod start;

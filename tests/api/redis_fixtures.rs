@@ -1,0 +1,234 @@
+//! Real Redis set-ups for the tests: a standalone server, a Sentinel group (one master, one
+//! replica, three sentinels) and a three-master Cluster, each on free loopback ports, each
+//! killed when dropped. Every server runs with `--save "" --appendonly no`.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+/// One `redis-server` process (a server or a sentinel), killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on a given port, for tests that stop Redis and bring it back.
+    pub fn start_on(port: u16) -> Self {
+        Self::spawn(port, &[], None, "Ready to accept connections")
+    }
+
+    /// Starts `redis-server` with extra arguments (a config file first, if any) in `dir`, and
+    /// waits until it prints `ready` rather than polling it. Its output keeps being drained
+    /// afterwards so that it never blocks on a full pipe.
+    fn spawn(port: u16, extra: &[&str], dir: Option<&Path>, ready: &str) -> Self {
+        let port_arg = port.to_string();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend([
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        let mut command = Command::new("redis-server");
+        command.args(&args).stdout(Stdio::piped()).stderr(Stdio::null());
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child =
+            command.spawn().expect("redis-server must be installed (apt-get install redis-server)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let started = lines.by_ref().map_while(Result::ok).any(|line| line.contains(ready));
+        assert!(started, "redis-server on port {port} exited before it was ready");
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and returns its port.
+    pub fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+
+    /// A synchronous connection, for set-up and inspection.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls a synchronous condition every 20 ms for at most `within`. For set-up only: the
+/// servers offer nothing to wait on for replication and cluster state.
+fn wait_until(within: Duration, what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !probe() {
+        assert!(std::time::Instant::now() < deadline, "{what} not reached within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub const MASTER_NAME: &str = "broker-master";
+
+/// One master, one replica and three sentinels with quorum 2.
+pub struct SentinelGroup {
+    pub master: Option<RedisServer>,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelGroup {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master = RedisServer::start();
+        let replica_of = master.port.to_string();
+        let replica = RedisServer::spawn(
+            free_port(),
+            &["--replicaof", "127.0.0.1", &replica_of],
+            None,
+            "Ready to accept connections",
+        );
+        wait_until(Duration::from_secs(10), "replica in sync", || {
+            let info: String =
+                redis::cmd("INFO").arg("replication").query(&mut replica.client()).unwrap();
+            info.contains("master_link_status:up")
+        });
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.path().join(format!("sentinel-{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "sentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 5000\n\
+                         sentinel parallel-syncs {MASTER_NAME} 1\n",
+                        master.port
+                    ),
+                )
+                .unwrap();
+                let conf = conf.to_str().unwrap().to_owned();
+                RedisServer::spawn(
+                    port,
+                    &[&conf, "--sentinel"],
+                    Some(dir.path()),
+                    "+monitor master",
+                )
+            })
+            .collect::<Vec<_>>();
+        let group = Self { master: Some(master), replica, sentinels, _dir: dir };
+        // Failover needs every sentinel to know the replica and the other sentinels.
+        for sentinel in &group.sentinels {
+            wait_until(Duration::from_secs(20), "sentinels discover the group", || {
+                let mut conn = sentinel.client();
+                let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+                    .arg("REPLICAS")
+                    .arg(MASTER_NAME)
+                    .query(&mut conn)
+                    .unwrap();
+                let peers: Vec<redis::Value> = redis::cmd("SENTINEL")
+                    .arg("SENTINELS")
+                    .arg(MASTER_NAME)
+                    .query(&mut conn)
+                    .unwrap();
+                replicas.len() == 1 && peers.len() == 2
+            });
+        }
+        group
+    }
+
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// Kills the master without a chance to hand over.
+    pub fn kill_master(&mut self) {
+        self.master.take().unwrap().stop();
+    }
+
+    /// Waits until the sentinels report the replica as the master.
+    pub fn await_failover(&self) {
+        let promoted = self.replica.port.to_string();
+        wait_until(Duration::from_secs(30), "failover to the replica", || {
+            let mut conn = self.sentinels[0].client();
+            let addr: Vec<String> = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME)
+                .query(&mut conn)
+                .unwrap();
+            addr.get(1) == Some(&promoted)
+        });
+    }
+}
+
+/// Three masters, no replicas, slots spread by `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let conf = format!("nodes-{port}.conf");
+                RedisServer::spawn(
+                    port,
+                    &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+                    Some(dir.path()),
+                    "Ready to accept connections",
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        for node in &nodes {
+            wait_until(Duration::from_secs(20), "cluster state ok", || {
+                let info: String =
+                    redis::cmd("CLUSTER").arg("INFO").query(&mut node.client()).unwrap();
+                info.contains("cluster_state:ok")
+            });
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
