@@ -12,7 +12,7 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::{AsyncCommands, RedisResult, Script, SetExpiry, SetOptions};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -93,19 +93,35 @@ impl RedisStore {
         })
     }
 
-    /// Runs `op` on this thread's connection for `purpose`, within the command timeout, turning
-    /// every failure into a [`StoreError`] that names the operation.
-    async fn run<T>(
+    /// Sends `request` on this thread's connection for `purpose`, within the command timeout,
+    /// turning every failure into a [`StoreError`] that names the operation.
+    ///
+    /// A connection learns that Redis went away (restart, failover) only when a command fails on
+    /// it, so a request that fails with a dropped connection, or under Sentinel with any error,
+    /// is sent once more on a fresh connection. Every request is safe to repeat: see
+    /// [`Store::consume_token`] and the transition ids of `update_session`.
+    async fn run<T: FromRedisValue>(
         &self,
         what: &str,
         purpose: Purpose,
-        op: impl AsyncFnOnce(&mut Conn) -> RedisResult<T>,
+        request: Request<'_>,
     ) -> Result<T, StoreError> {
-        let attempt = async {
+        let attempts = async {
             let mut conn = self.topology.conn(purpose).await?;
-            op(&mut conn).await
+            match request.send(&mut conn).await {
+                Err(e)
+                    if e.is_connection_dropped()
+                        || e.is_io_error()
+                        || self.topology.replaceable() =>
+                {
+                    self.topology.on_failure(purpose);
+                    let mut conn = self.topology.conn(purpose).await?;
+                    request.send(&mut conn).await
+                }
+                result => result,
+            }
         };
-        let failure = match tokio::time::timeout(self.timeout, attempt).await {
+        let failure = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => format!("{what}: {e}"),
             Err(_) => format!("{what}: no answer within {:?}", self.timeout),
@@ -128,6 +144,24 @@ impl RedisStore {
     }
 }
 
+/// One request to Redis, kept as a value so that it can be sent again.
+enum Request<'a> {
+    Cmd(&'a Cmd),
+    Pipe(&'a Pipeline),
+    Script(&'a ScriptInvocation<'a>),
+}
+
+impl Request<'_> {
+    async fn send<T: FromRedisValue>(&self, conn: &mut Conn) -> RedisResult<T> {
+        match self {
+            Self::Cmd(cmd) => cmd.query_async(conn).await,
+            Self::Pipe(pipe) => pipe.query_async(conn).await,
+            // EVALSHA, falling back to EVAL when Redis lost its script cache (restart, failover).
+            Self::Script(call) => call.invoke_async(conn).await,
+        }
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn consume_token(
@@ -137,30 +171,27 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let key = self.token_key(sid);
-        let options = SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(SetExpiry::PX(ttl.as_millis().max(1) as u64));
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(holder).arg("NX").arg("PX").arg(ttl.as_millis().max(1) as u64);
         let Some((replicas, wait)) = self.durability else {
             // SET NX answers OK when it wrote and nil when the key existed.
-            let written: Option<String> = self
-                .run("consume token", Purpose::Commands, async |c| {
-                    c.set_options(&key, holder, options).await
-                })
-                .await?;
-            return Ok(written.is_some());
+            let written: Option<String> =
+                self.run("consume token", Purpose::Commands, Request::Cmd(&set)).await?;
+            if written.is_some() {
+                return Ok(true);
+            }
+            // A nil may follow our own earlier attempt whose answer was lost with its
+            // connection: the holder value tells, at the price of a GET on refusals only.
+            return self.holds(&key, holder).await;
         };
         // WAIT must follow the write on the same connection, and blocks it until the replicas
         // answer: a connection of its own keeps that wait off every other command.
         let mut pipe = redis::pipe();
-        pipe.set_options(&key, holder, options)
-            .cmd("WAIT")
-            .arg(replicas)
-            .arg(wait.as_millis() as u64);
-        let (written, acked): (Option<String>, u32) = self
-            .run("consume token (durable)", Purpose::Durable, async |c| pipe.query_async(c).await)
-            .await?;
+        pipe.add_command(set).cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
+        let (written, acked): (Option<String>, u32) =
+            self.run("consume token (durable)", Purpose::Durable, Request::Pipe(&pipe)).await?;
         if written.is_none() {
-            return Ok(false);
+            return self.holds(&key, holder).await;
         }
         if acked < replicas {
             // The mark might not survive a failover: give the token back and refuse for now.
@@ -175,9 +206,8 @@ impl Store for RedisStore {
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
         let mut call = self.scripts.release_token.key(self.token_key(sid));
         call.arg(holder);
-        let released: i64 = self
-            .run("release token", Purpose::Commands, async |c| call.invoke_async(c).await)
-            .await?;
+        let released: i64 =
+            self.run("release token", Purpose::Commands, Request::Script(&call)).await?;
         Ok(released == 1)
     }
 
@@ -195,16 +225,14 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic().incr(&key, 1).pexpire(&key, (2 * window_ms) as i64).ignore();
         let (count,): (u64,) =
-            self.run("rate limit", Purpose::Commands, async |c| pipe.query_async(c).await).await?;
+            self.run("rate limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(count <= limit)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        let key = format!("{}:health", self.prefix);
-        self.run("health write", Purpose::Commands, async |c| {
-            c.set_ex::<_, _, ()>(&key, unix_ms(), 60).await
-        })
-        .await
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{}:health", self.prefix)).arg(unix_ms()).arg("EX").arg(60);
+        self.run("health write", Purpose::Commands, Request::Cmd(&set)).await
     }
 
     async fn create_session(
@@ -220,8 +248,7 @@ impl Store for RedisStore {
             .ignore()
             .pexpire(&key, ttl.as_millis() as i64)
             .ignore();
-        self.run("create session", Purpose::Commands, async |c| pipe.query_async::<()>(c).await)
-            .await
+        self.run("create session", Purpose::Commands, Request::Pipe(&pipe)).await
     }
 
     async fn update_session(
@@ -232,20 +259,22 @@ impl Store for RedisStore {
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
         let mut call = self.scripts.update_session.key(self.session_key(sid));
-        call.arg(from.join(",")).arg(ttl.map_or(0, |t| t.as_millis().max(1) as u64));
+        call.arg(from.join(","))
+            .arg(ttl.map_or(0, |t| t.as_millis().max(1) as u64))
+            .arg(Uuid::new_v4().simple().to_string());
         for (name, value) in fields {
             call.arg(*name).arg(value);
         }
-        let applied: i64 = self
-            .run("update session", Purpose::Commands, async |c| call.invoke_async(c).await)
-            .await?;
+        let applied: i64 =
+            self.run("update session", Purpose::Commands, Request::Script(&call)).await?;
         Ok(applied == 1)
     }
 
     async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let key = self.session_key(sid);
+        let mut get = redis::cmd("HGETALL");
+        get.arg(self.session_key(sid));
         let fields: HashMap<String, String> =
-            self.run("read session", Purpose::Commands, async |c| c.hgetall(&key).await).await?;
+            self.run("read session", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok((!fields.is_empty()).then_some(fields))
     }
 
@@ -262,18 +291,15 @@ impl Store for RedisStore {
             .arg(now + lease.as_millis() as u64)
             .arg(sid.to_string())
             .arg(cap.unwrap_or(0));
-        let taken: i64 = self
-            .run("acquire slot", Purpose::Commands, async |c| call.invoke_async(c).await)
-            .await?;
+        let taken: i64 =
+            self.run("acquire slot", Purpose::Commands, Request::Script(&call)).await?;
         Ok(taken == 1)
     }
 
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
-        let key = self.live_key(agent);
-        self.run("release slot", Purpose::Commands, async |c| {
-            c.zrem::<_, _, ()>(&key, sid.to_string()).await
-        })
-        .await
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.live_key(agent)).arg(sid.to_string());
+        self.run("release slot", Purpose::Commands, Request::Cmd(&zrem)).await
     }
 
     async fn renew_leases(
@@ -287,9 +313,8 @@ impl Store for RedisStore {
         for sid in sids {
             call.arg(sid.to_string());
         }
-        let gone: Vec<String> = self
-            .run("renew leases", Purpose::Commands, async |c| call.invoke_async(c).await)
-            .await?;
+        let gone: Vec<String> =
+            self.run("renew leases", Purpose::Commands, Request::Script(&call)).await?;
         Ok(gone.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
@@ -300,31 +325,36 @@ impl Store for RedisStore {
     ) -> Result<Vec<Uuid>, StoreError> {
         let mut call = self.scripts.claim_lapsed_leases.key(self.live_key(agent));
         call.arg(unix_ms()).arg(limit);
-        let claimed: Vec<String> = self
-            .run("claim lapsed leases", Purpose::Commands, async |c| call.invoke_async(c).await)
-            .await?;
+        let claimed: Vec<String> =
+            self.run("claim lapsed leases", Purpose::Commands, Request::Script(&call)).await?;
         Ok(claimed.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
-        let key = self.live_key(agent);
-        let min = format!("({}", unix_ms());
-        self.run("count live sessions", Purpose::Commands, async |c| {
-            c.zcount(&key, &min, "+inf").await
-        })
-        .await
+        let mut count = redis::cmd("ZCOUNT");
+        count.arg(self.live_key(agent)).arg(format!("({}", unix_ms())).arg("+inf");
+        self.run("count live sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
-        let channel = format!("{}:terminate", self.prefix);
-        self.run("publish termination", Purpose::Commands, async |c| {
-            c.publish::<_, _, ()>(&channel, sid.to_string()).await
-        })
-        .await
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(format!("{}:terminate", self.prefix)).arg(sid.to_string());
+        self.run("publish termination", Purpose::Commands, Request::Cmd(&publish)).await
     }
 
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
         self.terminations.subscribe()
+    }
+}
+
+impl RedisStore {
+    /// Whether `key` holds `holder`: our own consume, whose answer was lost.
+    async fn holds(&self, key: &str, holder: &str) -> Result<bool, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(key);
+        let mark: Option<String> =
+            self.run("read token", Purpose::Commands, Request::Cmd(&get)).await?;
+        Ok(mark.as_deref() == Some(holder))
     }
 }
 

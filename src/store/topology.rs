@@ -73,8 +73,8 @@ impl Topology {
         } else if !settings.sentinels.is_empty() {
             let mut node = SentinelNodeConnectionInfo::default();
             if let Some(password) = &settings.master_password {
-                let info = redis::RedisConnectionInfo::default()
-                    .set_password(password.expose_secret().to_owned());
+                let info =
+                    redis::RedisConnectionInfo::default().set_password(password.expose_secret());
                 node = node.set_redis_connection_info(info);
             }
             let client = SentinelClient::build(
@@ -123,6 +123,12 @@ impl Topology {
         };
         CONNECTIONS.with(|table| table.borrow_mut().insert(key, conn.clone()));
         Ok(conn)
+    }
+
+    /// Whether any failed command should be retried on a fresh connection: under Sentinel an
+    /// error may mean the master moved (a dead address, or `READONLY` from a demoted master).
+    pub fn replaceable(&self) -> bool {
+        matches!(self.kind, Kind::Sentinel(_))
     }
 
     /// Called after a command failed or timed out on this thread's connection for `purpose`.

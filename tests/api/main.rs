@@ -8,4 +8,5 @@ mod regions;
 mod replicas;
 mod sessions;
 mod start;
+mod topologies;
 mod ws;

@@ -1,0 +1,215 @@
+//! The broker on Redis Sentinel and Redis Cluster, and its behaviour when Redis fails.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::*;
+
+/// An app on the given Sentinel group or cluster, sharing `prefix` with its siblings.
+async fn app_on(
+    bot: &TestBot,
+    prefix: &str,
+    tune: impl FnOnce(&mut session_broker::config::Settings),
+) -> TestApp {
+    let mut options = AppOptions::new(None, bot);
+    options.key_prefix = prefix.into();
+    tune(&mut options.settings);
+    TestApp::with(options, bot.clone()).await
+}
+
+fn on_sentinels(group: &SentinelGroup) -> impl FnOnce(&mut session_broker::config::Settings) + '_ {
+    move |s| {
+        s.redis.sentinels = group.sentinel_urls();
+        s.redis.master_name = Some(MASTER_NAME.into());
+    }
+}
+
+async fn mint(app: &TestApp, count: usize) -> Vec<String> {
+    let mut tokens = Vec::with_capacity(count);
+    for _ in 0..count {
+        tokens.push(app.start_session(TOKEN_AGENT).await.0);
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn the_broker_follows_a_sentinel_failover() {
+    let mut group = SentinelGroup::start();
+    let bot = TestBot::start().await;
+    let app = app_on(&bot, "sentinel", on_sentinels(&group)).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("before the failover")).await;
+
+    group.kill_master();
+    group.await_failover();
+    // The broker finds the new master by itself; until then it answers 503, never a wrong 200.
+    let (token, ws_url, _) = eventually(Duration::from_secs(20), || async {
+        let resp = app.post_start(TOKEN_AGENT, Some(KEY), "{}").await;
+        match resp.status().as_u16() {
+            200 => {
+                let body: serde_json::Value = resp.json().await.unwrap();
+                Some((body["token"].as_str()?.to_owned(), body["wsUrl"].as_str()?.to_owned(), ()))
+            }
+            503 => None,
+            other => panic!("unexpected status {other} during failover"),
+        }
+    })
+    .await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("after the failover")).await;
+    match connect(&ws_url, Some((&token, Via::Path))).await {
+        Err((403, body, _)) => assert_eq!(body["reason"], "token_already_used"),
+        other => panic!("replay after failover: {:?}", other.map(|_| "upgrade")),
+    }
+}
+
+#[tokio::test]
+async fn racing_replicas_after_a_failover_with_durable_consumes() {
+    let mut group = SentinelGroup::start();
+    let bot = TestBot::start().await;
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(
+            app_on(&bot, "durable", |s| {
+                on_sentinels(&group)(s);
+                s.redis.wait_replicas = 1;
+                s.redis.wait_timeout_ms = 500;
+            })
+            .await,
+        );
+    }
+    let refs: Vec<&TestApp> = apps.iter().collect();
+    // With its replica acknowledging, the master accepts durable consumes.
+    let tokens = mint(&apps[0], 50).await;
+    assert_eq!(race(&refs, TOKEN_AGENT, &tokens).await, (50, 100));
+
+    // Tokens minted before the failover; the promoted replica holds their records.
+    let tokens = mint(&apps[1], 100).await;
+    group.kill_master();
+    group.await_failover();
+    // The new master has no replica: durable consumes cannot be acknowledged, so connects are
+    // refused with 503 and the tokens stay unused.
+    let ws_url = apps[2].ws_url(TOKEN_AGENT, ORG);
+    let refused = eventually(Duration::from_secs(20), || async {
+        match connect(&ws_url, Some((&tokens[0], Via::Path))).await {
+            Err((503, _, retry)) => Some(retry),
+            Err((403, body, _)) => panic!("a token was spent without acknowledgement: {body}"),
+            Ok(_) => panic!("accepted without a replica's acknowledgement"),
+            Err(_) => None,
+        }
+    })
+    .await;
+    assert!(refused.is_some(), "503 carries Retry-After");
+    // Durability off (as after an operator decides to run on one node): the same tokens are
+    // still good, exactly once each, across all replicas.
+    let relaxed: Vec<TestApp> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(app_on(&bot, "durable", on_sentinels(&group)).await);
+        }
+        v
+    };
+    let refs: Vec<&TestApp> = relaxed.iter().collect();
+    assert_eq!(race(&refs, TOKEN_AGENT, &tokens).await, (100, 200));
+}
+
+#[tokio::test]
+async fn the_broker_runs_on_a_cluster() {
+    let cluster = Cluster::start();
+    let bot = TestBot::start().await;
+    let on_cluster =
+        |s: &mut session_broker::config::Settings| s.redis.cluster_nodes = cluster.urls();
+    let apps = [
+        app_on(&bot, "cluster", on_cluster).await,
+        app_on(&bot, "cluster", on_cluster).await,
+        app_on(&bot, "cluster", on_cluster).await,
+    ];
+
+    // The whole lifecycle: every key a script or a MULTI touches shares a hash tag, or the
+    // cluster would answer CROSSSLOT.
+    let (token, _, sid) = apps[0].start_session(CAPPED_AGENT).await;
+    let mut ws =
+        connect(&apps[1].ws_url(CAPPED_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("on a cluster")).await;
+    let active = eventually(Duration::from_secs(5), || async {
+        let (_, body) = apps[2].session(Method::GET, CAPPED_AGENT, &sid).await;
+        (body["status"] == "active").then_some(body)
+    })
+    .await;
+    assert_eq!(active["service"], format!("{CAPPED_AGENT}.{ORG}"));
+    // DELETE on one replica reaches the holder through cluster pub/sub.
+    let (status, _) = apps[2].session(Method::DELETE, CAPPED_AGENT, &sid).await;
+    assert_eq!(status, 200);
+    match next_data(&mut ws).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4000),
+        other => panic!("expected close 4000, got {other:?}"),
+    }
+
+    let refs: Vec<&TestApp> = apps.iter().collect();
+    let tokens = mint(&apps[0], 200).await;
+    assert_eq!(race(&refs, TOKEN_AGENT, &tokens).await, (200, 400));
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_run_gives_503s_then_recovers() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let mut options = AppOptions::new(Some(redis.url()), &bot);
+        options.key_prefix = "outage".into();
+        apps.push(TestApp::with(options, bot.clone()).await);
+    }
+    let refs: Vec<&TestApp> = apps.iter().collect();
+    let before = mint(&apps[0], 60).await;
+    let (early, late) = before.split_at(30);
+    assert_eq!(race(&refs, TOKEN_AGENT, early).await, (30, 60));
+
+    let port = redis.stop();
+    let attempts = late.iter().flat_map(|token| {
+        refs.iter().map(move |app| {
+            let (url, token) = (app.ws_url(TOKEN_AGENT, ORG), token.clone());
+            tokio::spawn(async move { connect(&url, Some((&token, Via::Header))).await.map(drop) })
+        })
+    });
+    let mut refused = 0;
+    for attempt in futures_util::future::join_all(attempts.collect::<Vec<_>>()).await {
+        match attempt.unwrap() {
+            Err((503, _, retry_after)) => {
+                assert!(retry_after.is_some());
+                refused += 1;
+            }
+            other => panic!("with Redis down: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 90, "every connect refused, none accepted unchecked");
+    assert_eq!(bot.connections(), 30);
+
+    // Redis is back (empty: a restart without persistence). The late tokens were never marked,
+    // so each works exactly once.
+    let _redis = RedisServer::start_on(port);
+    eventually(Duration::from_secs(10), || async {
+        (apps[0].post_start(TOKEN_AGENT, Some(KEY), "{}").await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(race(&refs, TOKEN_AGENT, late).await, (30, 60));
+}
+
+#[tokio::test]
+async fn fail_open_accepts_unchecked_and_says_so() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.redis.on_unavailable = session_broker::config::FailMode::Open;
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    redis.stop();
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.expect("accepted unchecked");
+    assert_echo(&mut ws, Message::text("unchecked")).await;
+    // Forged and expired tokens are still refused: only the one-time check is skipped.
+    let forged = format!("{}x", token);
+    assert!(matches!(connect(&ws_url, Some((&forged, Via::Path))).await, Err((403, _, _))));
+}
