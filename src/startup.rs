@@ -17,7 +17,7 @@ use crate::{
     keys::{self, KeyIndex},
     routes,
     sessions::{self, LeaseTiming, LiveSessions},
-    store::{Store, memory::MemoryStore, redis::RedisStore},
+    store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
     token::Keyring,
 };
 
@@ -152,8 +152,13 @@ impl Application {
                  WITHOUT checking that their token is unused; every such accept is logged"
             );
         }
-        if let Err(e) = store.check().await {
-            tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
+        match store.prepare().await {
+            Ok(()) => {}
+            Err(e @ PrepareError::Incompatible { .. }) => return Err(e.into()),
+            Err(PrepareError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
+                background.0.push(tokio::spawn(prepare_when_reachable(store.clone())));
+            }
         }
 
         let mut ws_base_urls: std::collections::BTreeMap<String, String> = settings
@@ -236,6 +241,23 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let _background = self.background;
         self.server.await
+    }
+}
+
+/// Prepares the store once Redis answers. A newer, incompatible schema found then is as fatal as
+/// at start: the process stops rather than work on data it would misread.
+async fn prepare_when_reachable(store: Arc<dyn Store>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match store.prepare().await {
+            Ok(()) => return tracing::info!("state store reachable and prepared"),
+            Err(PrepareError::Unavailable(_)) => continue,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("session-broker: {e}");
+                std::process::exit(2);
+            }
+        }
     }
 }
 

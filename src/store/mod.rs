@@ -23,6 +23,19 @@ pub const TERMINATION_BACKLOG: usize = 1024;
 #[error("state store unavailable: {0}")]
 pub struct StoreError(pub String);
 
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Unavailable(#[from] StoreError),
+    /// The data was written by a newer broker that this one cannot work with.
+    #[error(
+        "Redis holds schema version {found}, written by a newer broker and usable only by brokers \
+         of schema version {compatible_from} or later; this broker is at version {ours}. \
+         Upgrade this broker (or point it at another key_prefix)."
+    )]
+    Incompatible { found: u32, compatible_from: u32, ours: u32 },
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Marks the token of session `sid` as used by `holder`, unless it already is. Returns
@@ -50,6 +63,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// Readies the store for this version of the broker: checks the schema version the data was
+    /// written with, records this one, loads the scripts. Run at start; safe to repeat.
+    async fn prepare(&self) -> Result<(), PrepareError> {
+        Ok(())
+    }
 
     /// Writes the record of a new session, `sid` being freshly drawn (random UUID v4) so that no
     /// record can exist yet: a plain write, cheaper than [`Store::update_session`]'s script.

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, TERMINATION_BACKLOG,
+    PrepareError, Store, StoreError, TERMINATION_BACKLOG,
     topology::{Conn, Purpose, Topology},
     unix_ms,
 };
@@ -26,7 +26,23 @@ use crate::config::RedisSettings;
 /// Longest wait between two attempts to re-subscribe to termination announcements.
 const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
-/// The scripts, each documented in its header.
+/// Schema version of the data this broker writes: the number of the newest file in
+/// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
+pub const SCHEMA_VERSION: u32 = 5;
+/// The oldest schema version whose brokers can work with data written by this one. Raise it
+/// only with a change that older brokers would misread.
+pub const COMPATIBLE_FROM: u32 = 1;
+
+/// The migrations, in order; each documents itself in its header.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    include_str!("../../migrations-lua/001_release_token.lua"),
+    include_str!("../../migrations-lua/002_update_session.lua"),
+    include_str!("../../migrations-lua/003_acquire_slot.lua"),
+    include_str!("../../migrations-lua/004_renew_leases.lua"),
+    include_str!("../../migrations-lua/005_claim_lapsed_leases.lua"),
+];
+
+/// The scripts, by use.
 struct Scripts {
     release_token: Script,
     update_session: Script,
@@ -37,17 +53,9 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        Self {
-            release_token: Script::new(include_str!("../../migrations-lua/001_release_token.lua")),
-            update_session: Script::new(include_str!(
-                "../../migrations-lua/002_update_session.lua"
-            )),
-            acquire_slot: Script::new(include_str!("../../migrations-lua/003_acquire_slot.lua")),
-            renew_leases: Script::new(include_str!("../../migrations-lua/004_renew_leases.lua")),
-            claim_lapsed_leases: Script::new(include_str!(
-                "../../migrations-lua/005_claim_lapsed_leases.lua"
-            )),
-        }
+        let [release_token, update_session, acquire_slot, renew_leases, claim_lapsed_leases] =
+            MIGRATIONS.map(Script::new);
+        Self { release_token, update_session, acquire_slot, renew_leases, claim_lapsed_leases }
     }
 }
 
@@ -235,6 +243,41 @@ impl Store for RedisStore {
         self.run("health write", Purpose::Commands, Request::Cmd(&set)).await
     }
 
+    async fn prepare(&self) -> Result<(), PrepareError> {
+        let key = format!("{}:schema", self.prefix);
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&key);
+        let stored: HashMap<String, u32> =
+            self.run("read schema version", Purpose::Commands, Request::Cmd(&read)).await?;
+        let found = stored.get("version").copied().unwrap_or(0);
+        let compatible_from = stored.get("compatible_from").copied().unwrap_or(0);
+        if found > SCHEMA_VERSION && compatible_from > SCHEMA_VERSION {
+            return Err(PrepareError::Incompatible {
+                found,
+                compatible_from,
+                ours: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            let mut write = redis::cmd("HSET");
+            write
+                .arg(&key)
+                .arg("version")
+                .arg(SCHEMA_VERSION)
+                .arg("compatible_from")
+                .arg(COMPATIBLE_FROM);
+            self.run::<()>("write schema version", Purpose::Commands, Request::Cmd(&write)).await?;
+        }
+        // Loaded here so the first requests find them; a Redis that loses them later (restart,
+        // failover) gets them again through EVALSHA's fallback to EVAL.
+        for source in MIGRATIONS {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(source);
+            let _: String = self.run("load script", Purpose::Commands, Request::Cmd(&load)).await?;
+        }
+        Ok(())
+    }
+
     async fn create_session(
         &self,
         sid: Uuid,
@@ -388,5 +431,37 @@ async fn subscribe(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RESUBSCRIBE_MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The migrations are numbered from 001 without gaps, each opens with the header the house
+    /// style asks for, and SCHEMA_VERSION is the newest.
+    #[test]
+    fn migrations_are_versioned_and_documented() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations-lua");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        for (i, name) in names.iter().enumerate() {
+            assert!(
+                name.starts_with(&format!("{:03}_", i + 1)) && name.ends_with(".lua"),
+                "{name}"
+            );
+            let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+            for part in ["-- KEYS[1]", "-- ARGV[1]", "-- Returns"] {
+                assert!(text.contains(part), "{name} lacks `{part}` in its header");
+            }
+        }
+        assert_eq!(names.len() as u32, SCHEMA_VERSION, "SCHEMA_VERSION is the newest migration");
+        for (name, source) in names.iter().zip(MIGRATIONS) {
+            let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+            assert_eq!(text, source, "MIGRATIONS lists {name} in its place");
+        }
     }
 }

@@ -202,6 +202,10 @@ impl TestApp {
     }
 
     pub async fn with(options: AppOptions, bot: TestBot) -> Self {
+        Self::try_with(options, bot).await.expect("app builds")
+    }
+
+    pub async fn try_with(options: AppOptions, bot: TestBot) -> anyhow::Result<Self> {
         let agent_dir = tempfile::tempdir().unwrap();
         let agents = [
             (TOKEN_AGENT, ORG, "token", 0),
@@ -229,11 +233,11 @@ impl TestApp {
         }
         settings.redis.key_prefix = options.key_prefix;
         settings.validate().expect("test settings are valid");
-        let app = Application::build(settings).await.expect("app builds");
+        let app = Application::build(settings).await?;
         let addr = format!("127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        Self { addr, http: reqwest::Client::new(), bot, handle, agent_dir }
+        Ok(Self { addr, http: reqwest::Client::new(), bot, handle, agent_dir })
     }
 
     pub async fn post_start(

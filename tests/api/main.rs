@@ -3,6 +3,7 @@
 
 mod bridge;
 mod helpers;
+mod migrations;
 mod redis_fixtures;
 mod regions;
 mod replicas;
