@@ -147,7 +147,8 @@ struct Scaling {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BrokerSection {
-    org: String,
+    /// Optional when the org is given apart, as `session-broker deploy --org` does.
+    org: Option<String>,
     bot_url: Option<String>,
     #[serde(default)]
     bot_urls: BTreeMap<String, String>,
@@ -163,6 +164,16 @@ pub struct AgentFileError {
 impl Agent {
     /// Parses one `pcc-deploy.toml`. `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, AgentFileError> {
+        Self::from_toml_for(text, origin, None)
+    }
+
+    /// Parses one `pcc-deploy.toml` for `org`, which the file's `[broker] org` may repeat but
+    /// not contradict.
+    pub fn from_toml_for(
+        text: &str,
+        origin: &str,
+        org: Option<&str>,
+    ) -> Result<Self, AgentFileError> {
         let fail = |message: String| AgentFileError { file: origin.to_owned(), message };
         let mut table: toml::Table = toml::from_str(text).map_err(|e| fail(e.to_string()))?;
         for key in IGNORED_KEYS {
@@ -176,8 +187,17 @@ impl Agent {
                 file.agent_name
             )));
         }
-        if !is_valid_name(&file.broker.org) {
-            return Err(fail(format!("broker.org `{}` is not a valid org name", file.broker.org)));
+        let org = match (org, file.broker.org.as_deref()) {
+            (Some(given), Some(written)) if given != written => {
+                return Err(fail(format!(
+                    "broker.org is `{written}` but the org given is `{given}`"
+                )));
+            }
+            (Some(org), _) | (None, Some(org)) => org.to_owned(),
+            (None, None) => return Err(fail("broker.org is required".into())),
+        };
+        if !is_valid_name(&org) {
+            return Err(fail(format!("broker.org `{org}` is not a valid org name")));
         }
         if let Some(region) = &file.region
             && !is_valid_name(region)
@@ -221,9 +241,9 @@ impl Agent {
             return Err(fail("broker.bot_url or broker.bot_urls is required".into()));
         }
         Ok(Self {
-            service_host: format!("{}.{}", file.agent_name, file.broker.org),
+            service_host: format!("{}.{}", file.agent_name, org),
             name: file.agent_name,
-            org: file.broker.org,
+            org,
             websocket_auth: file.websocket_auth,
             max_session_duration: Duration::from_secs(duration),
             max_agents: file.scaling.max_agents,
@@ -264,6 +284,14 @@ impl AgentRegistry {
         }
         agents.insert(agent.name.clone(), Arc::new(agent));
         Ok(())
+    }
+
+    /// Adds an agent, replacing one with the same `agent.org`.
+    pub fn replace(&mut self, agent: Agent) {
+        self.by_org
+            .entry(agent.org.clone())
+            .or_default()
+            .insert(agent.name.clone(), Arc::new(agent));
     }
 
     pub fn get(&self, org: &str, name: &str) -> Option<&Arc<Agent>> {

@@ -36,7 +36,22 @@ pub struct Settings {
     pub orgs: BTreeMap<String, OrgSettings>,
     pub limits: LimitSettings,
     pub sessions: SessionSettings,
+    pub registry: RegistrySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// How often each replica checks the shared registry (agents deployed, keys created or
+    /// revoked through the CLI) for changes; a change reaches every replica within this.
+    pub refresh_ms: u64,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self { refresh_ms: 1_000 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +198,7 @@ impl Default for Settings {
             orgs: BTreeMap::new(),
             limits: LimitSettings::default(),
             sessions: SessionSettings::default(),
+            registry: RegistrySettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -358,12 +374,7 @@ impl Settings {
                 "not supported with redis.cluster_nodes (WAIT must follow the write's node)".into(),
             );
         }
-        if self.token.keys.is_empty() && self.redis.is_configured() {
-            return bad(
-                "token.keys",
-                "required with Redis: replicas must share their signing keys".into(),
-            );
-        }
+
         for (org, settings) in &self.orgs {
             if !crate::agents::is_valid_name(org) {
                 return bad(&format!("orgs.{org}"), "not a valid organization name".into());
@@ -402,6 +413,9 @@ impl Settings {
         }
         if s.sweep_interval_ms == 0 {
             return bad("sessions.sweep_interval_ms", "must be above 0".into());
+        }
+        if self.registry.refresh_ms == 0 {
+            return bad("registry.refresh_ms", "must be above 0".into());
         }
         Ok(())
     }
@@ -489,9 +503,6 @@ mod tests {
         assert!(
             err(&[("BROKER__TOKEN__KEYS__K1", "short"), ("BROKER__TOKEN__SIGNING_KEY_ID", "k1")])
                 .contains("token.keys.k1: 5 bytes")
-        );
-        assert!(
-            err(&[("BROKER__REDIS__URL", "redis://127.0.0.1:1")]).contains("token.keys: required")
         );
         assert!(err(&[("BROKER__REDIS__URL", "http://x")]).contains("redis.url"));
         assert!(err(&[("BROKER__NO_SUCH_SETTING", "1")]).contains("no_such_setting"));

@@ -13,12 +13,14 @@
 //! [`config`] reads the settings once; [`startup`] builds the server from them; [`error`] is the
 //! table from every refusal to its HTTP status and JSON body.
 
+pub mod admin;
 pub mod agents;
 pub mod bridge;
 pub mod config;
 pub mod echo_bot;
 pub mod error;
 pub mod keys;
+pub mod registry;
 pub mod routes;
 pub mod sessions;
 pub mod startup;

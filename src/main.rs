@@ -7,6 +7,7 @@ use session_broker::{
     config::{Settings, Sources},
     keys,
     startup::Application,
+    store::redis::RedisStore,
     telemetry,
 };
 
@@ -30,6 +31,56 @@ enum Command {
     HashKey { key: String },
     /// Print a fresh random token signing key.
     GenKey,
+    /// Create or update an agent in the shared registry (Redis) from its pcc-deploy.toml.
+    Deploy {
+        file: PathBuf,
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Manage an org's public API keys in the shared registry (Redis).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; it is shown once and stored only as its hash.
+    Create {
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List an org's keys (ids and dates, never the keys).
+    List {
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key by its id; every replica refuses it within registry.refresh_ms.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Where the shared registry is: the same settings as `serve` reads.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Settings file (TOML). Environment variables `BROKER__…` override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Redis URL, when not in the settings.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 #[derive(clap::Args, Default)]
@@ -58,6 +109,41 @@ fn main() -> ExitCode {
         Command::HashKey { key } => {
             println!("sha256:{}", hex::encode(keys::hash_key(&key)));
             ExitCode::SUCCESS
+        }
+        Command::Deploy { file, org, store } => admin(store, async move |s| {
+            let (service, version) = session_broker::admin::deploy(s, &org, &file).await?;
+            println!("deployed {service} (registry version {version})");
+            Ok(())
+        }),
+        Command::Keys { command: KeysCommand::Create { org, store } } => {
+            admin(store, async move |s| {
+                let (key, record) = session_broker::admin::create_key(s, &org).await?;
+                println!("{key}");
+                eprintln!(
+                    "key {} created for {org}; it is shown this once and stored only as a hash",
+                    record.id
+                );
+                Ok(())
+            })
+        }
+        Command::Keys { command: KeysCommand::List { org, store } } => {
+            admin(store, async move |s| {
+                for key in session_broker::admin::list_keys(s, &org).await? {
+                    let state = match key.revoked_ms {
+                        Some(at) => format!("revoked at {at}"),
+                        None => "active".to_owned(),
+                    };
+                    println!("{}\tcreated at {}\t{state}", key.id, key.created_ms);
+                }
+                Ok(())
+            })
+        }
+        Command::Keys { command: KeysCommand::Revoke { id, org, store } } => {
+            admin(store, async move |s| {
+                let key = session_broker::admin::revoke_key(s, &org, &id).await?;
+                println!("key {} of {org} revoked", key.id);
+                Ok(())
+            })
         }
         Command::GenKey => {
             use base64::Engine;
@@ -90,6 +176,34 @@ fn serve(args: ServeArgs) -> ExitCode {
         let app = Application::build(settings).await?;
         app.run_until_stopped().await?;
         Ok(())
+    })
+}
+
+/// Runs an operator command against the configured Redis.
+fn admin(
+    args: StoreArgs,
+    work: impl AsyncFnOnce(&dyn session_broker::store::Store) -> anyhow::Result<()>,
+) -> ExitCode {
+    let mut overrides = Vec::new();
+    if let Some(url) = args.redis_url {
+        overrides.push(("redis.url".to_owned(), url));
+    }
+    let settings = match Settings::load(Sources { file: args.config, env: None, overrides }) {
+        Ok(settings) if settings.redis.is_configured() => settings,
+        Ok(_) => {
+            eprintln!(
+                "session-broker: the shared registry lives in Redis: set redis.url (or --redis-url)"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("session-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run(async move {
+        let store = RedisStore::new(&settings.redis, settings.command_timeout())?;
+        work(&store).await
     })
 }
 

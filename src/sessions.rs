@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
 
 use crate::{
-    agents::AgentRegistry,
+    registry::LiveRegistry,
     store::{Store, StoreError, unix_ms},
 };
 
@@ -277,12 +277,12 @@ pub async fn renew_leases(store: Arc<dyn Store>, sessions: Arc<LiveSessions>, ti
 }
 
 /// Claims lapsed leases of every agent and marks their sessions `replica_lost`.
-pub async fn sweep_lapsed(store: Arc<dyn Store>, agents: Arc<AgentRegistry>, timing: LeaseTiming) {
+pub async fn sweep_lapsed(store: Arc<dyn Store>, registry: Arc<LiveRegistry>, timing: LeaseTiming) {
     let mut tick = tokio::time::interval(timing.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for agent in agents.iter() {
+        for agent in registry.load().agents.iter() {
             if let Err(e) = sweep_agent(&*store, &agent.service_host, timing.retention).await {
                 tracing::warn!(agent = %agent.service_host, error = %e, "sweep failed");
             }

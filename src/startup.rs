@@ -14,7 +14,8 @@ use crate::{
     agents::{Agent, AgentRegistry, WebsocketAuth},
     bridge::BridgeLimits,
     config::Settings,
-    keys::{self, KeyIndex},
+    keys,
+    registry::{self, LiveRegistry},
     routes,
     sessions::{self, LeaseTiming, LiveSessions},
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
@@ -37,8 +38,8 @@ pub struct AppState {
     pub ws_base_urls: std::collections::BTreeMap<String, String>,
     pub token_lifetime: Duration,
     pub keyring: Keyring,
-    pub keys: KeyIndex,
-    pub agents: Arc<AgentRegistry>,
+    /// Agents and public keys: static ones, and the shared registry's, kept fresh.
+    pub registry: Arc<LiveRegistry>,
     pub store: Arc<dyn Store>,
     pub bridge: BridgeLimits,
     pub bot_connect_timeout: Duration,
@@ -95,14 +96,14 @@ impl Application {
         let local = listener.local_addr()?;
 
         let mut agents = AgentRegistry::default();
-        let mut key_index = KeyIndex::default();
+        let mut static_keys = Vec::new();
         let mut background = Background(Vec::new());
         if settings.is_demo() {
             let bot = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let bot_url = format!("ws://{}/", bot.local_addr()?);
             background.0.push(tokio::spawn(crate::echo_bot::serve(bot)));
             agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
-            key_index.insert(keys::hash_key(keys::DEMO_PUBLIC_KEY), DEMO_ORG);
+            static_keys.push((keys::hash_key(keys::DEMO_PUBLIC_KEY), DEMO_ORG.to_owned()));
             tracing::warn!(
                 public_key = keys::DEMO_PUBLIC_KEY,
                 agent = DEMO_AGENT,
@@ -116,7 +117,7 @@ impl Application {
             for hash in &org_settings.public_key_hashes {
                 // validate() already checked the format.
                 let hash = keys::parse_key_hash(hash).context("orgs: bad key hash")?;
-                key_index.insert(hash, org);
+                static_keys.push((hash, org.clone()));
             }
         }
         for agent in agents.iter() {
@@ -173,11 +174,26 @@ impl Application {
             sweep_interval: Duration::from_millis(settings.sessions.sweep_interval_ms),
             retention: Duration::from_secs(settings.sessions.retention_secs),
         };
-        let agents = Arc::new(agents);
+        let registry = Arc::new(LiveRegistry::new(
+            agents.iter().map(|a| (**a).clone()).collect(),
+            static_keys,
+        ));
+        if settings.redis.is_configured() {
+            // The shared registry's agents and keys, before the first request is served.
+            if let Err(e) = registry.refresh(&*store).await {
+                tracing::warn!(error = %e, "shared registry not loaded yet; retrying in the background");
+            }
+            let every = Duration::from_millis(settings.registry.refresh_ms);
+            background.0.push(tokio::spawn(registry::keep_fresh(
+                registry.clone(),
+                store.clone(),
+                every,
+            )));
+        }
         let live = Arc::new(LiveSessions::default());
         background.0.extend([
             tokio::spawn(sessions::renew_leases(store.clone(), live.clone(), leases)),
-            tokio::spawn(sessions::sweep_lapsed(store.clone(), agents.clone(), leases)),
+            tokio::spawn(sessions::sweep_lapsed(store.clone(), registry.clone(), leases)),
             tokio::spawn(sessions::listen_for_terminations(store.terminations(), live.clone())),
         ]);
         let state = web::Data::new(AppState {
@@ -186,8 +202,7 @@ impl Application {
             ws_base_urls,
             token_lifetime: Duration::from_secs(settings.token.lifetime_secs),
             keyring,
-            keys: key_index,
-            agents,
+            registry,
             store,
             bridge: BridgeLimits {
                 max_frame_bytes: limits.max_frame_bytes,
@@ -218,7 +233,7 @@ impl Application {
             listen = %local,
             region = %settings.region,
             ws_base_url = %state.ws_base_urls[&settings.region],
-            agents = state.agents.len(),
+            agents = state.registry.load().agents.len(),
             signing_key = state.keyring.signing_kid(),
             "session broker ready"
         );
@@ -296,6 +311,9 @@ fn build_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
     if !settings.token.keys.is_empty() {
         return Ok(Keyring::new(&settings.token.signing_key_id, &settings.token.keys)?);
     }
+    if settings.redis.is_configured() {
+        anyhow::bail!("token.keys: required with Redis: replicas must share their signing keys");
+    }
     let mut bytes = [0u8; 48];
     rand::rng().fill_bytes(&mut bytes);
     let keys = std::collections::BTreeMap::from([(
@@ -308,4 +326,18 @@ fn build_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
          will not survive a restart and no other replica can verify them"
     );
     Ok(Keyring::new(GENERATED_KEY_ID, &keys)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_on_redis_must_be_given_their_keys() {
+        let mut settings = Settings::default();
+        assert!(build_keyring(&settings).is_ok(), "one process may generate its own");
+        settings.redis.url = Some(SecretString::from("redis://127.0.0.1:1"));
+        let error = build_keyring(&settings).unwrap_err().to_string();
+        assert!(error.contains("token.keys: required with Redis"), "{error}");
+    }
 }

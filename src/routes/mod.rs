@@ -14,7 +14,7 @@ use crate::{
     agents::{Agent, Lookup},
     error::ApiError,
     keys::{self, KeyRejection},
-    startup::AppState,
+    registry::Registry,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -54,18 +54,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// The org whose public key authorizes this request (`Authorization: Bearer pk_…`), and the key.
 fn authenticate<'a>(
     req: &'a HttpRequest,
-    state: &'a AppState,
+    registry: &'a Registry,
 ) -> Result<(&'a str, &'a str), ApiError> {
     let key = keys::bearer(req.headers().get(header::AUTHORIZATION))
         .ok_or(ApiError::Unauthorized(KeyRejection::Missing))?;
-    let org = state.keys.org_of(key).map_err(ApiError::Unauthorized)?;
+    let org = registry.keys.org_of(key).map_err(ApiError::Unauthorized)?;
     Ok((org, key))
 }
 
 /// The org's agent of that name. Another org's agent is refused as the key's fault (401), not
 /// reported missing.
-fn agent_of(state: &AppState, org: &str, name: &str) -> Result<Arc<Agent>, ApiError> {
-    match state.agents.lookup(org, name) {
+fn agent_of(registry: &Registry, org: &str, name: &str) -> Result<Arc<Agent>, ApiError> {
+    match registry.agents.lookup(org, name) {
         Lookup::Found(agent) => Ok(agent.clone()),
         Lookup::OtherOrg => Err(ApiError::Unauthorized(KeyRejection::OtherOrg)),
         Lookup::Unknown => Err(ApiError::AgentNotFound),

@@ -12,6 +12,6 @@ pub async fn service(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (org, agent) = path.into_inner();
-    state.agents.get(&org, &agent).ok_or(ApiError::AgentNotFound)?;
+    state.registry.load().agents.get(&org, &agent).ok_or(ApiError::AgentNotFound)?;
     Ok(HttpResponse::Ok().json(json!({"body": {"ready": true}})))
 }

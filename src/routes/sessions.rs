@@ -65,8 +65,9 @@ fn target(
     state: &AppState,
     (agent_name, session_id): (String, String),
 ) -> Result<(std::sync::Arc<Agent>, Uuid), ApiError> {
-    let (org, _) = authenticate(req, state)?;
-    let agent = agent_of(state, org, &agent_name)?;
+    let registry = state.registry.load();
+    let (org, _) = authenticate(req, &registry)?;
+    let agent = agent_of(&registry, org, &agent_name)?;
     // Not a UUID: no such session, rather than a request error a client must handle apart.
     let sid = Uuid::parse_str(&session_id).map_err(|_| ApiError::SessionNotFound)?;
     Ok((agent, sid))

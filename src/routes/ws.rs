@@ -72,7 +72,13 @@ pub async fn connect(
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
     let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
-    let agent = state.agents.by_service_host(service).ok_or(ApiError::AgentNotFound)?.clone();
+    let agent = state
+        .registry
+        .load()
+        .agents
+        .by_service_host(service)
+        .ok_or(ApiError::AgentNotFound)?
+        .clone();
     let body = query.body.as_deref().map(decode_body).transpose()?;
 
     let admission = match agent.websocket_auth {

@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{Store, StoreError, TERMINATION_BACKLOG, unix_ms};
+use crate::registry::{KeyRecord, SharedEntries};
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
 /// stays bounded by what was written during one token lifetime plus this interval.
@@ -37,6 +38,10 @@ struct Inner {
     sessions: HashMap<Uuid, Record>,
     /// agent -> session id -> lease expiry (Unix ms)
     leases: HashMap<String, HashMap<Uuid, u64>>,
+    /// The shared registry: agents by `agent.org` as (org, TOML), keys by id, and the version.
+    registry_agents: HashMap<String, (String, String)>,
+    registry_keys: HashMap<String, KeyRecord>,
+    registry_version: u64,
     next_sweep: Instant,
 }
 
@@ -56,6 +61,9 @@ impl Default for MemoryStore {
                 rates: HashMap::new(),
                 sessions: HashMap::new(),
                 leases: HashMap::new(),
+                registry_agents: HashMap::new(),
+                registry_keys: HashMap::new(),
+                registry_version: 0,
                 next_sweep: now + SWEEP_INTERVAL,
             }),
             started: now,
@@ -253,6 +261,38 @@ impl Store for MemoryStore {
 
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
         self.terminations.subscribe()
+    }
+
+    async fn registry_version(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().registry_version)
+    }
+
+    async fn registry_load(&self) -> Result<SharedEntries, StoreError> {
+        let inner = self.lock();
+        Ok(SharedEntries {
+            version: inner.registry_version,
+            agents: inner.registry_agents.values().cloned().collect(),
+            keys: inner.registry_keys.values().cloned().collect(),
+        })
+    }
+
+    async fn registry_put_agent(
+        &self,
+        org: &str,
+        name: &str,
+        toml: &str,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        inner.registry_agents.insert(format!("{name}.{org}"), (org.to_owned(), toml.to_owned()));
+        inner.registry_version += 1;
+        Ok(inner.registry_version)
+    }
+
+    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        inner.registry_keys.insert(key.id.clone(), key.clone());
+        inner.registry_version += 1;
+        Ok(inner.registry_version)
     }
 }
 

@@ -14,6 +14,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::registry::{KeyRecord, SharedEntries};
+
 /// Session ids announced for termination that a slow listener may lag behind before it misses
 /// some; a missed one is still ended at the holder's next lease renewal.
 pub const TERMINATION_BACKLOG: usize = 1024;
@@ -127,6 +129,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Session ids announced by [`Store::publish_termination`], on any replica.
     fn terminations(&self) -> broadcast::Receiver<Uuid>;
+
+    /// Version of the shared registry; every change below increments it.
+    async fn registry_version(&self) -> Result<u64, StoreError>;
+
+    /// Everything in the shared registry, at one version.
+    async fn registry_load(&self) -> Result<SharedEntries, StoreError>;
+
+    /// Creates or replaces the agent `name` of `org` with its `pcc-deploy.toml` text.
+    async fn registry_put_agent(
+        &self,
+        org: &str,
+        name: &str,
+        toml: &str,
+    ) -> Result<u64, StoreError>;
+
+    /// Adds a key, or replaces the record with its id (to revoke it).
+    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, the time base of token expiry.

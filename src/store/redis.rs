@@ -21,7 +21,10 @@ use super::{
     topology::{Conn, Purpose, Topology},
     unix_ms,
 };
-use crate::config::RedisSettings;
+use crate::{
+    config::RedisSettings,
+    registry::{KeyRecord, SharedEntries},
+};
 
 /// Longest wait between two attempts to re-subscribe to termination announcements.
 const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
@@ -388,9 +391,68 @@ impl Store for RedisStore {
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
         self.terminations.subscribe()
     }
+
+    async fn registry_version(&self) -> Result<u64, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.registry_key("version"));
+        let version: Option<u64> =
+            self.run("read registry version", Purpose::Commands, Request::Cmd(&get)).await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    async fn registry_load(&self) -> Result<SharedEntries, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .get(self.registry_key("version"))
+            .hgetall(self.registry_key("agents"))
+            .hgetall(self.registry_key("keys"));
+        let (version, agents, keys): (
+            Option<u64>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+        ) = self.run("read registry", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        let agents = agents
+            .into_iter()
+            .filter_map(|(host, toml)| Some((host.split_once('.')?.1.to_owned(), toml)))
+            .collect();
+        let keys = keys.values().filter_map(|json| serde_json::from_str(json).ok()).collect();
+        Ok(SharedEntries { version: version.unwrap_or(0), agents, keys })
+    }
+
+    async fn registry_put_agent(
+        &self,
+        org: &str,
+        name: &str,
+        toml: &str,
+    ) -> Result<u64, StoreError> {
+        self.registry_put("agents", &format!("{name}.{org}"), toml).await
+    }
+
+    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError> {
+        // Serializing a struct of strings and integers cannot fail.
+        let json = serde_json::to_string(key).expect("key record serializes");
+        self.registry_put("keys", &key.id, &json).await
+    }
 }
 
 impl RedisStore {
+    /// The registry's keys: one hash tag, so that a change and its version bump are one MULTI.
+    fn registry_key(&self, part: &str) -> String {
+        format!("{}:{{registry}}:{part}", self.prefix)
+    }
+
+    /// Sets `field` of the registry hash `part` and bumps the version, atomically.
+    async fn registry_put(&self, part: &str, field: &str, value: &str) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(self.registry_key(part), field, value)
+            .ignore()
+            .incr(self.registry_key("version"), 1);
+        let (version,): (u64,) =
+            self.run("write registry", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        Ok(version)
+    }
+
     /// Whether `key` holds `holder`: our own consume, whose answer was lost.
     async fn holds(&self, key: &str, holder: &str) -> Result<bool, StoreError> {
         let mut get = redis::cmd("GET");

@@ -6,6 +6,7 @@ mod helpers;
 mod migrations;
 mod redis_fixtures;
 mod regions;
+mod registry;
 mod replicas;
 mod sessions;
 mod start;

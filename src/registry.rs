@@ -1,0 +1,116 @@
+//! Which agents exist and which public keys open them: the static part from files and settings,
+//! and the shared part in Redis that `session-broker deploy` and `session-broker keys` write.
+//!
+//! Every replica holds one immutable snapshot of both, swapped whole when the shared part
+//! changes: requests read it without locks. A background task compares the registry's version
+//! counter in Redis every `registry.refresh_ms` and reloads when it moved, so a deploy or a key
+//! revocation reaches every replica within that interval.
+
+use std::{sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    agents::{Agent, AgentRegistry},
+    keys::{KeyHash, KeyIndex, parse_key_hash},
+    store::{Store, StoreError},
+};
+
+/// A public key as the shared registry keeps it: its hash, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Short public id, to name the key in `keys list` and `keys revoke`.
+    pub id: String,
+    pub org: String,
+    /// Hex SHA-256 of the key.
+    pub hash: String,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
+}
+
+/// Everything the shared registry holds.
+#[derive(Debug, Default)]
+pub struct SharedEntries {
+    pub version: u64,
+    /// (org, pcc-deploy.toml text) per deployed agent.
+    pub agents: Vec<(String, String)>,
+    pub keys: Vec<KeyRecord>,
+}
+
+/// One consistent view of agents and keys.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub agents: AgentRegistry,
+    pub keys: KeyIndex,
+    /// Version of the shared part this view includes; 0 before any was read.
+    pub version: u64,
+}
+
+/// The current view, and what it is rebuilt from.
+pub struct LiveRegistry {
+    current: ArcSwap<Registry>,
+    static_agents: Vec<Agent>,
+    static_keys: Vec<(KeyHash, String)>,
+}
+
+impl LiveRegistry {
+    pub fn new(static_agents: Vec<Agent>, static_keys: Vec<(KeyHash, String)>) -> Self {
+        let live = Self { current: ArcSwap::default(), static_agents, static_keys };
+        live.current.store(Arc::new(live.build(&SharedEntries::default())));
+        live
+    }
+
+    pub fn load(&self) -> Arc<Registry> {
+        self.current.load_full()
+    }
+
+    /// Reloads from the store if its registry changed. Returns whether it did.
+    pub async fn refresh(&self, store: &dyn Store) -> Result<bool, StoreError> {
+        let version = store.registry_version().await?;
+        if version == self.current.load().version {
+            return Ok(false);
+        }
+        let entries = store.registry_load().await?;
+        self.current.store(Arc::new(self.build(&entries)));
+        tracing::info!(version = entries.version, "registry reloaded");
+        Ok(true)
+    }
+
+    /// Static entries first, then the shared ones, which win: a deploy replaces a file's agent.
+    fn build(&self, entries: &SharedEntries) -> Registry {
+        let mut agents = AgentRegistry::default();
+        for agent in &self.static_agents {
+            agents.replace(agent.clone());
+        }
+        for (org, text) in &entries.agents {
+            match Agent::from_toml_for(text, "shared registry", Some(org)) {
+                Ok(agent) => agents.replace(agent),
+                // Written by `deploy`, which validates; a file from a newer broker may not parse.
+                Err(e) => tracing::warn!(error = %e, "skipping a registry agent"),
+            }
+        }
+        let mut keys = KeyIndex::default();
+        for (hash, org) in &self.static_keys {
+            keys.insert(*hash, org);
+        }
+        for key in entries.keys.iter().filter(|k| k.revoked_ms.is_none()) {
+            if let Some(hash) = parse_key_hash(&key.hash) {
+                keys.insert(hash, &key.org);
+            }
+        }
+        Registry { agents, keys, version: entries.version }
+    }
+}
+
+/// Keeps `live` in step with the store's registry.
+pub async fn keep_fresh(live: Arc<LiveRegistry>, store: Arc<dyn Store>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = live.refresh(&*store).await {
+            tracing::debug!(error = %e, "registry refresh failed; keeping the current view");
+        }
+    }
+}

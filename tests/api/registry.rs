@@ -1,0 +1,148 @@
+//! The shared registry: agents deployed and keys created or revoked through the CLI reach every
+//! replica without a restart.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use session_broker::{admin, config::RedisSettings, store::redis::RedisStore};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::*;
+
+const PREFIX: &str = "registry";
+/// Default refresh (1 s) plus margin: a change must reach every replica in this.
+const WITHIN: Duration = Duration::from_secs(3);
+
+fn store(redis: &RedisServer) -> RedisStore {
+    let settings = RedisSettings {
+        url: Some(SecretString::from(redis.url())),
+        key_prefix: PREFIX.into(),
+        ..RedisSettings::default()
+    };
+    RedisStore::new(&settings, Duration::from_secs(1)).unwrap()
+}
+
+async fn replicas(redis: &RedisServer, bot: &TestBot) -> Vec<TestApp> {
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let mut options = AppOptions::new(Some(redis.url()), bot);
+        options.key_prefix = PREFIX.into();
+        apps.push(TestApp::with(options, bot.clone()).await);
+    }
+    apps
+}
+
+async fn status_of_start(app: &TestApp, agent: &str, key: &str) -> u16 {
+    app.post_start(agent, Some(key), "{}").await.status().as_u16()
+}
+
+#[tokio::test]
+async fn keys_created_and_revoked_reach_every_replica() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let apps = replicas(&redis, &bot).await;
+    let store = store(&redis);
+
+    let (key, record) = admin::create_key(&store, ORG).await.unwrap();
+    assert!(key.starts_with("pk_") && !record.hash.contains(&key));
+    for app in &apps {
+        eventually(WITHIN, || async {
+            (status_of_start(app, TOKEN_AGENT, &key).await == 200).then_some(())
+        })
+        .await;
+    }
+    let listed = admin::list_keys(&store, ORG).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, record.id);
+
+    admin::revoke_key(&store, ORG, &record.id).await.unwrap();
+    for app in &apps {
+        eventually(WITHIN, || async {
+            (status_of_start(app, TOKEN_AGENT, &key).await == 401).then_some(())
+        })
+        .await;
+    }
+    assert!(admin::list_keys(&store, ORG).await.unwrap()[0].revoked_ms.is_some());
+    // Keys from the settings are untouched.
+    assert_eq!(status_of_start(&apps[0], TOKEN_AGENT, KEY).await, 200);
+}
+
+#[tokio::test]
+async fn a_deployed_agent_reaches_every_replica_and_a_redeploy_updates_it() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let apps = replicas(&redis, &bot).await;
+    let store = store(&redis);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pcc-deploy.toml");
+    let deploy = |auth: &str| {
+        format!(
+            "agent_name = \"deployed\"\nwebsocket_auth = \"{auth}\"\nimage = \"x/y:2\"\n[broker]\nbot_url = \"{}\"\n",
+            bot.url()
+        )
+    };
+    assert_eq!(status_of_start(&apps[0], "deployed", KEY).await, 404);
+
+    std::fs::write(&file, deploy("none")).unwrap();
+    let (service, _) = admin::deploy(&store, ORG, &file).await.unwrap();
+    assert_eq!(service, format!("deployed.{ORG}"));
+    for app in &apps {
+        eventually(WITHIN, || async {
+            (status_of_start(app, "deployed", KEY).await == 200).then_some(())
+        })
+        .await;
+    }
+    let mut ws = connect(&apps[1].ws_url("deployed", ORG), None).await.unwrap();
+    assert_echo(&mut ws, Message::text("deployed without a restart")).await;
+
+    // Redeployed with token auth: connects without a token are refused everywhere.
+    std::fs::write(&file, deploy("token")).unwrap();
+    admin::deploy(&store, ORG, &file).await.unwrap();
+    for app in &apps {
+        eventually(WITHIN, || async {
+            matches!(connect(&app.ws_url("deployed", ORG), None).await, Err((403, _, _)))
+                .then_some(())
+        })
+        .await;
+    }
+
+    // A file that names another org, or is invalid, is refused and changes nothing.
+    std::fs::write(&file, deploy("token").replace("[broker]\n", "[broker]\norg = \"other\"\n"))
+        .unwrap();
+    assert!(admin::deploy(&store, ORG, &file).await.unwrap_err().to_string().contains("org"));
+    std::fs::write(&file, "agent_name = \"Bad Name\"\n").unwrap();
+    assert!(admin::deploy(&store, ORG, &file).await.is_err());
+}
+
+#[tokio::test]
+async fn the_cli_manages_keys_and_deploys() {
+    let redis = RedisServer::start();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-broker"))
+            .args(args)
+            .args(["--redis-url", &redis.url()])
+            .env_clear()
+            .env("BROKER__REDIS__KEY_PREFIX", PREFIX)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key = cli(&["keys", "create", "--org", ORG]).trim().to_owned();
+    assert!(key.starts_with("pk_"));
+    let listed = cli(&["keys", "list", "--org", ORG]);
+    assert!(listed.contains("active") && !listed.contains(&key), "{listed}");
+    let id = listed.split('\t').next().unwrap().to_owned();
+    assert!(cli(&["keys", "revoke", &id, "--org", ORG]).contains("revoked"));
+    assert!(cli(&["keys", "list", "--org", ORG]).contains("revoked at"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pcc-deploy.toml");
+    std::fs::write(
+        &file,
+        "agent_name = \"cli-agent\"\n[broker]\nbot_url = \"ws://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
+    let out = cli(&["deploy", file.to_str().unwrap(), "--org", ORG]);
+    assert!(out.contains(&format!("deployed cli-agent.{ORG}")), "{out}");
+}
