@@ -362,10 +362,11 @@ impl Settings {
         if !r.sentinels.is_empty() && r.master_name.as_deref().unwrap_or("").is_empty() {
             return bad("redis.master_name", "required with redis.sentinels".into());
         }
-        if r.wait_replicas > 0 && r.wait_timeout_ms == 0 {
+        if r.wait_replicas > 0 && !(1..r.command_timeout_ms).contains(&r.wait_timeout_ms) {
             return bad(
                 "redis.wait_timeout_ms",
-                "must be above 0 when wait_replicas is set".into(),
+                "must be above 0 and below redis.command_timeout_ms when wait_replicas is set"
+                    .into(),
             );
         }
         if r.wait_replicas > 0 && !r.cluster_nodes.is_empty() {

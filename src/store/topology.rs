@@ -29,6 +29,10 @@ use crate::config::RedisSettings;
 /// wait for them beyond the command timeout; they fail fast with 503 instead.
 const RECONNECT_RETRIES: usize = 2;
 
+/// Master lookups tried before a command fails, and the pause that grows between them.
+const MASTER_LOOKUPS: u32 = 4;
+const MASTER_LOOKUP_PAUSE: Duration = Duration::from_millis(50);
+
 /// Distinguishes connection tables of different stores (tests run several in one process).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -116,7 +120,7 @@ impl Topology {
                 self.config.clone(),
             )?),
             Kind::Sentinel(sentinel) => {
-                let master = sentinel.lock().await.async_get_client().await?;
+                let master = find_master(sentinel).await?;
                 Conn::Single(ConnectionManager::new_lazy_with_config(master, self.config.clone())?)
             }
             Kind::Cluster(cluster, _) => Conn::Cluster(cluster.get_async_connection().await?),
@@ -143,9 +147,26 @@ impl Topology {
     pub async fn pubsub_clients(&self) -> RedisResult<Vec<Client>> {
         match &self.kind {
             Kind::Standalone(client) => Ok(vec![client.clone()]),
-            Kind::Sentinel(sentinel) => Ok(vec![sentinel.lock().await.async_get_client().await?]),
+            Kind::Sentinel(sentinel) => Ok(vec![find_master(sentinel).await?]),
             Kind::Cluster(_, seeds) => Ok(seeds.clone()),
         }
+    }
+}
+
+/// Asks the sentinels for the master. Sentinels may briefly know no valid master (during a
+/// failover, or when one flags the master down for a moment), so a few lookups are tried before
+/// giving up; the caller's command timeout bounds them all.
+async fn find_master(sentinel: &tokio::sync::Mutex<SentinelClient>) -> RedisResult<Client> {
+    let mut attempt = 1;
+    loop {
+        match sentinel.lock().await.async_get_client().await {
+            Err(e) if attempt < MASTER_LOOKUPS => {
+                tracing::debug!(error = %e, attempt, "no master from the sentinels yet");
+            }
+            result => return result,
+        }
+        tokio::time::sleep(MASTER_LOOKUP_PAUSE * attempt).await;
+        attempt += 1;
     }
 }
 
