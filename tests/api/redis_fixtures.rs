@@ -168,9 +168,20 @@ impl SentinelGroup {
         self.sentinels.iter().map(RedisServer::url).collect()
     }
 
-    /// Kills the master without a chance to hand over.
-    pub fn kill_master(&mut self) {
-        self.master.take().unwrap().stop();
+    /// Kills the master without a chance to hand over; returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        self.master.take().unwrap().stop()
+    }
+
+    /// Brings the old master back on `port`, empty; the sentinels make it a replica of the new
+    /// master. Returns once the new master counts it as a connected replica.
+    pub fn rejoin_old_master(&mut self, port: u16) {
+        self.master = Some(RedisServer::start_on(port));
+        wait_until(Duration::from_secs(30), "the old master rejoins as a replica", || {
+            let info: String =
+                redis::cmd("INFO").arg("replication").query(&mut self.replica.client()).unwrap();
+            info.contains("connected_slaves:1") && info.contains("state=online")
+        });
     }
 
     /// Waits until the sentinels report the replica as the master.
