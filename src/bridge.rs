@@ -76,6 +76,36 @@ pub async fn dial(
     Ok(socket)
 }
 
+/// Relay traffic counters of one session, resolved once so that each frame costs an atomic add.
+pub struct RelayCounters {
+    up_bytes: prometheus::IntCounter,
+    up_frames: prometheus::IntCounter,
+    down_bytes: prometheus::IntCounter,
+    down_frames: prometheus::IntCounter,
+}
+
+impl RelayCounters {
+    pub fn new(metrics: &crate::metrics::Metrics) -> Self {
+        let (bytes, frames) = (&metrics.relay_bytes, &metrics.relay_frames);
+        Self {
+            up_bytes: bytes.with_label_values(&["client_to_bot"]),
+            up_frames: frames.with_label_values(&["client_to_bot"]),
+            down_bytes: bytes.with_label_values(&["bot_to_client"]),
+            down_frames: frames.with_label_values(&["bot_to_client"]),
+        }
+    }
+
+    fn up(&self, len: usize) {
+        self.up_bytes.inc_by(len as u64);
+        self.up_frames.inc();
+    }
+
+    fn down(&self, len: usize) {
+        self.down_bytes.inc_by(len as u64);
+        self.down_frames.inc();
+    }
+}
+
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -92,6 +122,7 @@ pub async fn relay(
     limits: BridgeLimits,
     max_duration: Duration,
     stop: tokio::sync::oneshot::Receiver<Stop>,
+    counters: RelayCounters,
 ) -> Outcome {
     let mut client_rx = client_stream
         .max_frame_size(limits.max_frame_bytes)
@@ -114,12 +145,14 @@ pub async fn relay(
                         let forwarded = match msg {
                             Some(Ok(AggregatedMessage::Text(text))) => {
                                 // actix-ws validated the UTF-8 already; this re-check is cheap.
+                                counters.up(text.len());
                                 match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
                                     Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
                                     Err(_) => return Ending::client_error(CloseCode::Invalid, "client sent invalid UTF-8"),
                                 }
                             }
                             Some(Ok(AggregatedMessage::Binary(data))) => {
+                                counters.up(data.len());
                                 bot_tx.send(BotMessage::Binary(data)).await
                             }
                             Some(Ok(AggregatedMessage::Ping(data))) => {
@@ -165,12 +198,16 @@ pub async fn relay(
                         bot_seen.set(Instant::now());
                         let forwarded = match msg {
                             Some(Ok(BotMessage::Text(text))) => {
+                                counters.down(text.len());
                                 match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
                                     Ok(text) => client.text(text).await,
                                     Err(_) => return Ending::bot_error(BotCloseCode::Invalid, "bot sent invalid UTF-8"),
                                 }
                             }
-                            Some(Ok(BotMessage::Binary(data))) => client.binary(data).await,
+                            Some(Ok(BotMessage::Binary(data))) => {
+                                counters.down(data.len());
+                                client.binary(data).await
+                            }
                             // tungstenite answers the bot's pings itself.
                             Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
                             Some(Ok(BotMessage::Close(frame))) => {
@@ -310,6 +347,10 @@ impl Ending {
             ),
             Stop::LeaseLost => (
                 Outcome { reason: EndReason::ReplicaLost, detail: "session lease lost" },
+                u16::from(CloseCode::Away),
+            ),
+            Stop::Draining => (
+                Outcome { reason: EndReason::Terminated, detail: "replica shutting down" },
                 u16::from(CloseCode::Away),
             ),
         };

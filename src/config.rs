@@ -155,6 +155,8 @@ pub struct LimitSettings {
     pub max_session_secs: u64,
     /// How long actix waits for a client to close TCP after a WebSocket close before dropping it.
     pub client_disconnect_timeout_ms: u64,
+    /// On SIGTERM, how long live sessions may go on before they are closed with 1001.
+    pub drain_deadline_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +240,7 @@ impl Default for LimitSettings {
             heartbeat_timeout_ms: 45_000,
             max_session_secs: crate::agents::MAX_SESSION_SECS,
             client_disconnect_timeout_ms: 1_000,
+            drain_deadline_secs: 60,
         }
     }
 }

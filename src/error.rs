@@ -36,6 +36,8 @@ pub enum ApiError {
     StoreUnavailable(#[source] StoreError),
     #[error("Bot unreachable, retry shortly")]
     BotUnreachable,
+    #[error("This replica is shutting down; connect again")]
+    Draining,
     #[error("Not found")]
     RouteNotFound,
     #[error("Method not allowed")]
@@ -105,7 +107,7 @@ impl ApiError {
             Self::RateLimited => "429",
             Self::AtCapacity => "PCC-AGENT-AT-CAPACITY",
             Self::TokenRefused(_) => "403",
-            Self::StoreUnavailable(_) | Self::BotUnreachable => "503",
+            Self::StoreUnavailable(_) | Self::BotUnreachable | Self::Draining => "503",
             Self::MethodNotAllowed => "405",
             Self::Internal(_) => "500",
         }
@@ -123,7 +125,9 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited | Self::AtCapacity => StatusCode::TOO_MANY_REQUESTS,
             Self::TokenRefused(_) => StatusCode::FORBIDDEN,
-            Self::StoreUnavailable(_) | Self::BotUnreachable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable(_) | Self::BotUnreachable | Self::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -145,10 +149,38 @@ impl ResponseError for ApiError {
             reason,
         };
         let mut response = HttpResponse::build(status);
-        if let Self::StoreUnavailable(_) = self {
+        if let Self::StoreUnavailable(_) | Self::Draining = self {
             response.insert_header((header::RETRY_AFTER, STORE_RETRY_AFTER_SECS));
         }
-        response.json(body)
+        let mut response = response.json(body);
+        // Counted by the request middleware, which can reach the metrics.
+        response.extensions_mut().insert(Refusal(self.metric_reason()));
+        response
+    }
+}
+
+/// The reason a request was refused, as the `refusals_total` metric labels it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal(pub &'static str);
+
+impl ApiError {
+    fn metric_reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "unauthorized",
+            Self::AgentNotFound => "agent_not_found",
+            Self::BadRequest(_) => "bad_request",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::RateLimited => "rate_limited",
+            Self::AtCapacity => "at_capacity",
+            Self::SessionNotFound => "session_not_found",
+            Self::TokenRefused(refusal) => refusal.reason(),
+            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::BotUnreachable => "bot_unreachable",
+            Self::Draining => "draining",
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Internal(_) => "internal",
+        }
     }
 }
 

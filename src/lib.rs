@@ -20,6 +20,7 @@ pub mod config;
 pub mod echo_bot;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod registry;
 pub mod routes;
 pub mod sessions;

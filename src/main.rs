@@ -174,8 +174,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     telemetry::init(&settings.log);
     run(async move {
         let app = Application::build(settings).await?;
-        app.run_until_stopped().await?;
-        Ok(())
+        app.run_until_signalled().await
     })
 }
 

@@ -176,6 +176,8 @@ pub fn ended_fields(
 pub enum Stop {
     Terminated,
     LeaseLost,
+    /// The replica is shutting down and its drain deadline passed.
+    Draining,
 }
 
 struct Held {
@@ -222,6 +224,15 @@ impl LiveSessions {
     pub fn stop(&self, sid: Uuid, why: Stop) -> bool {
         let stop = self.lock().get_mut(&sid).and_then(|held| held.stop.take());
         stop.is_some_and(|tx| tx.send(why).is_ok())
+    }
+
+    /// Asks every held session to end.
+    pub fn stop_all(&self, why: Stop) {
+        for held in self.lock().values_mut() {
+            if let Some(tx) = held.stop.take() {
+                let _ = tx.send(why);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {

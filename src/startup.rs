@@ -2,25 +2,39 @@
 //! and [`Application::port`] reports it), loads keys and agents, opens the store and starts the
 //! HTTP server. Production and the tests use this same factory.
 
-use std::{net::TcpListener, sync::Arc, time::Duration};
+use std::{
+    net::TcpListener,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use actix_web::{App, HttpServer, dev::Server, web};
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 use secrecy::SecretString;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     agents::{Agent, AgentRegistry, WebsocketAuth},
     bridge::BridgeLimits,
     config::Settings,
     keys,
+    metrics::Metrics,
     registry::{self, LiveRegistry},
     routes,
-    sessions::{self, LeaseTiming, LiveSessions},
+    sessions::{self, LeaseTiming, LiveSessions, Stop},
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
     token::Keyring,
 };
+
+/// How often a drain checks whether the sessions have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// How long sessions closed at the drain deadline get to finish their close handshakes.
+const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Id of the signing key generated when none is configured (embedded mode only).
 pub const GENERATED_KEY_ID: &str = "generated";
@@ -51,8 +65,11 @@ pub struct AppState {
     pub live: Arc<LiveSessions>,
     /// `redis.on_unavailable = "open"`: connects go through unchecked while Redis is down.
     pub fail_open: bool,
-    /// Connects let through without a token check because Redis was unreachable.
-    pub unchecked_accepts: std::sync::atomic::AtomicU64,
+    pub metrics: Arc<Metrics>,
+    /// The store was prepared (schema checked, scripts loaded); readiness waits for it.
+    pub prepared: Arc<AtomicBool>,
+    /// Set on SIGTERM: readiness fails and new upgrades are refused while sessions finish.
+    pub draining: AtomicBool,
 }
 
 impl AppState {
@@ -82,6 +99,7 @@ impl Drop for Background {
 
 pub struct Application {
     server: Server,
+    drain_deadline: Duration,
     port: u16,
     state: web::Data<AppState>,
     /// Lease renewal, sweeping, termination listening and the demo's echo bot.
@@ -153,12 +171,15 @@ impl Application {
                  WITHOUT checking that their token is unused; every such accept is logged"
             );
         }
+        let prepared = Arc::new(AtomicBool::new(false));
         match store.prepare().await {
-            Ok(()) => {}
+            Ok(()) => prepared.store(true, Ordering::Release),
             Err(e @ PrepareError::Incompatible { .. }) => return Err(e.into()),
             Err(PrepareError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
-                background.0.push(tokio::spawn(prepare_when_reachable(store.clone())));
+                background
+                    .0
+                    .push(tokio::spawn(prepare_when_reachable(store.clone(), prepared.clone())));
             }
         }
 
@@ -217,13 +238,20 @@ impl Application {
             leases,
             live,
             fail_open: settings.redis.on_unavailable == crate::config::FailMode::Open,
-            unchecked_accepts: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+            prepared,
+            draining: AtomicBool::new(false),
         });
 
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
-            App::new().app_data(app_state.clone()).configure(routes::configure)
+            App::new()
+                .app_data(app_state.clone())
+                .configure(routes::configure)
+                .wrap_fn(crate::telemetry::request_span)
         })
+        // Signals are the binary's: SIGTERM drains (see `Application::drain`).
+        .disable_signals()
         .client_disconnect_timeout(Duration::from_millis(limits.client_disconnect_timeout_ms))
         .listen(listener)?;
         if settings.workers > 0 {
@@ -237,7 +265,8 @@ impl Application {
             signing_key = state.keyring.signing_kid(),
             "session broker ready"
         );
-        Ok(Self { server: server.run(), port: local.port(), state, background })
+        let drain_deadline = Duration::from_secs(limits.drain_deadline_secs);
+        Ok(Self { server: server.run(), drain_deadline, port: local.port(), state, background })
     }
 
     pub fn port(&self) -> u16 {
@@ -257,15 +286,53 @@ impl Application {
         let _background = self.background;
         self.server.await
     }
+
+    /// Runs until SIGTERM or SIGINT, then drains: readiness fails at once and new upgrades get
+    /// 503, live sessions go on until they end or `limits.drain_deadline_secs` passes, the rest
+    /// are closed with 1001, and the server stops. Returns when all of that is done.
+    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let state = self.state.clone();
+        let deadline = self.drain_deadline;
+        let mut server = tokio::spawn(self.run_until_stopped());
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            finished = &mut server => return Ok(finished??),
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        state.draining.store(true, Ordering::Release);
+        tracing::info!(sessions = state.live.len(), ?deadline, "draining");
+        let until = tokio::time::Instant::now() + deadline;
+        while !state.live.is_empty() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        if !state.live.is_empty() {
+            tracing::info!(sessions = state.live.len(), "drain deadline passed; closing sessions");
+            state.live.stop_all(Stop::Draining);
+            let until = tokio::time::Instant::now() + DRAIN_CLOSE_GRACE;
+            while !state.live.is_empty() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        }
+        handle.stop(true).await;
+        server.await??;
+        tracing::info!("stopped");
+        Ok(())
+    }
 }
 
 /// Prepares the store once Redis answers. A newer, incompatible schema found then is as fatal as
 /// at start: the process stops rather than work on data it would misread.
-async fn prepare_when_reachable(store: Arc<dyn Store>) {
+async fn prepare_when_reachable(store: Arc<dyn Store>, prepared: Arc<AtomicBool>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         match store.prepare().await {
-            Ok(()) => return tracing::info!("state store reachable and prepared"),
+            Ok(()) => {
+                prepared.store(true, Ordering::Release);
+                return tracing::info!("state store reachable and prepared");
+            }
             Err(PrepareError::Unavailable(_)) => continue,
             Err(e) => {
                 tracing::error!("{e}");

@@ -141,10 +141,12 @@ pub async fn start(
             // Written before the token is handed out: a token never exists without its record.
             let ttl = state.token_lifetime + state.leases.retention;
             state.store.create_session(session_id, &record, ttl).await?;
+            state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
             Some(state.keyring.mint(&agent.service_host, session_id, &state.region, expires))
         }
     };
-    tracing::info!(%session_id, agent = %agent.service_host, "session token minted");
+    tracing::Span::current().record("session_id", tracing::field::display(session_id));
+    tracing::info!(agent = %agent.service_host, "session started");
     Ok(HttpResponse::Ok().json(StartResponse {
         token,
         ws_url: format!(

@@ -6,7 +6,12 @@
 //! bot has answered is the client upgraded and the relay started. If the bot cannot be reached,
 //! the consume is undone so the token works again for the rest of its lifetime.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tracing::Instrument;
 
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -67,6 +72,9 @@ pub async fn connect(
     if req.method() != Method::GET {
         return Err(ApiError::MethodNotAllowed);
     }
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Draining);
+    }
     let (service, path_token) =
         parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)?;
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
@@ -90,6 +98,7 @@ pub async fn connect(
         }
     };
     let sid = admission.session_id;
+    tracing::Span::current().record("session_id", tracing::field::display(sid));
 
     // The cap is taken after the token so that a replay never touches it; at the cap the token
     // is given back.
@@ -116,8 +125,15 @@ pub async fn connect(
     // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
     let (registration, stop) = state.live.register(sid, &agent.service_host);
 
-    let bot = match dial_bot(&req, &agent, &state, sid, &admission.minted_in, body.as_deref()).await
-    {
+    let dialling = Instant::now();
+    let dialled = dial_bot(&req, &agent, &state, sid, &admission.minted_in, body.as_deref()).await;
+    let outcome = if dialled.is_ok() { "connected" } else { "failed" };
+    state
+        .metrics
+        .bot_dial_seconds
+        .with_label_values(&[outcome])
+        .observe(dialling.elapsed().as_secs_f64());
+    let bot = match dialled {
         Ok(bot) => bot,
         Err(e) => {
             tracing::warn!(session_id = %sid, agent = %agent.service_host, error = %e, "bot unreachable");
@@ -165,29 +181,37 @@ pub async fn connect(
         }
     }
 
-    tracing::info!(session_id = %sid, agent = %agent.service_host, "session connected");
-    actix_web::rt::spawn(async move {
+    tracing::info!(agent = %agent.service_host, "session connected");
+    let metrics = &state.metrics;
+    metrics.connects_accepted.with_label_values(&[&agent.service_host]).inc();
+    let counters = bridge::RelayCounters::new(metrics);
+    let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
+    let session = async move {
+        let active = state.metrics.active_sessions.with_label_values(&[&agent.service_host]);
+        active.inc();
         let _registration = registration;
-        let outcome = bridge::relay(client, stream, bot, state.bridge, max_duration, stop).await;
+        let outcome =
+            bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters).await;
+        active.dec();
+        state.metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
         let ended = ended_fields(outcome.reason, outcome.detail, Some(connected_ms));
         let retention = Some(state.leases.retention);
         if let Err(e) =
             state.store.update_session(sid, &["pending", "active"], &ended, retention).await
         {
-            tracing::warn!(session_id = %sid, error = %e, "could not record the end of the session");
+            tracing::warn!(error = %e, "could not record the end of the session");
         }
         if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
-            tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+            tracing::warn!(error = %e, "could not release the slot; it lapses with its lease");
         }
         tracing::info!(
-            session_id = %sid,
-            agent = %agent.service_host,
             reason = outcome.reason.as_str(),
             detail = outcome.detail,
             duration_ms = unix_ms().saturating_sub(connected_ms),
             "session ended"
         );
-    });
+    };
+    actix_web::rt::spawn(session.instrument(span));
     Ok(response)
 }
 
@@ -215,7 +239,16 @@ impl Admission {
         let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
         // The mark needs to outlive the token only: after expiry the token is refused anyway.
         let remaining = Duration::from_millis(claims.exp - now);
-        match state.store.consume_token(claims.sid, &holder, remaining).await {
+        let consuming = Instant::now();
+        let consumed = state.store.consume_token(claims.sid, &holder, remaining).await;
+        let outcome = match consumed {
+            Ok(true) => "consumed",
+            Ok(false) => "already_used",
+            Err(_) => "failed",
+        };
+        let histogram = state.metrics.token_consume_seconds.with_label_values(&[outcome]);
+        histogram.observe(consuming.elapsed().as_secs_f64());
+        match consumed {
             Ok(true) => {
                 Ok(Self { session_id: claims.sid, minted_in: claims.rg, consumed: Some(holder) })
             }
@@ -224,7 +257,8 @@ impl Admission {
                 Err(ApiError::TokenRefused(TokenRefusal::Replayed))
             }
             Err(e) if state.fail_open => {
-                let count = state.unchecked_accepts.fetch_add(1, Ordering::Relaxed) + 1;
+                state.metrics.unchecked_accepts.inc();
+                let count = state.metrics.unchecked_accepts.get();
                 tracing::warn!(
                     session_id = %claims.sid, agent = %agent.service_host, error = %e,
                     unchecked_accepts = count,

@@ -66,6 +66,11 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;
 
+    /// Operations that failed since start (unreachable, timed out, refused).
+    fn error_count(&self) -> u64 {
+        0
+    }
+
     /// Readies the store for this version of the broker: checks the schema version the data was
     /// written with, records this one, loads the scripts. Run at start; safe to repeat.
     async fn prepare(&self) -> Result<(), PrepareError> {

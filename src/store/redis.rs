@@ -70,6 +70,8 @@ pub struct RedisStore {
     timeout: Duration,
     scripts: Scripts,
     terminations: broadcast::Sender<Uuid>,
+    /// Failed operations, for the `redis_errors_total` metric.
+    errors: std::sync::atomic::AtomicU64,
     /// The subscriber task; ends with the store.
     subscriber: tokio::task::JoinHandle<()>,
 }
@@ -100,6 +102,7 @@ impl RedisStore {
             timeout,
             scripts: Scripts::new(),
             terminations,
+            errors: Default::default(),
             subscriber,
         })
     }
@@ -138,6 +141,7 @@ impl RedisStore {
             Err(_) => format!("{what}: no answer within {:?}", self.timeout),
         };
         self.topology.on_failure(purpose);
+        self.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(StoreError(failure))
     }
 
@@ -175,6 +179,10 @@ impl Request<'_> {
 
 #[async_trait]
 impl Store for RedisStore {
+    fn error_count(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn consume_token(
         &self,
         sid: Uuid,

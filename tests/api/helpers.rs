@@ -434,6 +434,8 @@ macro_rules! on_both_stores {
 pub struct BrokerProcess {
     pub addr: String,
     child: Child,
+    /// Everything the process printed on stdout (its logs), line by line.
+    pub output: Arc<Mutex<Vec<String>>>,
 }
 
 impl BrokerProcess {
@@ -460,12 +462,43 @@ impl BrokerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("the broker binary runs");
+        let output: Arc<Mutex<Vec<String>>> = Arc::default();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready =
-            lines.by_ref().map_while(Result::ok).any(|line| line.contains("session broker ready"));
+        let ready = lines.by_ref().map_while(Result::ok).any(|line| {
+            output.lock().unwrap().push(line.clone());
+            line.contains("session broker ready")
+        });
         assert!(ready, "the broker process exited before it was ready");
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { addr: format!("127.0.0.1:{port}"), child }
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            lines.map_while(Result::ok).for_each(|line| sink.lock().unwrap().push(line))
+        });
+        Self { addr: format!("127.0.0.1:{port}"), child, output }
+    }
+
+    /// Sends SIGTERM, as an orchestrator does to stop a replica.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits (polling, for at most `within`) for the process to exit; returns its exit code.
+    pub fn exit_code(&mut self, within: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broker did not exit within {within:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     pub fn ws_url(&self, agent: &str, org: &str) -> String {

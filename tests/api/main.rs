@@ -4,6 +4,7 @@
 mod bridge;
 mod helpers;
 mod migrations;
+mod operations;
 mod redis_fixtures;
 mod regions;
 mod registry;

@@ -1,0 +1,140 @@
+//! Prometheus metrics, served at `/metrics`. One registry per application (tests run several in
+//! one process), names following Prometheus conventions: counters end in `_total`, durations are
+//! histograms in seconds.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Buckets for Redis and bot-dial latencies: 100 µs to 2.5 s.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+pub struct Metrics {
+    registry: Registry,
+    pub tokens_minted: IntCounterVec,
+    pub connects_accepted: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub unchecked_accepts: IntCounter,
+    pub active_sessions: IntGaugeVec,
+    pub sessions_ended: IntCounterVec,
+    pub bot_dial_seconds: HistogramVec,
+    pub token_consume_seconds: HistogramVec,
+    pub redis_errors: IntCounter,
+    /// Store errors already added to `redis_errors`.
+    store_errors_seen: std::sync::Mutex<u64>,
+    pub relay_bytes: IntCounterVec,
+    pub relay_frames: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("broker".into()), None).expect("a fixed, valid prefix");
+        // Registering fixed, distinct, valid names cannot fail.
+        fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        }
+        fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let metric = HistogramVec::new(opts, labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        }
+        let unchecked_accepts = IntCounter::new(
+            "unchecked_accepts_total",
+            "Connects accepted without the one-time token check (redis.on_unavailable = open)",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(unchecked_accepts.clone())).expect("unique metric");
+        let redis_errors =
+            IntCounter::new("redis_errors_total", "State store operations that failed")
+                .expect("valid metric");
+        registry.register(Box::new(redis_errors.clone())).expect("unique metric");
+        let active_sessions = IntGaugeVec::new(
+            Opts::new("active_sessions", "Sessions this replica is relaying, by agent"),
+            &["agent"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(active_sessions.clone())).expect("unique metric");
+        Self {
+            tokens_minted: counter(
+                &registry,
+                "tokens_minted_total",
+                "Session tokens minted by /start",
+                &["agent"],
+            ),
+            connects_accepted: counter(
+                &registry,
+                "connects_accepted_total",
+                "WebSocket connects upgraded and bridged",
+                &["agent"],
+            ),
+            refusals: counter(
+                &registry,
+                "refusals_total",
+                "Requests refused, by reason",
+                &["reason"],
+            ),
+            unchecked_accepts,
+            active_sessions,
+            sessions_ended: counter(
+                &registry,
+                "sessions_ended_total",
+                "Sessions ended, by reason",
+                &["reason"],
+            ),
+            bot_dial_seconds: histogram(
+                &registry,
+                "bot_dial_seconds",
+                "Time to open the bot's WebSocket",
+                &["outcome"],
+            ),
+            token_consume_seconds: histogram(
+                &registry,
+                "token_consume_seconds",
+                "Time of the one-time token consume in the store",
+                &["outcome"],
+            ),
+            redis_errors,
+            store_errors_seen: std::sync::Mutex::new(0),
+            relay_bytes: counter(
+                &registry,
+                "relay_bytes_total",
+                "Payload bytes relayed, by direction",
+                &["direction"],
+            ),
+            relay_frames: counter(
+                &registry,
+                "relay_frames_total",
+                "Frames relayed, by direction",
+                &["direction"],
+            ),
+            registry,
+        }
+    }
+
+    /// Brings `redis_errors_total` up to the store's own count of failed operations.
+    pub fn sync_store_errors(&self, total: u64) {
+        let mut seen = self.store_errors_seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.redis_errors.inc_by(total.saturating_sub(*seen));
+        *seen = (*seen).max(total);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding our own well-formed families into a Vec cannot fail.
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

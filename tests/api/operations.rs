@@ -1,0 +1,166 @@
+//! What operators rely on: readiness, metrics, request ids, logs without secrets, and a drain
+//! on SIGTERM that lets live calls finish.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::*;
+
+async fn metrics(app: &TestApp) -> String {
+    let resp = app.http.get(format!("http://{}/metrics", app.addr)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    resp.text().await.unwrap()
+}
+
+/// The value of one sample line, `name{labels} value`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::binary(vec![1u8; 160])).await;
+    assert!(connect(&ws_url, Some((&token, Via::Path))).await.is_err());
+    assert!(connect(&ws_url, Some(("garbage", Via::Path))).await.is_err());
+
+    let live = metrics(&app).await;
+    let agent = format!("{TOKEN_AGENT}.{ORG}");
+    assert_eq!(sample(&live, &format!("broker_tokens_minted_total{{agent=\"{agent}\"}}")), 1.0);
+    assert_eq!(sample(&live, &format!("broker_connects_accepted_total{{agent=\"{agent}\"}}")), 1.0);
+    assert_eq!(sample(&live, &format!("broker_active_sessions{{agent=\"{agent}\"}}")), 1.0);
+    assert_eq!(sample(&live, "broker_refusals_total{reason=\"token_already_used\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_refusals_total{reason=\"token_malformed\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_relay_frames_total{direction=\"client_to_bot\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_relay_bytes_total{direction=\"bot_to_client\"}"), 160.0);
+    assert_eq!(sample(&live, "broker_bot_dial_seconds_count{outcome=\"connected\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_token_consume_seconds_count{outcome=\"consumed\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_token_consume_seconds_count{outcome=\"already_used\"}"), 1.0);
+    assert_eq!(sample(&live, "broker_redis_errors_total"), 0.0);
+
+    ws.close(None).await.unwrap();
+    let after = eventually(Duration::from_secs(2), || async {
+        let text = metrics(&app).await;
+        (sample(&text, &format!("broker_active_sessions{{agent=\"{agent}\"}}")) == 0.0)
+            .then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&after, "broker_sessions_ended_total{reason=\"client_closed\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn readiness_follows_the_store_and_requests_carry_an_id() {
+    let (app, redis) = TestApp::spawn(Store::Redis).await;
+    let ready = app.http.get(format!("http://{}/readyz", app.addr)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(ready.headers().contains_key("x-request-id"));
+    redis.unwrap().stop();
+    let resp = app.http.get(format!("http://{}/readyz", app.addr)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "store_unreachable");
+    // Liveness does not depend on Redis.
+    let alive = app.http.get(format!("http://{}/healthz", app.addr)).send().await.unwrap();
+    assert_eq!(alive.status(), 200);
+    let errors = sample(&metrics(&app).await, "broker_redis_errors_total");
+    assert!(errors >= 1.0, "failed store operations are counted: {errors}");
+}
+
+#[tokio::test]
+async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let agents = TestApp::with(AppOptions::new(Some(redis.url()), &bot), bot.clone()).await;
+    let broker = BrokerProcess::spawn(
+        &redis.url(),
+        "logs",
+        agents.agent_dir.path(),
+        &[("BROKER__LOG__FORMAT", "json")],
+    );
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(broker.http(&format!("/v1/public/{TOKEN_AGENT}/start")))
+        .bearer_auth(KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let (token, sid) = (body["token"].as_str().unwrap(), body["sessionId"].as_str().unwrap());
+    let mut ws = connect(&broker.ws_url(TOKEN_AGENT, ORG), Some((token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("logged")).await;
+    ws.close(None).await.unwrap();
+    assert!(connect(&broker.ws_url(TOKEN_AGENT, ORG), Some((token, Via::Query))).await.is_err());
+
+    let lines = eventually(Duration::from_secs(5), || async {
+        let lines = broker.output.lock().unwrap().clone();
+        lines.iter().any(|l| l.contains("session ended")).then_some(lines)
+    })
+    .await;
+    for line in &lines {
+        let json: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+        assert!(json.get("timestamp").is_some() && json.get("level").is_some(), "{line}");
+        assert!(
+            !line.contains(token) && !line.contains(&token[20..60]),
+            "a token was logged: {line}"
+        );
+        assert!(!line.contains(KEY), "a key was logged: {line}");
+    }
+    let connected = lines.iter().find(|l| l.contains("session connected")).expect("connect logged");
+    assert!(connected.contains(sid) && connected.contains("request_id"), "{connected}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_live_sessions_then_exits_cleanly() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let agents = TestApp::with(AppOptions::new(Some(redis.url()), &bot), bot.clone()).await;
+    let mut broker = BrokerProcess::spawn(
+        &redis.url(),
+        "drain",
+        agents.agent_dir.path(),
+        &[("BROKER__LIMITS__DRAIN_DEADLINE_SECS", "3")],
+    );
+    let http = reqwest::Client::new();
+    let ws_url = broker.ws_url(OPEN_AGENT, ORG);
+    let mut live = connect(&ws_url, None).await.unwrap();
+    assert_echo(&mut live, Message::text("before SIGTERM")).await;
+
+    broker.terminate();
+    let status = eventually(Duration::from_secs(2), || async {
+        let resp = http.get(broker.http("/readyz")).send().await.ok()?;
+        (resp.status() == 503).then_some(resp.json::<serde_json::Value>().await.unwrap())
+    })
+    .await;
+    assert_eq!(status["status"], "draining");
+    match connect(&ws_url, None).await {
+        Err((503, body, retry_after)) => {
+            assert_eq!(body["code"], "503");
+            assert!(retry_after.is_some());
+        }
+        other => panic!("a new upgrade while draining: {:?}", other.map(|_| "upgrade")),
+    }
+    // The live call goes on during the drain...
+    assert_echo(&mut live, Message::text("during the drain")).await;
+    live.send(Message::text("still talking")).await.unwrap();
+    // ...until the deadline, when it is closed with 1001.
+    let closed = loop {
+        match next_data(&mut live).await {
+            Some(Message::Text(_)) => continue,
+            other => break other,
+        }
+    };
+    match closed {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    assert_eq!(broker.exit_code(Duration::from_secs(10)), Some(0));
+}
