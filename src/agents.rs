@@ -388,6 +388,13 @@ bot_url = "ws://127.0.0.1:7860/ws"
     }
 
     #[test]
+    fn the_compose_agent_is_valid() {
+        let text = include_str!("../deploy/compose/agents/echo.toml");
+        let agent = Agent::from_toml(text, "compose").unwrap();
+        assert!(agent.serves("us-west") && agent.serves("eu-central"));
+    }
+
+    #[test]
     fn websocket_auth_defaults_to_none() {
         let text = "agent_name = \"a\"\n[broker]\norg = \"o\"\nbot_url = \"ws://h/\"\n";
         assert_eq!(Agent::from_toml(text, "f").unwrap().websocket_auth, WebsocketAuth::None);

@@ -500,6 +500,18 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_settings_are_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/compose/broker.toml");
+        let s = Settings::load(Sources { file: Some(PathBuf::from(path)), ..env(&[]) }).unwrap();
+        let hash = &s.orgs["demo"].public_key_hashes[0];
+        assert_eq!(
+            crate::keys::parse_key_hash(hash),
+            Some(crate::keys::hash_key("pk_compose_demo"))
+        );
+        assert_eq!(s.regions.len(), 2);
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let err = |pairs: &[(&str, &str)]| Settings::load(env(pairs)).unwrap_err().to_string();
         assert!(err(&[("BROKER__LISTEN", "nowhere")]).contains("listen"));

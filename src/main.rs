@@ -31,6 +31,12 @@ enum Command {
     HashKey { key: String },
     /// Print a fresh random token signing key.
     GenKey,
+    /// Exit 0 when the broker at URL answers 200 (for container health checks: the runtime
+    /// image has no curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
     /// Create or update an agent in the shared registry (Redis) from its pcc-deploy.toml.
     Deploy {
         file: PathBuf,
@@ -145,6 +151,13 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Healthcheck { url } => match healthcheck(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("session-broker: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::GenKey => {
             use base64::Engine;
             use rand::RngCore;
@@ -176,6 +189,28 @@ fn serve(args: ServeArgs) -> ExitCode {
         let app = Application::build(settings).await?;
         app.run_until_signalled().await
     })
+}
+
+/// One plain HTTP/1.1 GET with a short timeout; healthy on status 200.
+fn healthcheck(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+    let url = url::Url::parse(url)?;
+    let addr = url
+        .socket_addrs(|| Some(80))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{url} resolves to no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let host = url.host_str().unwrap_or("localhost");
+    write!(stream, "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n", url.path())?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    match &head[9..12] {
+        b"200" => Ok(()),
+        status => anyhow::bail!("status {}", String::from_utf8_lossy(status)),
+    }
 }
 
 /// Runs an operator command against the configured Redis.
