@@ -322,6 +322,17 @@ pub fn test_keyring() -> Keyring {
     Keyring::new("k1", &keys).unwrap()
 }
 
+/// `count` replicas sharing the Redis at `redis_url` (one key prefix) and the bot.
+pub async fn replicas(redis_url: &str, bot: &TestBot, count: usize) -> Vec<TestApp> {
+    let mut apps = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut options = AppOptions::new(Some(redis_url.to_owned()), bot);
+        options.key_prefix = "shared".into();
+        apps.push(TestApp::with(options, bot.clone()).await);
+    }
+    apps
+}
+
 /// Presents every token to every app at the same moment (the three connects of a token are
 /// started together; tokens go ten at a time). Returns (upgrades, refusals as "already used").
 pub async fn race(apps: &[&TestApp], agent: &str, tokens: &[String]) -> (usize, usize) {

@@ -9,7 +9,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
 
-const PREFIX: &str = "registry";
+/// The key prefix the replicas share (see `helpers::replicas`).
+const PREFIX: &str = "shared";
 /// Default refresh (1 s) plus margin: a change must reach every replica in this.
 const WITHIN: Duration = Duration::from_secs(3);
 
@@ -22,16 +23,6 @@ fn store(redis: &RedisServer) -> RedisStore {
     RedisStore::new(&settings, Duration::from_secs(1)).unwrap()
 }
 
-async fn replicas(redis: &RedisServer, bot: &TestBot) -> Vec<TestApp> {
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let mut options = AppOptions::new(Some(redis.url()), bot);
-        options.key_prefix = PREFIX.into();
-        apps.push(TestApp::with(options, bot.clone()).await);
-    }
-    apps
-}
-
 async fn status_of_start(app: &TestApp, agent: &str, key: &str) -> u16 {
     app.post_start(agent, Some(key), "{}").await.status().as_u16()
 }
@@ -40,7 +31,7 @@ async fn status_of_start(app: &TestApp, agent: &str, key: &str) -> u16 {
 async fn keys_created_and_revoked_reach_every_replica() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let apps = replicas(&redis, &bot).await;
+    let apps = replicas(&redis.url(), &bot, 2).await;
     let store = store(&redis);
 
     let (key, record) = admin::create_key(&store, ORG).await.unwrap();
@@ -71,7 +62,7 @@ async fn keys_created_and_revoked_reach_every_replica() {
 async fn a_deployed_agent_reaches_every_replica_and_a_redeploy_updates_it() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let apps = replicas(&redis, &bot).await;
+    let apps = replicas(&redis.url(), &bot, 2).await;
     let store = store(&redis);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pcc-deploy.toml");

@@ -8,13 +8,7 @@ use crate::helpers::*;
 async fn a_token_minted_by_one_replica_is_used_once_across_both() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let options = |bot: &TestBot| {
-        let mut o = AppOptions::new(Some(redis.url()), bot);
-        o.key_prefix = "shared".into();
-        o
-    };
-    let a = TestApp::with(options(&bot), bot.clone()).await;
-    let b = TestApp::with(options(&bot), bot.clone()).await;
+    let [a, b]: [TestApp; 2] = replicas(&redis.url(), &bot, 2).await.try_into().ok().unwrap();
 
     let (token, _, _) = a.start_session(TOKEN_AGENT).await;
     let on_b = b.ws_url(TOKEN_AGENT, ORG);
@@ -34,12 +28,7 @@ async fn a_token_minted_by_one_replica_is_used_once_across_both() {
 async fn replicas_race_for_one_token_and_exactly_one_wins() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let mut o = AppOptions::new(Some(redis.url()), &bot);
-        o.key_prefix = "shared".into();
-        apps.push(TestApp::with(o, bot.clone()).await);
-    }
+    let apps = replicas(&redis.url(), &bot, 2).await;
     for round in 0..20 {
         let (token, _, _) = apps[round % 2].start_session(TOKEN_AGENT).await;
         let attempts = apps.iter().flat_map(|app| {

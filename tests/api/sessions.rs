@@ -133,13 +133,7 @@ on_both_stores!(
 async fn delete_on_one_replica_ends_a_session_held_by_another() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let shared = |bot: &TestBot| {
-        let mut o = AppOptions::new(Some(redis.url()), bot);
-        o.key_prefix = "shared".into();
-        o
-    };
-    let a = TestApp::with(shared(&bot), bot.clone()).await;
-    let b = TestApp::with(shared(&bot), bot.clone()).await;
+    let [a, b]: [TestApp; 2] = replicas(&redis.url(), &bot, 2).await.try_into().ok().unwrap();
     let (token, _, sid) = a.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&b.ws_url(TOKEN_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
     assert_echo(&mut ws, Message::text("held by B")).await;
@@ -163,13 +157,7 @@ async fn delete_on_one_replica_ends_a_session_held_by_another() {
 async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let shared = |bot: &TestBot| {
-        let mut o = AppOptions::new(Some(redis.url()), bot);
-        o.key_prefix = "shared".into();
-        o
-    };
-    let a = TestApp::with(shared(&bot), bot.clone()).await;
-    let b = TestApp::with(shared(&bot), bot.clone()).await;
+    let [a, b]: [TestApp; 2] = replicas(&redis.url(), &bot, 2).await.try_into().ok().unwrap();
 
     // A token minted while there is room, used once the cap is reached.
     let (late_token, _, _) = a.start_session(CAPPED_AGENT).await;

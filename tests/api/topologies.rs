@@ -154,12 +154,7 @@ async fn the_broker_runs_on_a_cluster() {
 async fn redis_stopped_mid_run_gives_503s_then_recovers() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        let mut options = AppOptions::new(Some(redis.url()), &bot);
-        options.key_prefix = "outage".into();
-        apps.push(TestApp::with(options, bot.clone()).await);
-    }
+    let apps = replicas(&redis.url(), &bot, 3).await;
     let refs: Vec<&TestApp> = apps.iter().collect();
     let before = mint(&apps[0], 60).await;
     let (early, late) = before.split_at(30);
