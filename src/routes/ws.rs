@@ -30,7 +30,7 @@ use crate::{
     bridge,
     error::{ApiError, TokenRefusal},
     keys,
-    sessions::{EndReason, Status, ended_fields},
+    sessions::{EndReason, Registration, Status, ended_fields},
     startup::AppState,
     store::unix_ms,
     token::redact,
@@ -137,10 +137,7 @@ pub async fn connect(
         Ok(bot) => bot,
         Err(e) => {
             tracing::warn!(session_id = %sid, agent = %agent.service_host, error = %e, "bot unreachable");
-            drop(registration);
-            if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
-                tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
-            }
+            release(&state, &agent, sid, registration).await;
             admission.give_back(&state).await;
             if admission.consumed.is_some() {
                 let note = [("last_error", EndReason::BotUnreachable.as_str().to_owned())];
@@ -168,8 +165,7 @@ pub async fn connect(
     match state.store.update_session(sid, from, &active, Some(ttl)).await {
         Ok(true) => {}
         Ok(false) => {
-            drop(registration);
-            let _ = state.store.release_slot(&agent.service_host, sid).await;
+            release(&state, &agent, sid, registration).await;
             let mut bot = bot;
             let _ = bot.close(None).await;
             tracing::info!(session_id = %sid, "connect refused: session was terminated");
@@ -189,7 +185,6 @@ pub async fn connect(
     let session = async move {
         let active = state.metrics.active_sessions.with_label_values(&[&agent.service_host]);
         active.inc();
-        let _registration = registration;
         let outcome =
             bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters).await;
         active.dec();
@@ -201,9 +196,7 @@ pub async fn connect(
         {
             tracing::warn!(error = %e, "could not record the end of the session");
         }
-        if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
-            tracing::warn!(error = %e, "could not release the slot; it lapses with its lease");
-        }
+        release(&state, &agent, sid, registration).await;
         tracing::info!(
             reason = outcome.reason.as_str(),
             detail = outcome.detail,
@@ -213,6 +206,15 @@ pub async fn connect(
     };
     actix_web::rt::spawn(session.instrument(span));
     Ok(response)
+}
+
+/// Lets go of a session's place on this replica and its concurrency slot. A slot that cannot be
+/// released lapses with its lease, which is no longer renewed.
+async fn release(state: &AppState, agent: &Agent, sid: Uuid, registration: Registration) {
+    drop(registration);
+    if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
+        tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+    }
 }
 
 /// The right to start one session: a session id, and for token agents the consumed token.
