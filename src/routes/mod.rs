@@ -8,13 +8,18 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use actix_web::{
+    HttpRequest, HttpResponse,
+    http::{Method, header},
+    web,
+};
 
 use crate::{
     agents::{Agent, Lookup},
     error::ApiError,
     keys::{self, KeyRejection},
     registry::Registry,
+    startup::AppState,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -27,29 +32,41 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::PathConfig::default()
             .error_handler(|e, _| ApiError::BadRequest(format!("Invalid path: {e}")).into()),
     )
-    .service(
-        web::resource("/v1/public/{agent}/start")
-            .route(web::post().to(start::start))
-            .default_service(web::to(method_not_allowed)),
-    )
+    // Static prefixes, parsed by hand below them: actix matches dynamic segments with a regex,
+    // a measurable share of the broker's CPU per request (BENCHMARKS.md).
+    .service(web::scope(PUBLIC_PREFIX).default_service(web::to(public_api)))
     .service(
         web::resource("/v1/organizations/{org}/services/{agent}")
             .route(web::get().to(services::service))
             .default_service(web::to(method_not_allowed)),
     )
-    .service(
-        web::resource("/v1/public/{agent}/sessions/{session_id}")
-            .route(web::get().to(sessions::get))
-            .route(web::delete().to(sessions::delete))
-            .default_service(web::to(method_not_allowed)),
-    )
-    // A static prefix, parsed by hand below it: actix matches dynamic segments with a regex,
-    // which over a 200-byte token cost 6% of the broker's CPU per connect (BENCHMARKS.md).
     .service(web::scope(ws::PREFIX).default_service(web::to(ws::connect)))
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
     .route("/metrics", web::get().to(health::metrics))
     .default_service(web::to(not_found));
+}
+
+/// Where the public session API lives.
+const PUBLIC_PREFIX: &str = "/v1/public";
+
+/// `/v1/public/{agent}/start` and `/v1/public/{agent}/sessions/{sessionId}`.
+async fn public_api(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let rest = req.match_info().unprocessed().strip_prefix('/').unwrap_or_default();
+    let segments: Vec<&str> = rest.split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::POST, [agent, "start"]) => start::start(&req, agent, payload, &state).await,
+        (&Method::GET, [agent, "sessions", id]) => sessions::get(&req, agent, id, &state).await,
+        (&Method::DELETE, [agent, "sessions", id]) => {
+            sessions::delete(&req, agent, id, &state).await
+        }
+        (_, [_, "start"] | [_, "sessions", _]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::RouteNotFound),
+    }
 }
 
 /// The org whose public key authorizes this request (`Authorization: Bearer pk_…`), and the key.

@@ -1,7 +1,7 @@
 //! `GET` and `DELETE /v1/public/{agent}/sessions/{sessionId}`: read a session's record, or end
 //! the session wherever it runs. Authenticated with the org's public key, like `/start`.
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse};
 use uuid::Uuid;
 
 use super::{agent_of, authenticate};
@@ -14,12 +14,13 @@ use crate::{
 };
 
 pub async fn get(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    state: web::Data<AppState>,
+    req: &HttpRequest,
+    agent_name: &str,
+    session_id: &str,
+    state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    let (agent, sid) = target(&req, &state, path.into_inner())?;
-    let record = load(&state, &agent, sid).await?;
+    let (agent, sid) = target(req, state, agent_name, session_id)?;
+    let record = load(state, &agent, sid).await?;
     Ok(HttpResponse::Ok().json(record))
 }
 
@@ -31,12 +32,13 @@ pub async fn get(
 /// retry after a failure part-way (503) completes the termination. A session that ended for
 /// another reason is left as it is.
 pub async fn delete(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    state: web::Data<AppState>,
+    req: &HttpRequest,
+    agent_name: &str,
+    session_id: &str,
+    state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    let (agent, sid) = target(&req, &state, path.into_inner())?;
-    let record = load(&state, &agent, sid).await?;
+    let (agent, sid) = target(req, state, agent_name, session_id)?;
+    let record = load(state, &agent, sid).await?;
     if record.status == Status::Ended {
         return Ok(HttpResponse::Ok().json(record));
     }
@@ -57,19 +59,20 @@ pub async fn delete(
     state.store.release_slot(&agent.service_host, sid).await?;
     state.store.publish_termination(sid).await?;
     tracing::info!(session_id = %sid, agent = %agent.service_host, "session terminated");
-    Ok(HttpResponse::Ok().json(load(&state, &agent, sid).await?))
+    Ok(HttpResponse::Ok().json(load(state, &agent, sid).await?))
 }
 
 fn target(
     req: &HttpRequest,
     state: &AppState,
-    (agent_name, session_id): (String, String),
+    agent_name: &str,
+    session_id: &str,
 ) -> Result<(std::sync::Arc<Agent>, Uuid), ApiError> {
     let registry = state.registry.load();
     let (org, _) = authenticate(req, &registry)?;
-    let agent = agent_of(&registry, org, &agent_name)?;
+    let agent = agent_of(&registry, org, agent_name)?;
     // Not a UUID: no such session, rather than a request error a client must handle apart.
-    let sid = Uuid::parse_str(&session_id).map_err(|_| ApiError::SessionNotFound)?;
+    let sid = Uuid::parse_str(session_id).map_err(|_| ApiError::SessionNotFound)?;
     Ok((agent, sid))
 }
 

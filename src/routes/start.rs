@@ -68,13 +68,13 @@ struct StartResponse {
 }
 
 pub async fn start(
-    req: HttpRequest,
-    agent_name: web::Path<String>,
+    req: &HttpRequest,
+    agent_name: &str,
     payload: web::Payload,
-    state: web::Data<AppState>,
+    state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
     let registry = state.registry.load();
-    let (org, key) = authenticate(&req, &registry)?;
+    let (org, key) = authenticate(req, &registry)?;
     if let Some((limit, window)) = state.start_rate {
         // The bucket is named by the key's hash: the key itself never reaches the store.
         let bucket = hex::encode(&keys::hash_key(key)[..16]);
@@ -83,7 +83,7 @@ pub async fn start(
         }
     }
 
-    let agent = agent_of(&registry, org, &agent_name)?;
+    let agent = agent_of(&registry, org, agent_name)?;
     let request = read_request(payload).await?;
     // The official Python SDK never sends `transport`; the agent's default applies, which is
     // websocket for every agent of this broker.
