@@ -488,6 +488,20 @@ mod tests {
         assert_eq!(s.agents.files, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
     }
 
+    /// The form deploy/kubernetes uses for keys from a Secret: the id may hold a dash.
+    #[test]
+    fn signing_keys_come_from_the_environment() {
+        let s = Settings::load(env(&[
+            ("BROKER__TOKEN__SIGNING_KEY_ID", "2026-11"),
+            ("BROKER__TOKEN__KEYS__2026-11", "a-signing-key-from-a-kubernetes-secret!"),
+            ("BROKER__REDIS__SENTINELS", "redis://s1:26379,redis://s2:26379"),
+            ("BROKER__REDIS__MASTER_NAME", "broker"),
+        ]))
+        .unwrap();
+        assert!(s.token.keys.contains_key("2026-11"));
+        assert_eq!(s.redis.sentinels.len(), 2);
+    }
+
     #[test]
     fn the_example_file_is_valid() {
         let file =
