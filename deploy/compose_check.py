@@ -86,6 +86,8 @@ async def main():
         async with websockets.connect(f"{body['wsUrl']}/{body['token']}") as ws:
             await echo(ws, f"hello from {port}")
     print("each region: /start and connect ok")
+    status, _ = http("GET", f"{WEST}/metrics")
+    assert status == 404, f"/metrics is public through the load balancer: {status}"
 
     # A token minted through us-west, used through eu-central, then replayed through us-west.
     body = start(WEST)
