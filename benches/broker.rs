@@ -630,7 +630,7 @@ impl Proc {
 
     fn broker(prefix: &[String], redis: &SocketAddr, agents: &std::path::Path) -> Self {
         let addr = free_addr();
-        let hash = session_broker::keys::hash_key(KEY);
+        let hash = session_broker::api_keys::hash_api_key(KEY);
         let env = [
             ("BROKER__LISTEN", addr.to_string()),
             ("BROKER__WORKERS", "1".into()),

@@ -9,7 +9,7 @@ use rand::RngCore;
 
 use crate::{
     agents::{Agent, is_valid_name},
-    keys::{PUBLIC_KEY_PREFIX, hash_key},
+    api_keys::{PUBLIC_KEY_PREFIX, hash_api_key},
     registry::KeyRecord,
     store::{Store, unix_ms},
 };
@@ -37,7 +37,7 @@ pub async fn create_key(store: &dyn Store, org: &str) -> anyhow::Result<(String,
     let mut random = [0u8; KEY_RANDOM_BYTES];
     rand::rng().fill_bytes(&mut random);
     let key = format!("{PUBLIC_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(random));
-    let hash = hex::encode(hash_key(&key));
+    let hash = hex::encode(hash_api_key(&key));
     let record = KeyRecord {
         id: hash[..KEY_ID_HEX].to_owned(),
         org: org.to_owned(),

@@ -384,7 +384,7 @@ impl Settings {
                 return bad(&format!("orgs.{org}"), "not a valid organization name".into());
             }
             for hash in &settings.public_key_hashes {
-                if crate::keys::parse_key_hash(hash).is_none() {
+                if crate::api_keys::parse_api_key_hash(hash).is_none() {
                     return bad(
                         &format!("orgs.{org}.public_key_hashes"),
                         "each entry must be 64 hex digits (optionally prefixed sha256:)".into(),
@@ -510,7 +510,10 @@ mod tests {
         assert_eq!(s.region, "us-west");
         assert!(!s.is_demo());
         let hash = &s.orgs["my-org"].public_key_hashes[0];
-        assert_eq!(crate::keys::parse_key_hash(hash), Some(crate::keys::hash_key("pk_example")));
+        assert_eq!(
+            crate::api_keys::parse_api_key_hash(hash),
+            Some(crate::api_keys::hash_api_key("pk_example"))
+        );
     }
 
     #[test]
@@ -519,8 +522,8 @@ mod tests {
         let s = Settings::load(Sources { file: Some(PathBuf::from(path)), ..env(&[]) }).unwrap();
         let hash = &s.orgs["demo"].public_key_hashes[0];
         assert_eq!(
-            crate::keys::parse_key_hash(hash),
-            Some(crate::keys::hash_key("pk_compose_demo"))
+            crate::api_keys::parse_api_key_hash(hash),
+            Some(crate::api_keys::hash_api_key("pk_compose_demo"))
         );
         assert_eq!(s.regions.len(), 2);
     }

@@ -9,7 +9,7 @@ use actix_web::{
 };
 use serde::Serialize;
 
-use crate::{keys::KeyRejection, store::StoreError, token::TokenError};
+use crate::{api_keys::ApiKeyRejection, store::StoreError, token::TokenError};
 
 /// Seconds a client is told to wait when the state store is unreachable.
 pub const STORE_RETRY_AFTER_SECS: u32 = 1;
@@ -17,7 +17,7 @@ pub const STORE_RETRY_AFTER_SECS: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
-    Unauthorized(KeyRejection),
+    Unauthorized(ApiKeyRejection),
     #[error("Agent not found")]
     AgentNotFound,
     #[error("{0}")]

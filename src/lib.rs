@@ -2,7 +2,7 @@
 //! relays it.
 //!
 //! How a session flows:
-//! 1. `POST /v1/public/{agent}/start` ([`routes::start`]): the org's public key ([`keys`]) is
+//! 1. `POST /v1/public/{agent}/start` ([`routes::start`]): the org's public key ([`api_keys`]) is
 //!    checked and the agent looked up, both in the [`registry`] (files, settings and the shared
 //!    registry in Redis, see [`agents`]); a short-lived signed token is minted ([`token`]) and the
 //!    session's record written as pending ([`sessions`]). No bot is contacted.
@@ -20,11 +20,11 @@
 
 pub mod admin;
 pub mod agents;
+pub mod api_keys;
 pub mod bridge;
 pub mod config;
 pub mod echo_bot;
 pub mod error;
-pub mod keys;
 pub mod metrics;
 pub mod registry;
 pub mod routes;

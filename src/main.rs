@@ -4,8 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use session_broker::{
+    api_keys,
     config::{Settings, Sources},
-    keys,
     startup::Application,
     store::redis::RedisStore,
     telemetry,
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::HashKey { key } => {
-            println!("sha256:{}", hex::encode(keys::hash_key(&key)));
+            println!("sha256:{}", hex::encode(api_keys::hash_api_key(&key)));
             ExitCode::SUCCESS
         }
         Command::Deploy { file, org, store } => admin(store, async move |s| {

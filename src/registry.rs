@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     agents::{Agent, AgentRegistry},
-    keys::{KeyHash, KeyIndex, parse_key_hash},
+    api_keys::{ApiKeyHash, ApiKeyIndex, parse_api_key_hash},
     store::{Store, StoreError},
 };
 
@@ -42,7 +42,7 @@ pub struct SharedEntries {
 #[derive(Debug, Default)]
 pub struct Registry {
     pub agents: AgentRegistry,
-    pub keys: KeyIndex,
+    pub keys: ApiKeyIndex,
     /// Version of the shared part this view includes; 0 before any was read.
     pub version: u64,
 }
@@ -51,11 +51,11 @@ pub struct Registry {
 pub struct LiveRegistry {
     current: ArcSwap<Registry>,
     static_agents: Vec<Agent>,
-    static_keys: Vec<(KeyHash, String)>,
+    static_keys: Vec<(ApiKeyHash, String)>,
 }
 
 impl LiveRegistry {
-    pub fn new(static_agents: Vec<Agent>, static_keys: Vec<(KeyHash, String)>) -> Self {
+    pub fn new(static_agents: Vec<Agent>, static_keys: Vec<(ApiKeyHash, String)>) -> Self {
         let live = Self { current: ArcSwap::default(), static_agents, static_keys };
         live.current.store(Arc::new(live.build(&SharedEntries::default())));
         live
@@ -90,12 +90,12 @@ impl LiveRegistry {
                 Err(e) => tracing::warn!(error = %e, "skipping a registry agent"),
             }
         }
-        let mut keys = KeyIndex::default();
+        let mut keys = ApiKeyIndex::default();
         for (hash, org) in &self.static_keys {
             keys.insert(*hash, org);
         }
         for key in entries.keys.iter().filter(|k| k.revoked_ms.is_none()) {
-            if let Some(hash) = parse_key_hash(&key.hash) {
+            if let Some(hash) = parse_api_key_hash(&key.hash) {
                 keys.insert(hash, &key.org);
             }
         }

@@ -20,15 +20,15 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     agents::{Agent, AgentRegistry, WebsocketAuth},
+    api_keys,
     bridge::BridgeLimits,
     config::Settings,
-    keys,
     metrics::Metrics,
     registry::{self, LiveRegistry},
     routes,
     sessions::{self, LeaseTiming, LiveSessions, Stop},
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
-    token::Keyring,
+    token::SigningKeys,
 };
 
 /// How often a drain checks whether the sessions have ended.
@@ -51,7 +51,7 @@ pub struct AppState {
     /// replica's own region is always present.
     pub ws_base_urls: std::collections::BTreeMap<String, String>,
     pub token_lifetime: Duration,
-    pub keyring: Keyring,
+    pub keyring: SigningKeys,
     /// Agents and public keys: static ones, and the shared registry's, kept fresh.
     pub registry: Arc<LiveRegistry>,
     pub store: Arc<dyn Store>,
@@ -121,9 +121,10 @@ impl Application {
             let bot_url = format!("ws://{}/", bot.local_addr()?);
             background.0.push(tokio::spawn(crate::echo_bot::serve(bot)));
             agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
-            static_keys.push((keys::hash_key(keys::DEMO_PUBLIC_KEY), DEMO_ORG.to_owned()));
+            static_keys
+                .push((api_keys::hash_api_key(api_keys::DEMO_PUBLIC_KEY), DEMO_ORG.to_owned()));
             tracing::warn!(
-                public_key = keys::DEMO_PUBLIC_KEY,
+                public_key = api_keys::DEMO_PUBLIC_KEY,
                 agent = DEMO_AGENT,
                 org = DEMO_ORG,
                 "demo mode: no agents or orgs configured; serving the built-in echo agent, \
@@ -134,7 +135,7 @@ impl Application {
         for (org, org_settings) in &settings.orgs {
             for hash in &org_settings.public_key_hashes {
                 // validate() already checked the format.
-                let hash = keys::parse_key_hash(hash).context("orgs: bad key hash")?;
+                let hash = api_keys::parse_api_key_hash(hash).context("orgs: bad key hash")?;
                 static_keys.push((hash, org.clone()));
             }
         }
@@ -200,7 +201,7 @@ impl Application {
             static_keys,
         ));
         if settings.redis.is_configured() {
-            // The shared registry's agents and keys, before the first request is served.
+            // The shared registry's agents and api_keys, before the first request is served.
             if let Err(e) = registry.refresh(&*store).await {
                 tracing::warn!(error = %e, "shared registry not loaded yet; retrying in the background");
             }
@@ -374,9 +375,9 @@ fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Resul
 
 /// The configured keyring, or, with no keys configured (validation allows that only without
 /// Redis), a random key that lives as long as the process.
-fn build_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
+fn build_keyring(settings: &Settings) -> anyhow::Result<SigningKeys> {
     if !settings.token.keys.is_empty() {
-        return Ok(Keyring::new(&settings.token.signing_key_id, &settings.token.keys)?);
+        return Ok(SigningKeys::new(&settings.token.signing_key_id, &settings.token.keys)?);
     }
     if settings.redis.is_configured() {
         anyhow::bail!("token.keys: required with Redis: replicas must share their signing keys");
@@ -392,7 +393,7 @@ fn build_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
         "no token.keys configured: generated a random signing key for this process; tokens \
          will not survive a restart and no other replica can verify them"
     );
-    Ok(Keyring::new(GENERATED_KEY_ID, &keys)?)
+    Ok(SigningKeys::new(GENERATED_KEY_ID, &keys)?)
 }
 
 #[cfg(test)]

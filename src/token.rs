@@ -53,7 +53,7 @@ pub enum TokenError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub enum SigningKeyError {
     #[error("token.keys.{0}: at least {MIN_KEY_BYTES} bytes are required")]
     TooShort(String),
     #[error("token.signing_key_id: `{0}` is not one of the keys")]
@@ -62,39 +62,39 @@ pub enum KeyError {
 
 /// The verification keys by id, and which one signs. Each key is kept as a pre-keyed HMAC state
 /// that is cloned per use, which saves re-deriving the padded key blocks on every token.
-pub struct Keyring {
+pub struct SigningKeys {
     signing_kid: String,
     keys: HashMap<String, HmacSha256>,
 }
 
-impl std::fmt::Debug for Keyring {
+impl std::fmt::Debug for SigningKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut kids: Vec<_> = self.keys.keys().collect();
         kids.sort();
-        f.debug_struct("Keyring")
+        f.debug_struct("SigningKeys")
             .field("signing_kid", &self.signing_kid)
             .field("kids", &kids)
             .finish()
     }
 }
 
-impl Keyring {
+impl SigningKeys {
     pub fn new<'a>(
         signing_kid: &str,
         keys: impl IntoIterator<Item = (&'a String, &'a SecretString)>,
-    ) -> Result<Self, KeyError> {
+    ) -> Result<Self, SigningKeyError> {
         let mut ring = HashMap::new();
         for (kid, secret) in keys {
             let bytes = secret.expose_secret().as_bytes();
             if bytes.len() < MIN_KEY_BYTES {
-                return Err(KeyError::TooShort(kid.clone()));
+                return Err(SigningKeyError::TooShort(kid.clone()));
             }
             // new_from_slice only fails for fixed-size-key MACs; HMAC takes keys of any length.
             let mac = HmacSha256::new_from_slice(bytes).expect("HMAC accepts any key length");
             ring.insert(kid.clone(), mac);
         }
         if !ring.contains_key(signing_kid) {
-            return Err(KeyError::UnknownSigningKey(signing_kid.to_owned()));
+            return Err(SigningKeyError::UnknownSigningKey(signing_kid.to_owned()));
         }
         Ok(Self { signing_kid: signing_kid.to_owned(), keys: ring })
     }
@@ -166,13 +166,13 @@ mod tests {
     const NOW: u64 = 1_700_000_000_000;
     const HOST: &str = "my-agent.my-org";
 
-    fn ring(pairs: &[(&str, &str)], signing: &str) -> Keyring {
+    fn ring(pairs: &[(&str, &str)], signing: &str) -> SigningKeys {
         let keys: Vec<(String, SecretString)> =
             pairs.iter().map(|(k, v)| (k.to_string(), SecretString::from(v.to_string()))).collect();
-        Keyring::new(signing, keys.iter().map(|(k, v)| (k, v))).unwrap()
+        SigningKeys::new(signing, keys.iter().map(|(k, v)| (k, v))).unwrap()
     }
 
-    fn default_ring() -> Keyring {
+    fn default_ring() -> SigningKeys {
         ring(&[("k1", "0123456789abcdef0123456789abcdef")], "k1")
     }
 
@@ -259,8 +259,8 @@ mod tests {
     fn short_keys_are_refused() {
         let short = [("k1".to_string(), SecretString::from("x".repeat(31)))];
         assert!(matches!(
-            Keyring::new("k1", short.iter().map(|(k, v)| (k, v))),
-            Err(KeyError::TooShort(_))
+            SigningKeys::new("k1", short.iter().map(|(k, v)| (k, v))),
+            Err(SigningKeyError::TooShort(_))
         ));
     }
 

@@ -16,8 +16,8 @@ use actix_web::{
 
 use crate::{
     agents::{Agent, Lookup},
+    api_keys::{self, ApiKeyRejection},
     error::ApiError,
-    keys::{self, KeyRejection},
     registry::Registry,
     startup::AppState,
 };
@@ -74,8 +74,8 @@ fn authenticate<'a>(
     req: &'a HttpRequest,
     registry: &'a Registry,
 ) -> Result<(&'a str, &'a str), ApiError> {
-    let key = keys::bearer(req.headers().get(header::AUTHORIZATION))
-        .ok_or(ApiError::Unauthorized(KeyRejection::Missing))?;
+    let key = api_keys::bearer(req.headers().get(header::AUTHORIZATION))
+        .ok_or(ApiError::Unauthorized(ApiKeyRejection::Missing))?;
     let org = registry.keys.org_of(key).map_err(ApiError::Unauthorized)?;
     Ok((org, key))
 }
@@ -85,7 +85,7 @@ fn authenticate<'a>(
 fn agent_of(registry: &Registry, org: &str, name: &str) -> Result<Arc<Agent>, ApiError> {
     match registry.agents.lookup(org, name) {
         Lookup::Found(agent) => Ok(agent.clone()),
-        Lookup::OtherOrg => Err(ApiError::Unauthorized(KeyRejection::OtherOrg)),
+        Lookup::OtherOrg => Err(ApiError::Unauthorized(ApiKeyRejection::OtherOrg)),
         Lookup::Unknown => Err(ApiError::AgentNotFound),
     }
 }

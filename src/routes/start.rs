@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{agent_of, authenticate};
 use crate::{
-    agents::WebsocketAuth, error::ApiError, keys, sessions::Status, startup::AppState,
+    agents::WebsocketAuth, api_keys, error::ApiError, sessions::Status, startup::AppState,
     store::unix_ms,
 };
 
@@ -77,7 +77,7 @@ pub async fn start(
     let (org, key) = authenticate(req, &registry)?;
     if let Some((limit, window)) = state.start_rate {
         // The bucket is named by the key's hash: the key itself never reaches the store.
-        let bucket = hex::encode(&keys::hash_key(key)[..16]);
+        let bucket = hex::encode(&api_keys::hash_api_key(key)[..16]);
         if !state.store.rate_limit(&bucket, limit, window).await? {
             return Err(ApiError::RateLimited);
         }

@@ -27,9 +27,8 @@ use uuid::Uuid;
 
 use crate::{
     agents::{Agent, WebsocketAuth},
-    bridge,
+    api_keys, bridge,
     error::{ApiError, TokenRefusal},
-    keys,
     sessions::{EndReason, Registration, Status, ended_fields},
     startup::AppState,
     store::unix_ms,
@@ -290,7 +289,7 @@ fn find_token<'a>(
     query: Option<&'a str>,
     path: Option<&'a str>,
 ) -> Option<&'a str> {
-    keys::bearer(req.headers().get(header::AUTHORIZATION))
+    api_keys::bearer(req.headers().get(header::AUTHORIZATION))
         .or(query.filter(|t| !t.is_empty()))
         .or(path.filter(|t| !t.is_empty()))
 }

@@ -15,10 +15,10 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use secrecy::SecretString;
 use session_broker::{
+    api_keys::hash_api_key,
     config::{OrgSettings, Settings},
-    keys::hash_key,
     startup::Application,
-    token::Keyring,
+    token::SigningKeys,
 };
 use tokio::net::TcpListener;
 use tokio_tungstenite::{
@@ -303,7 +303,7 @@ impl AppOptions {
         for (org, key) in [(ORG, KEY), (OTHER_ORG, OTHER_KEY)] {
             settings.orgs.insert(
                 org.into(),
-                OrgSettings { public_key_hashes: vec![hex::encode(hash_key(key))] },
+                OrgSettings { public_key_hashes: vec![hex::encode(hash_api_key(key))] },
             );
         }
         Self {
@@ -317,9 +317,9 @@ impl AppOptions {
 }
 
 /// The keyring the test apps use, for minting tokens the API would not (expired, say).
-pub fn test_keyring() -> Keyring {
+pub fn test_keyring() -> SigningKeys {
     let keys = BTreeMap::from([("k1".to_string(), SecretString::from(SIGNING_KEY))]);
-    Keyring::new("k1", &keys).unwrap()
+    SigningKeys::new("k1", &keys).unwrap()
 }
 
 /// `count` replicas sharing the Redis at `redis_url` (one key prefix) and the bot.
@@ -466,7 +466,7 @@ impl BrokerProcess {
             .env("BROKER__TOKEN__SIGNING_KEY_ID", "k1")
             .env("BROKER__TOKEN__KEYS__K1", SIGNING_KEY)
             .env("BROKER__AGENTS__DIR", agent_dir)
-            .env(format!("BROKER__ORGS__{ORG}__PUBLIC_KEY_HASHES"), hex::encode(hash_key(KEY)))
+            .env(format!("BROKER__ORGS__{ORG}__PUBLIC_KEY_HASHES"), hex::encode(hash_api_key(KEY)))
             .env("BROKER__WORKERS", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

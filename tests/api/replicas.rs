@@ -127,7 +127,7 @@ async fn signing_keys_rotate_across_replicas_without_refusing_a_token() {
     accepted(&b, &after).await;
     accepted(&a, &last_before_retirement).await; // minted before the retirement, by the new key
     // An old-key token that outlived the procedure is refused, as it would have expired.
-    let stale = session_broker::token::Keyring::new(
+    let stale = session_broker::token::SigningKeys::new(
         OLD.0,
         &std::collections::BTreeMap::from([(
             OLD.0.to_string(),

@@ -107,7 +107,7 @@ async fn every_bad_token_is_403_before_the_bot(store: Store) {
         "k1".to_string(),
         secrecy::SecretString::from("a-completely-different-key-of-32+bytes"),
     )]);
-    let foreign = session_broker::token::Keyring::new("k1", &foreign_keys).unwrap();
+    let foreign = session_broker::token::SigningKeys::new("k1", &foreign_keys).unwrap();
     let forged = foreign.mint(&host, Uuid::new_v4(), "local", now + 60_000);
     assert_refused(connect(&ws_url, Some((&forged, Via::Query))).await, 403, "token_bad_signature");
 
