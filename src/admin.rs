@@ -10,8 +10,7 @@ use rand::RngCore;
 use crate::{
     agents::{Agent, is_valid_name},
     api_keys::{PUBLIC_KEY_PREFIX, hash_api_key},
-    registry::KeyRecord,
-    store::{Store, unix_ms},
+    store::{ApiKeyRecord, RegistryStore, unix_ms},
 };
 
 /// Random bytes in a new public key: 192 bits.
@@ -21,7 +20,11 @@ const KEY_ID_HEX: usize = 12;
 
 /// Validates `pcc-deploy.toml` at `path` for `org` and stores it. Returns `agent.org` and the
 /// registry version that includes it.
-pub async fn deploy(store: &dyn Store, org: &str, path: &Path) -> anyhow::Result<(String, u64)> {
+pub async fn deploy(
+    store: &dyn RegistryStore,
+    org: &str,
+    path: &Path,
+) -> anyhow::Result<(String, u64)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {origin}"))?;
     let agent = Agent::from_toml_for(&text, &origin, Some(org))?;
@@ -30,7 +33,10 @@ pub async fn deploy(store: &dyn Store, org: &str, path: &Path) -> anyhow::Result
 }
 
 /// Creates a public key for `org`. The key is returned once and stored only as its hash.
-pub async fn create_key(store: &dyn Store, org: &str) -> anyhow::Result<(String, KeyRecord)> {
+pub async fn create_key(
+    store: &dyn RegistryStore,
+    org: &str,
+) -> anyhow::Result<(String, ApiKeyRecord)> {
     if !is_valid_name(org) {
         bail!("`{org}` is not a valid organization name");
     }
@@ -38,7 +44,7 @@ pub async fn create_key(store: &dyn Store, org: &str) -> anyhow::Result<(String,
     rand::rng().fill_bytes(&mut random);
     let key = format!("{PUBLIC_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(random));
     let hash = hex::encode(hash_api_key(&key));
-    let record = KeyRecord {
+    let record = ApiKeyRecord {
         id: hash[..KEY_ID_HEX].to_owned(),
         org: org.to_owned(),
         hash,
@@ -50,15 +56,19 @@ pub async fn create_key(store: &dyn Store, org: &str) -> anyhow::Result<(String,
 }
 
 /// The keys of `org`, revoked ones included, oldest first.
-pub async fn list_keys(store: &dyn Store, org: &str) -> anyhow::Result<Vec<KeyRecord>> {
-    let mut keys: Vec<KeyRecord> =
+pub async fn list_keys(store: &dyn RegistryStore, org: &str) -> anyhow::Result<Vec<ApiKeyRecord>> {
+    let mut keys: Vec<ApiKeyRecord> =
         store.registry_load().await?.keys.into_iter().filter(|k| k.org == org).collect();
     keys.sort_by_key(|k| k.created_ms);
     Ok(keys)
 }
 
 /// Revokes the key `id` of `org`. Revoking a revoked key changes nothing.
-pub async fn revoke_key(store: &dyn Store, org: &str, id: &str) -> anyhow::Result<KeyRecord> {
+pub async fn revoke_key(
+    store: &dyn RegistryStore,
+    org: &str,
+    id: &str,
+) -> anyhow::Result<ApiKeyRecord> {
     let mut key = list_keys(store, org)
         .await?
         .into_iter()

@@ -10,9 +10,9 @@
 //! side slows its writer on the other through TCP flow control, instead of growing memory, and
 //! never stalls the opposite direction.
 
-use std::{cell::Cell, time::Duration};
+use std::time::Duration;
 
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_tungstenite::{
@@ -29,6 +29,8 @@ use url::Url;
 use crate::sessions::{EndReason, Stop, TERMINATED_CLOSE_CODE};
 
 pub type BotSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type BotSink = futures_util::stream::SplitSink<BotSocket, BotMessage>;
+type BotStream = futures_util::stream::SplitStream<BotSocket>;
 
 /// How long the broker waits for the second side's close reply once it has passed a close on.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -116,7 +118,7 @@ pub struct Outcome {
 /// Relays one session until either side ends it, `max_duration` passes or `stop` fires, then
 /// closes both sides. Returns how it ended.
 pub async fn relay(
-    mut client: actix_ws::Session,
+    client: actix_ws::Session,
     client_stream: actix_ws::MessageStream,
     bot: BotSocket,
     limits: BridgeLimits,
@@ -124,130 +126,16 @@ pub async fn relay(
     stop: tokio::sync::oneshot::Receiver<Stop>,
     counters: RelayCounters,
 ) -> Outcome {
-    let mut client_rx = client_stream
+    let client_rx = client_stream
         .max_frame_size(limits.max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(limits.max_frame_bytes);
     let (mut bot_tx, mut bot_rx) = bot.split();
-
-    // Both loops run in this one task, so plain cells are enough to share the activity clocks.
-    let client_seen = Cell::new(Instant::now());
-    let bot_seen = Cell::new(Instant::now());
-    let mut client_pinger = client.clone();
-
-    let ending = {
-        let upstream = async {
-            let mut beat = heartbeat(limits.heartbeat_interval);
-            loop {
-                tokio::select! {
-                    msg = client_rx.recv() => {
-                        client_seen.set(Instant::now());
-                        let forwarded = match msg {
-                            Some(Ok(AggregatedMessage::Text(text))) => {
-                                // actix-ws validated the UTF-8 already; this re-check is cheap.
-                                counters.up(text.len());
-                                match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
-                                    Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
-                                    Err(_) => return Ending::client_error(CloseCode::Invalid, "client sent invalid UTF-8"),
-                                }
-                            }
-                            Some(Ok(AggregatedMessage::Binary(data))) => {
-                                counters.up(data.len());
-                                bot_tx.send(BotMessage::Binary(data)).await
-                            }
-                            Some(Ok(AggregatedMessage::Ping(data))) => {
-                                if client_pinger.pong(&data).await.is_err() {
-                                    return Ending::client_gone();
-                                }
-                                Ok(())
-                            }
-                            Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
-                            Some(Ok(AggregatedMessage::Close(reason))) => {
-                                return Ending {
-                                    outcome: Outcome { reason: EndReason::ClientClosed, detail: "client closed" },
-                                    to_client: reason.clone(),
-                                    to_bot: reason.map(bot_close),
-                                };
-                            }
-                            Some(Err(ProtocolError::Overflow)) => {
-                                return Ending::client_error(CloseCode::Size, "client message too big");
-                            }
-                            Some(Err(_)) => return Ending::client_error(CloseCode::Protocol, "client protocol error"),
-                            None => return Ending::client_gone(),
-                        };
-                        if forwarded.is_err() {
-                            return Ending::bot_gone();
-                        }
-                    }
-                    _ = beat.tick() => {
-                        if client_seen.get().elapsed() > limits.heartbeat_timeout {
-                            return Ending::silent(Side::Client);
-                        }
-                        if bot_tx.send(BotMessage::Ping(Default::default())).await.is_err() {
-                            return Ending::bot_gone();
-                        }
-                    }
-                }
-            }
-        };
-        let downstream = async {
-            let mut beat = heartbeat(limits.heartbeat_interval);
-            loop {
-                tokio::select! {
-                    msg = bot_rx.next() => {
-                        bot_seen.set(Instant::now());
-                        let forwarded = match msg {
-                            Some(Ok(BotMessage::Text(text))) => {
-                                counters.down(text.len());
-                                match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
-                                    Ok(text) => client.text(text).await,
-                                    Err(_) => return Ending::bot_error(BotCloseCode::Invalid, "bot sent invalid UTF-8"),
-                                }
-                            }
-                            Some(Ok(BotMessage::Binary(data))) => {
-                                counters.down(data.len());
-                                client.binary(data).await
-                            }
-                            // tungstenite answers the bot's pings itself.
-                            Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
-                            Some(Ok(BotMessage::Close(frame))) => {
-                                let normal = frame.as_ref().is_some_and(|f| f.code == BotCloseCode::Normal);
-                                let outcome = if normal {
-                                    Outcome { reason: EndReason::Completed, detail: "bot closed normally" }
-                                } else {
-                                    Outcome { reason: EndReason::BotClosed, detail: "bot closed" }
-                                };
-                                return Ending { outcome, to_client: frame.map(client_close), to_bot: None };
-                            }
-                            Some(Err(tungstenite::Error::Capacity(_))) => {
-                                return Ending::bot_error(BotCloseCode::Size, "bot message too big");
-                            }
-                            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
-                                return Ending::bot_gone();
-                            }
-                            Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol, "bot protocol error"),
-                        };
-                        if forwarded.is_err() {
-                            return Ending::client_gone();
-                        }
-                    }
-                    _ = beat.tick() => {
-                        if bot_seen.get().elapsed() > limits.heartbeat_timeout {
-                            return Ending::silent(Side::Bot);
-                        }
-                        if client.ping(b"").await.is_err() {
-                            return Ending::client_gone();
-                        }
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            ending = upstream => ending,
-            ending = downstream => ending,
-            () = tokio::time::sleep(max_duration) => Ending::duration_reached(),
-            Ok(why) = stop => Ending::stopped(why),
-        }
+    let ending = tokio::select! {
+        ending = client_to_bot(client_rx, &mut bot_tx, client.clone(), &limits, &counters) => ending,
+        ending = bot_to_client(&mut bot_rx, client.clone(), &limits, &counters) => ending,
+        () = tokio::time::sleep(max_duration) => Ending::duration_reached(),
+        Ok(why) = stop => Ending::stopped(why),
     };
 
     // Pass the close on. The bot gets a close frame and a short grace to answer it; the client's
@@ -267,6 +155,131 @@ pub async fn relay(
     let client_close = client.close(ending.to_client);
     let _ = tokio::join!(bot_close, client_close);
     outcome
+}
+
+/// Moves the client's messages to the bot, answers the client's pings and pings the bot, until
+/// one side fails or the client closes or falls silent. Awaits each write before the next read.
+async fn client_to_bot(
+    mut client_rx: AggregatedMessageStream,
+    bot_tx: &mut BotSink,
+    mut client_pinger: actix_ws::Session,
+    limits: &BridgeLimits,
+    counters: &RelayCounters,
+) -> Ending {
+    let mut client_seen = Instant::now();
+    let mut beat = heartbeat(limits.heartbeat_interval);
+    loop {
+        tokio::select! {
+            msg = client_rx.recv() => {
+                client_seen = Instant::now();
+                let forwarded = match msg {
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        // actix-ws validated the UTF-8 already; this re-check is cheap.
+                        counters.up(text.len());
+                        match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
+                            Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
+                            Err(_) => return Ending::client_error(CloseCode::Invalid, "client sent invalid UTF-8"),
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Binary(data))) => {
+                        counters.up(data.len());
+                        bot_tx.send(BotMessage::Binary(data)).await
+                    }
+                    Some(Ok(AggregatedMessage::Ping(data))) => {
+                        if client_pinger.pong(&data).await.is_err() {
+                            return Ending::client_gone();
+                        }
+                        Ok(())
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
+                    Some(Ok(AggregatedMessage::Close(reason))) => {
+                        return Ending {
+                            outcome: Outcome { reason: EndReason::ClientClosed, detail: "client closed" },
+                            to_client: reason.clone(),
+                            to_bot: reason.map(bot_close),
+                        };
+                    }
+                    Some(Err(ProtocolError::Overflow)) => {
+                        return Ending::client_error(CloseCode::Size, "client message too big");
+                    }
+                    Some(Err(_)) => return Ending::client_error(CloseCode::Protocol, "client protocol error"),
+                    None => return Ending::client_gone(),
+                };
+                if forwarded.is_err() {
+                    return Ending::bot_gone();
+                }
+            }
+            _ = beat.tick() => {
+                if client_seen.elapsed() > limits.heartbeat_timeout {
+                    return Ending::silent(Side::Client);
+                }
+                if bot_tx.send(BotMessage::Ping(Default::default())).await.is_err() {
+                    return Ending::bot_gone();
+                }
+            }
+        }
+    }
+}
+
+/// Moves the bot's messages to the client and pings the client, until one side fails or the
+/// bot closes or falls silent. Awaits each write before the next read.
+async fn bot_to_client(
+    bot_rx: &mut BotStream,
+    mut client: actix_ws::Session,
+    limits: &BridgeLimits,
+    counters: &RelayCounters,
+) -> Ending {
+    let mut bot_seen = Instant::now();
+    let mut beat = heartbeat(limits.heartbeat_interval);
+    loop {
+        tokio::select! {
+            msg = bot_rx.next() => {
+                bot_seen = Instant::now();
+                let forwarded = match msg {
+                    Some(Ok(BotMessage::Text(text))) => {
+                        counters.down(text.len());
+                        match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
+                            Ok(text) => client.text(text).await,
+                            Err(_) => return Ending::bot_error(BotCloseCode::Invalid, "bot sent invalid UTF-8"),
+                        }
+                    }
+                    Some(Ok(BotMessage::Binary(data))) => {
+                        counters.down(data.len());
+                        client.binary(data).await
+                    }
+                    // tungstenite answers the bot's pings itself.
+                    Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
+                    Some(Ok(BotMessage::Close(frame))) => {
+                        let normal = frame.as_ref().is_some_and(|f| f.code == BotCloseCode::Normal);
+                        let outcome = if normal {
+                            Outcome { reason: EndReason::Completed, detail: "bot closed normally" }
+                        } else {
+                            Outcome { reason: EndReason::BotClosed, detail: "bot closed" }
+                        };
+                        return Ending { outcome, to_client: frame.map(client_close), to_bot: None };
+                    }
+                    Some(Err(tungstenite::Error::Capacity(_))) => {
+                        return Ending::bot_error(BotCloseCode::Size, "bot message too big");
+                    }
+                    Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
+                        return Ending::bot_gone();
+                    }
+                    Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol, "bot protocol error"),
+                };
+                if forwarded.is_err() {
+                    return Ending::client_gone();
+                }
+            }
+            _ = beat.tick() => {
+                if bot_seen.elapsed() > limits.heartbeat_timeout {
+                    return Ending::silent(Side::Bot);
+                }
+                if client.ping(b"").await.is_err() {
+                    return Ending::client_gone();
+                }
+            }
+        }
+    }
 }
 
 /// How a session ends: the outcome, and the close frames each side receives.

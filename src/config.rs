@@ -45,12 +45,13 @@ pub struct Settings {
 pub struct RegistrySettings {
     /// How often each replica checks the shared registry (agents deployed, keys created or
     /// revoked through the CLI) for changes; a change reaches every replica within this.
-    pub refresh_ms: u64,
+    #[serde(rename = "refresh_ms", deserialize_with = "millis")]
+    pub refresh: Duration,
 }
 
 impl Default for RegistrySettings {
     fn default() -> Self {
-        Self { refresh_ms: 1_000 }
+        Self { refresh: Duration::from_secs(1) }
     }
 }
 
@@ -81,7 +82,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Upper bound on one store operation, connection set-up included. Past it the request is
     /// answered 503 rather than left hanging.
-    pub command_timeout_ms: u64,
+    #[serde(rename = "command_timeout_ms", deserialize_with = "millis")]
+    pub command_timeout: Duration,
     /// What a connect does when Redis cannot be asked whether its token was used: `closed`
     /// (default) refuses with 503; `open` lets it through unchecked, logged and counted.
     pub on_unavailable: FailMode,
@@ -89,7 +91,8 @@ pub struct RedisSettings {
     /// on; 0 (default) does not wait. See README: what this does and does not guarantee.
     pub wait_replicas: u32,
     /// How long to wait for those acknowledgements before refusing with 503.
-    pub wait_timeout_ms: u64,
+    #[serde(rename = "wait_timeout_ms", deserialize_with = "millis")]
+    pub wait_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -111,7 +114,8 @@ impl RedisSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct TokenSettings {
     /// How long a minted token stays valid.
-    pub lifetime_secs: u64,
+    #[serde(rename = "lifetime_secs", deserialize_with = "secs")]
+    pub lifetime: Duration,
     /// Key id used to sign new tokens; must be one of `keys`.
     pub signing_key_id: String,
     /// Verification keys by id, each at least 32 bytes. Several may be listed during a rotation.
@@ -142,34 +146,44 @@ pub struct OrgSettings {
 pub struct LimitSettings {
     /// `/start` calls allowed per public key in each `start_rate_window_secs`; 0 disables.
     pub start_rate_per_key: u64,
-    pub start_rate_window_secs: u64,
+    #[serde(rename = "start_rate_window_secs", deserialize_with = "secs")]
+    pub start_rate_window: Duration,
     /// Largest WebSocket frame (and reassembled message) accepted from either side.
     pub max_frame_bytes: usize,
     /// How long the broker waits for the bot's WebSocket handshake before answering 503.
-    pub bot_connect_timeout_ms: u64,
+    #[serde(rename = "bot_connect_timeout_ms", deserialize_with = "millis")]
+    pub bot_connect_timeout: Duration,
     /// Interval of the pings the broker sends to each side of a bridged session.
-    pub heartbeat_interval_ms: u64,
+    #[serde(rename = "heartbeat_interval_ms", deserialize_with = "millis")]
+    pub heartbeat_interval: Duration,
     /// A side from which nothing (not even a pong) arrived for this long is considered gone.
-    pub heartbeat_timeout_ms: u64,
+    #[serde(rename = "heartbeat_timeout_ms", deserialize_with = "millis")]
+    pub heartbeat_timeout: Duration,
     /// Ceiling on every agent's `max_session_duration`.
-    pub max_session_secs: u64,
+    #[serde(rename = "max_session_secs", deserialize_with = "secs")]
+    pub max_session: Duration,
     /// How long actix waits for a client to close TCP after a WebSocket close before dropping it.
-    pub client_disconnect_timeout_ms: u64,
+    #[serde(rename = "client_disconnect_timeout_ms", deserialize_with = "millis")]
+    pub client_disconnect_timeout: Duration,
     /// On SIGTERM, how long live sessions may go on before they are closed with 1001.
-    pub drain_deadline_secs: u64,
+    #[serde(rename = "drain_deadline_secs", deserialize_with = "secs")]
+    pub drain_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionSettings {
     /// How long session records are kept after they end.
-    pub retention_secs: u64,
+    #[serde(rename = "retention_secs", deserialize_with = "secs")]
+    pub retention: Duration,
     /// Lease of a live session on its concurrency slot. A replica that dies stops renewing;
     /// its slots free within one lease, its sessions are marked `replica_lost` within one lease
     /// plus one sweep interval.
-    pub lease_ttl_ms: u64,
+    #[serde(rename = "lease_ttl_ms", deserialize_with = "millis")]
+    pub lease_ttl: Duration,
     /// How often each replica looks for lapsed leases.
-    pub sweep_interval_ms: u64,
+    #[serde(rename = "sweep_interval_ms", deserialize_with = "millis")]
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -215,17 +229,21 @@ impl Default for RedisSettings {
             master_password: None,
             cluster_nodes: Vec::new(),
             key_prefix: "broker".into(),
-            command_timeout_ms: 1_000,
+            command_timeout: Duration::from_secs(1),
             on_unavailable: FailMode::Closed,
             wait_replicas: 0,
-            wait_timeout_ms: 100,
+            wait_timeout: Duration::from_millis(100),
         }
     }
 }
 
 impl Default for TokenSettings {
     fn default() -> Self {
-        Self { lifetime_secs: 300, signing_key_id: String::new(), keys: BTreeMap::new() }
+        Self {
+            lifetime: Duration::from_secs(300),
+            signing_key_id: String::new(),
+            keys: BTreeMap::new(),
+        }
     }
 }
 
@@ -233,21 +251,25 @@ impl Default for LimitSettings {
     fn default() -> Self {
         Self {
             start_rate_per_key: 600,
-            start_rate_window_secs: 60,
+            start_rate_window: Duration::from_secs(60),
             max_frame_bytes: 1024 * 1024,
-            bot_connect_timeout_ms: 3_000,
-            heartbeat_interval_ms: 15_000,
-            heartbeat_timeout_ms: 45_000,
-            max_session_secs: crate::agents::MAX_SESSION_SECS,
-            client_disconnect_timeout_ms: 1_000,
-            drain_deadline_secs: 60,
+            bot_connect_timeout: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_timeout: Duration::from_secs(45),
+            max_session: Duration::from_secs(crate::agents::MAX_SESSION_SECS),
+            client_disconnect_timeout: Duration::from_secs(1),
+            drain_deadline: Duration::from_secs(60),
         }
     }
 }
 
 impl Default for SessionSettings {
     fn default() -> Self {
-        Self { retention_secs: 86_400, lease_ttl_ms: 15_000, sweep_interval_ms: 2_000 }
+        Self {
+            retention: Duration::from_secs(86_400),
+            lease_ttl: Duration::from_secs(15),
+            sweep_interval: Duration::from_secs(2),
+        }
     }
 }
 
@@ -325,10 +347,10 @@ impl Settings {
             // The URL may hold a password: say what is wrong, not what it is.
             return bad("redis.url", format!("not a usable Redis URL ({:?})", e.kind()));
         }
-        if self.redis.command_timeout_ms == 0 {
+        if self.redis.command_timeout.is_zero() {
             return bad("redis.command_timeout_ms", "must be above 0".into());
         }
-        if !(1..=86_400).contains(&self.token.lifetime_secs) {
+        if !(1..=86_400).contains(&self.token.lifetime.as_secs()) {
             return bad("token.lifetime_secs", "must be between 1 and 86400".into());
         }
         for (id, key) in &self.token.keys {
@@ -365,7 +387,8 @@ impl Settings {
         if !r.sentinels.is_empty() && r.master_name.as_deref().unwrap_or("").is_empty() {
             return bad("redis.master_name", "required with redis.sentinels".into());
         }
-        if r.wait_replicas > 0 && !(1..r.command_timeout_ms).contains(&r.wait_timeout_ms) {
+        if r.wait_replicas > 0 && (r.wait_timeout.is_zero() || r.wait_timeout >= r.command_timeout)
+        {
             return bad(
                 "redis.wait_timeout_ms",
                 "must be above 0 and below redis.command_timeout_ms when wait_replicas is set"
@@ -393,32 +416,32 @@ impl Settings {
             }
         }
         let l = &self.limits;
-        if l.start_rate_per_key > 0 && l.start_rate_window_secs == 0 {
+        if l.start_rate_per_key > 0 && l.start_rate_window.is_zero() {
             return bad("limits.start_rate_window_secs", "must be above 0".into());
         }
         if l.max_frame_bytes < 1024 {
             return bad("limits.max_frame_bytes", "must be at least 1024".into());
         }
-        if l.bot_connect_timeout_ms == 0 {
+        if l.bot_connect_timeout.is_zero() {
             return bad("limits.bot_connect_timeout_ms", "must be above 0".into());
         }
-        if l.heartbeat_interval_ms == 0 || l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
+        if l.heartbeat_interval.is_zero() || l.heartbeat_timeout <= l.heartbeat_interval {
             return bad(
                 "limits.heartbeat_timeout_ms",
                 "must be above limits.heartbeat_interval_ms, which must be above 0".into(),
             );
         }
-        if l.max_session_secs == 0 {
+        if l.max_session.is_zero() {
             return bad("limits.max_session_secs", "must be above 0".into());
         }
         let s = &self.sessions;
-        if s.lease_ttl_ms < 30 {
+        if s.lease_ttl < Duration::from_millis(30) {
             return bad("sessions.lease_ttl_ms", "must be at least 30".into());
         }
-        if s.sweep_interval_ms == 0 {
+        if s.sweep_interval.is_zero() {
             return bad("sessions.sweep_interval_ms", "must be above 0".into());
         }
-        if self.registry.refresh_ms == 0 {
+        if self.registry.refresh.is_zero() {
             return bad("registry.refresh_ms", "must be above 0".into());
         }
         Ok(())
@@ -428,10 +451,16 @@ impl Settings {
     pub fn is_demo(&self) -> bool {
         self.agents.files.is_empty() && self.agents.dir.is_none() && self.orgs.is_empty()
     }
+}
 
-    pub fn command_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis.command_timeout_ms)
-    }
+/// A duration given in milliseconds, as every `…_ms` setting is.
+fn millis<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    u64::deserialize(deserializer).map(Duration::from_millis)
+}
+
+/// A duration given in seconds, as every `…_secs` setting is.
+fn secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    u64::deserialize(deserializer).map(Duration::from_secs)
 }
 
 /// Accepts `["a", "b"]` or `"a,b"`, so that list settings can come from one environment variable.
@@ -472,7 +501,7 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:8080");
         assert!(s.redis.url.is_none());
         assert!(s.is_demo());
-        assert_eq!(s.token.lifetime_secs, 300);
+        assert_eq!(s.token.lifetime, Duration::from_secs(300));
     }
 
     #[test]
@@ -484,7 +513,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s.listen, "0.0.0.0:9000");
-        assert_eq!(s.token.lifetime_secs, 30);
+        assert_eq!(s.token.lifetime, Duration::from_secs(30));
         assert_eq!(s.agents.files, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
     }
 

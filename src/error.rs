@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::{api_keys::ApiKeyRejection, store::StoreError, token::TokenError};
 
-/// Seconds a client is told to wait when the state store is unreachable.
-pub const STORE_RETRY_AFTER_SECS: u32 = 1;
+/// Seconds a client is told to wait before retrying a 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -33,7 +33,7 @@ pub enum ApiError {
     #[error("{}", .0.message())]
     TokenRefused(TokenRefusal),
     #[error("State store unavailable, retry shortly")]
-    StoreUnavailable(#[source] StoreError),
+    StoreUnavailable(#[from] StoreError),
     #[error("Bot unreachable, retry shortly")]
     BotUnreachable,
     #[error("This replica is shutting down; connect again")]
@@ -42,9 +42,6 @@ pub enum ApiError {
     RouteNotFound,
     #[error("Method not allowed")]
     MethodNotAllowed,
-    /// Never shown to the client: 500s say nothing internal.
-    #[error("Internal error")]
-    Internal(#[source] anyhow::Error),
 }
 
 /// Why a WebSocket connect was refused with 403.
@@ -95,66 +92,73 @@ struct ErrorBody<'a> {
     reason: Option<&'static str>,
 }
 
-impl ApiError {
+/// How one error is answered.
+struct Row {
+    status: StatusCode,
     /// The stable `code`. Pipecat Cloud uses the status number for most errors and a named code
     /// where clients branch on it.
-    fn code(&self) -> &'static str {
+    code: &'static str,
+    /// The `refusals_total` label.
+    metric: &'static str,
+    /// Sent as `reason` in the body.
+    reason: Option<&'static str>,
+    /// Sent as `Retry-After`, in seconds.
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    /// The table: every variant's status, code, metric label, reason and `Retry-After`.
+    fn row(&self) -> Row {
+        use StatusCode as S;
+        let row =
+            |status, code, metric| Row { status, code, metric, reason: None, retry_after: None };
+        let unavailable = |metric| Row {
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..row(S::SERVICE_UNAVAILABLE, "503", metric)
+        };
         match self {
-            Self::Unauthorized(_) => "401",
-            Self::AgentNotFound | Self::RouteNotFound | Self::SessionNotFound => "404",
-            Self::BadRequest(_) => "400",
-            Self::PayloadTooLarge(_) => "413",
-            Self::RateLimited => "429",
-            Self::AtCapacity => "PCC-AGENT-AT-CAPACITY",
-            Self::TokenRefused(_) => "403",
-            Self::StoreUnavailable(_) | Self::BotUnreachable | Self::Draining => "503",
-            Self::MethodNotAllowed => "405",
-            Self::Internal(_) => "500",
+            Self::Unauthorized(_) => row(S::UNAUTHORIZED, "401", "unauthorized"),
+            Self::AgentNotFound => row(S::NOT_FOUND, "404", "agent_not_found"),
+            Self::BadRequest(_) => row(S::BAD_REQUEST, "400", "bad_request"),
+            Self::PayloadTooLarge(_) => row(S::PAYLOAD_TOO_LARGE, "413", "payload_too_large"),
+            Self::RateLimited => row(S::TOO_MANY_REQUESTS, "429", "rate_limited"),
+            Self::AtCapacity => row(S::TOO_MANY_REQUESTS, "PCC-AGENT-AT-CAPACITY", "at_capacity"),
+            Self::SessionNotFound => row(S::NOT_FOUND, "404", "session_not_found"),
+            Self::TokenRefused(refusal) => {
+                Row { reason: Some(refusal.reason()), ..row(S::FORBIDDEN, "403", refusal.reason()) }
+            }
+            Self::StoreUnavailable(_) => unavailable("store_unavailable"),
+            Self::BotUnreachable => unavailable("bot_unreachable"),
+            Self::Draining => unavailable("draining"),
+            Self::RouteNotFound => row(S::NOT_FOUND, "404", "route_not_found"),
+            Self::MethodNotAllowed => row(S::METHOD_NOT_ALLOWED, "405", "method_not_allowed"),
         }
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::AgentNotFound | Self::RouteNotFound | Self::SessionNotFound => {
-                StatusCode::NOT_FOUND
-            }
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited | Self::AtCapacity => StatusCode::TOO_MANY_REQUESTS,
-            Self::TokenRefused(_) => StatusCode::FORBIDDEN,
-            Self::StoreUnavailable(_) | Self::BotUnreachable | Self::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.row().status
     }
 
     fn error_response(&self) -> HttpResponse {
-        let status = self.status_code();
+        let row = self.row();
         let message = self.to_string();
-        let reason = match self {
-            Self::TokenRefused(refusal) => Some(refusal.reason()),
-            _ => None,
-        };
         let body = ErrorBody {
             error: &message,
-            code: self.code(),
-            status: status.as_u16(),
+            code: row.code,
+            status: row.status.as_u16(),
             message: &message,
             detail: &message,
-            reason,
+            reason: row.reason,
         };
-        let mut response = HttpResponse::build(status);
-        if let Self::StoreUnavailable(_) | Self::Draining = self {
-            response.insert_header((header::RETRY_AFTER, STORE_RETRY_AFTER_SECS));
+        let mut response = HttpResponse::build(row.status);
+        if let Some(seconds) = row.retry_after {
+            response.insert_header((header::RETRY_AFTER, seconds));
         }
         let mut response = response.json(body);
         // Counted by the request middleware, which can reach the metrics.
-        response.extensions_mut().insert(Refusal(self.metric_reason()));
+        response.extensions_mut().insert(Refusal(row.metric));
         response
     }
 }
@@ -162,30 +166,3 @@ impl ResponseError for ApiError {
 /// The reason a request was refused, as the `refusals_total` metric labels it.
 #[derive(Debug, Clone, Copy)]
 pub struct Refusal(pub &'static str);
-
-impl ApiError {
-    fn metric_reason(&self) -> &'static str {
-        match self {
-            Self::Unauthorized(_) => "unauthorized",
-            Self::AgentNotFound => "agent_not_found",
-            Self::BadRequest(_) => "bad_request",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::RateLimited => "rate_limited",
-            Self::AtCapacity => "at_capacity",
-            Self::SessionNotFound => "session_not_found",
-            Self::TokenRefused(refusal) => refusal.reason(),
-            Self::StoreUnavailable(_) => "store_unavailable",
-            Self::BotUnreachable => "bot_unreachable",
-            Self::Draining => "draining",
-            Self::RouteNotFound => "route_not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Internal(_) => "internal",
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        Self::StoreUnavailable(e)
-    }
-}

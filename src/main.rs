@@ -216,7 +216,7 @@ fn healthcheck(url: &str) -> anyhow::Result<()> {
 /// Runs an operator command against the configured Redis.
 fn admin(
     args: StoreArgs,
-    work: impl AsyncFnOnce(&dyn session_broker::store::Store) -> anyhow::Result<()>,
+    work: impl AsyncFnOnce(&dyn session_broker::store::RegistryStore) -> anyhow::Result<()>,
 ) -> ExitCode {
     let mut overrides = Vec::new();
     if let Some(url) = args.redis_url {
@@ -236,7 +236,7 @@ fn admin(
         }
     };
     run(async move {
-        let store = RedisStore::new(&settings.redis, settings.command_timeout())?;
+        let store = RedisStore::new(&settings.redis)?;
         work(&store).await
     })
 }

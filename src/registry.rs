@@ -9,34 +9,12 @@
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 
 use crate::{
     agents::{Agent, AgentRegistry},
     api_keys::{ApiKeyHash, ApiKeyIndex, parse_api_key_hash},
-    store::{Store, StoreError},
+    store::{RegistryEntries, RegistryStore, StoreError},
 };
-
-/// A public key as the shared registry keeps it: its hash, never the key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyRecord {
-    /// Short public id, to name the key in `keys list` and `keys revoke`.
-    pub id: String,
-    pub org: String,
-    /// Hex SHA-256 of the key.
-    pub hash: String,
-    pub created_ms: u64,
-    pub revoked_ms: Option<u64>,
-}
-
-/// Everything the shared registry holds.
-#[derive(Debug, Default)]
-pub struct SharedEntries {
-    pub version: u64,
-    /// (org, pcc-deploy.toml text) per deployed agent.
-    pub agents: Vec<(String, String)>,
-    pub keys: Vec<KeyRecord>,
-}
 
 /// One consistent view of agents and keys.
 #[derive(Debug, Default)]
@@ -57,7 +35,7 @@ pub struct LiveRegistry {
 impl LiveRegistry {
     pub fn new(static_agents: Vec<Agent>, static_keys: Vec<(ApiKeyHash, String)>) -> Self {
         let live = Self { current: ArcSwap::default(), static_agents, static_keys };
-        live.current.store(Arc::new(live.build(&SharedEntries::default())));
+        live.current.store(Arc::new(live.build(&RegistryEntries::default())));
         live
     }
 
@@ -66,7 +44,7 @@ impl LiveRegistry {
     }
 
     /// Reloads from the store if its registry changed. Returns whether it did.
-    pub async fn refresh(&self, store: &dyn Store) -> Result<bool, StoreError> {
+    pub async fn refresh(&self, store: &dyn RegistryStore) -> Result<bool, StoreError> {
         let version = store.registry_version().await?;
         if version == self.current.load().version {
             return Ok(false);
@@ -78,7 +56,7 @@ impl LiveRegistry {
     }
 
     /// Static entries first, then the shared ones, which win: a deploy replaces a file's agent.
-    fn build(&self, entries: &SharedEntries) -> Registry {
+    fn build(&self, entries: &RegistryEntries) -> Registry {
         let mut agents = AgentRegistry::default();
         for agent in &self.static_agents {
             agents.replace(agent.clone());
@@ -104,7 +82,7 @@ impl LiveRegistry {
 }
 
 /// Keeps `live` in step with the store's registry.
-pub async fn keep_fresh(live: Arc<LiveRegistry>, store: Arc<dyn Store>, every: Duration) {
+pub async fn keep_fresh(live: Arc<LiveRegistry>, store: Arc<dyn RegistryStore>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -19,12 +19,13 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use uuid::Uuid;
 
+pub use crate::store::{EndReason, Status};
 use crate::{
     registry::LiveRegistry,
-    store::{Store, StoreError, unix_ms},
+    store::{SessionRecord, SessionStore, StoreError, unix_ms},
 };
 
 /// Most lapsed leases one sweep claims per agent; the rest wait for the next sweep.
@@ -32,70 +33,10 @@ const SWEEP_BATCH: usize = 100;
 /// Close code sent to both sides of a session ended through `DELETE …/sessions/{id}`.
 pub const TERMINATED_CLOSE_CODE: u16 = 4000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Pending,
-    Active,
-    Ended,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Active => "active",
-            Self::Ended => "ended",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "pending" => Some(Self::Pending),
-            "active" => Some(Self::Active),
-            "ended" => Some(Self::Ended),
-            _ => None,
-        }
-    }
-}
-
-/// Why a session ended, as recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// The bot closed normally (1000): the conversation is over.
-    Completed,
-    /// The client closed or disconnected.
-    ClientClosed,
-    /// The bot closed with another code, broke the protocol or disconnected.
-    BotClosed,
-    /// The token expired while the bot could not be reached.
-    BotUnreachable,
-    /// `max_session_duration` was reached, or a side stopped answering heartbeats.
-    Timeout,
-    /// Ended through the session API.
-    Terminated,
-    /// The replica holding it stopped renewing its lease.
-    ReplicaLost,
-}
-
-impl EndReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Completed => "completed",
-            Self::ClientClosed => "client_closed",
-            Self::BotClosed => "bot_closed",
-            Self::BotUnreachable => "bot_unreachable",
-            Self::Timeout => "timeout",
-            Self::Terminated => "terminated",
-            Self::ReplicaLost => "replica_lost",
-        }
-    }
-}
-
 /// A session as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SessionRecord {
+pub struct SessionView {
     pub session_id: Uuid,
     /// `agent.org`.
     pub service: String,
@@ -108,67 +49,42 @@ pub struct SessionRecord {
     pub region: Option<String>,
     pub connected_at_ms: Option<u64>,
     pub ended_at_ms: Option<u64>,
-    pub end_reason: Option<String>,
+    pub end_reason: Option<EndReason>,
     pub duration_ms: Option<u64>,
     pub detail: Option<String>,
     /// What went wrong with the last connect attempt, while the token is still usable.
-    pub last_error: Option<String>,
+    pub last_error: Option<EndReason>,
 }
 
-impl SessionRecord {
-    /// Reads a stored record. A pending record whose token expired is shown as ended: nobody
-    /// can connect to it any more. Its reason is the last connect error, or `expired`.
-    pub fn from_fields(
-        session_id: Uuid,
-        fields: &HashMap<String, String>,
-        now_ms: u64,
-    ) -> Option<Self> {
-        let text = |name: &str| fields.get(name).cloned();
-        let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
-        let mut record = Self {
+impl SessionView {
+    /// Shows a stored record; `None` for a record without its service or status (never written
+    /// whole). A pending record whose token expired is shown as ended: nobody can connect to it
+    /// any more. Its reason is the last connect error, or `expired`.
+    pub fn new(session_id: Uuid, record: SessionRecord, now_ms: u64) -> Option<Self> {
+        let mut view = Self {
             session_id,
-            service: text("service")?,
-            status: Status::parse(fields.get("status")?)?,
-            created_at_ms: number("created_ms"),
-            token_expires_at_ms: number("token_expires_ms"),
-            minted_region: text("minted_region"),
-            replica: text("replica"),
-            region: text("region"),
-            connected_at_ms: number("connected_ms"),
-            ended_at_ms: number("ended_ms"),
-            end_reason: text("end_reason"),
-            duration_ms: number("duration_ms"),
-            detail: text("detail"),
-            last_error: text("last_error"),
+            service: record.service?,
+            status: record.status?,
+            created_at_ms: record.created_ms,
+            token_expires_at_ms: record.token_expires_ms,
+            minted_region: record.minted_region,
+            replica: record.replica,
+            region: record.region,
+            connected_at_ms: record.connected_ms,
+            ended_at_ms: record.ended_ms,
+            end_reason: record.end_reason,
+            duration_ms: record.duration_ms,
+            detail: record.detail,
+            last_error: record.last_error,
         };
-        if record.status == Status::Pending
-            && record.token_expires_at_ms.is_some_and(|at| at <= now_ms)
+        if view.status == Status::Pending && view.token_expires_at_ms.is_some_and(|at| at <= now_ms)
         {
-            record.status = Status::Ended;
-            record.ended_at_ms = record.token_expires_at_ms;
-            record.end_reason = Some(record.last_error.take().unwrap_or_else(|| "expired".into()));
+            view.status = Status::Ended;
+            view.ended_at_ms = view.token_expires_at_ms;
+            view.end_reason = Some(view.last_error.take().unwrap_or(EndReason::Expired));
         }
-        Some(record)
+        Some(view)
     }
-}
-
-/// Fields written when a session ends.
-pub fn ended_fields(
-    reason: EndReason,
-    detail: &str,
-    connected_ms: Option<u64>,
-) -> Vec<(&'static str, String)> {
-    let now = unix_ms();
-    let mut fields = vec![
-        ("status", Status::Ended.as_str().to_owned()),
-        ("ended_ms", now.to_string()),
-        ("end_reason", reason.as_str().to_owned()),
-        ("detail", detail.to_owned()),
-    ];
-    if let Some(connected) = connected_ms {
-        fields.push(("duration_ms", now.saturating_sub(connected).to_string()));
-    }
-    fields
 }
 
 /// Why this replica is asked to end a session it holds.
@@ -189,6 +105,8 @@ struct Held {
 #[derive(Default)]
 pub struct LiveSessions {
     held: Mutex<HashMap<Uuid, Held>>,
+    /// Woken whenever the last held session ends, for a drain to await.
+    emptied: Notify,
 }
 
 /// Holds a session's place in [`LiveSessions`]; dropping it (the session ended, or its task was
@@ -200,7 +118,11 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.sessions.lock().remove(&self.sid);
+        let mut held = self.sessions.lock();
+        held.remove(&self.sid);
+        if held.is_empty() {
+            self.sessions.emptied.notify_waiters();
+        }
     }
 }
 
@@ -243,6 +165,20 @@ impl LiveSessions {
         self.len() == 0
     }
 
+    /// Returns once this replica holds no session.
+    pub async fn until_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            // Registered before the check, so an end between the two is not missed.
+            emptied.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
     fn by_agent(&self) -> HashMap<String, Vec<Uuid>> {
         let mut by_agent: HashMap<String, Vec<Uuid>> = HashMap::new();
         for (sid, held) in self.lock().iter() {
@@ -268,7 +204,11 @@ impl LeaseTiming {
 }
 
 /// Renews the leases of the sessions this replica holds, and ends those whose lease is gone.
-pub async fn renew_leases(store: Arc<dyn Store>, sessions: Arc<LiveSessions>, timing: LeaseTiming) {
+pub async fn renew_leases(
+    store: Arc<dyn SessionStore>,
+    sessions: Arc<LiveSessions>,
+    timing: LeaseTiming,
+) {
     let mut tick = tokio::time::interval(timing.renew_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -288,7 +228,11 @@ pub async fn renew_leases(store: Arc<dyn Store>, sessions: Arc<LiveSessions>, ti
 }
 
 /// Claims lapsed leases of every agent and marks their sessions `replica_lost`.
-pub async fn sweep_lapsed(store: Arc<dyn Store>, registry: Arc<LiveRegistry>, timing: LeaseTiming) {
+pub async fn sweep_lapsed(
+    store: Arc<dyn SessionStore>,
+    registry: Arc<LiveRegistry>,
+    timing: LeaseTiming,
+) {
     let mut tick = tokio::time::interval(timing.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -302,18 +246,20 @@ pub async fn sweep_lapsed(store: Arc<dyn Store>, registry: Arc<LiveRegistry>, ti
 }
 
 async fn sweep_agent(
-    store: &dyn Store,
+    store: &dyn SessionStore,
     agent: &str,
     retention: Duration,
 ) -> Result<(), StoreError> {
     for sid in store.claim_lapsed_leases(agent, SWEEP_BATCH).await? {
-        let connected = store
-            .get_session(sid)
-            .await?
-            .and_then(|f| f.get("connected_ms").and_then(|v| v.parse().ok()));
-        let fields =
-            ended_fields(EndReason::ReplicaLost, "holding replica stopped renewing", connected);
-        if store.update_session(sid, &["active"], &fields, Some(retention)).await? {
+        let connected = store.get_session(sid).await?.and_then(|record| record.connected_ms);
+        let ended = SessionRecord::ended(
+            EndReason::ReplicaLost,
+            "holding replica stopped renewing",
+            connected,
+            unix_ms(),
+        );
+        let from = [Some(Status::Active)];
+        if store.update_session(sid, &from, &ended, Some(retention)).await? {
             tracing::warn!(session_id = %sid, agent, "session lost with its replica");
         }
     }
@@ -345,22 +291,18 @@ pub async fn listen_for_terminations(
 mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
     #[test]
     fn a_pending_record_past_its_token_reads_as_ended() {
         let sid = Uuid::new_v4();
-        let f = fields(&[("service", "a.o"), ("status", "pending"), ("token_expires_ms", "1000")]);
-        let live = SessionRecord::from_fields(sid, &f, 999).unwrap();
+        let record = SessionRecord::pending("a.o", 0, 1000, "r");
+        let live = SessionView::new(sid, record.clone(), 999).unwrap();
         assert_eq!(live.status, Status::Pending);
-        let gone = SessionRecord::from_fields(sid, &f, 1000).unwrap();
-        assert_eq!((gone.status, gone.end_reason.as_deref()), (Status::Ended, Some("expired")));
-        let mut f = f;
-        f.insert("last_error".into(), "bot_unreachable".into());
-        let unreachable = SessionRecord::from_fields(sid, &f, 2000).unwrap();
-        assert_eq!(unreachable.end_reason.as_deref(), Some("bot_unreachable"));
+        let gone = SessionView::new(sid, record.clone(), 1000).unwrap();
+        assert_eq!((gone.status, gone.end_reason), (Status::Ended, Some(EndReason::Expired)));
+        let mut record = record;
+        record.merge(&SessionRecord::connect_failed(EndReason::BotUnreachable));
+        let unreachable = SessionView::new(sid, record, 2000).unwrap();
+        assert_eq!(unreachable.end_reason, Some(EndReason::BotUnreachable));
     }
 
     #[tokio::test]
@@ -371,7 +313,14 @@ mod tests {
         assert!(sessions.stop(sid, Stop::Terminated));
         assert!(!sessions.stop(sid, Stop::Terminated));
         assert_eq!(stopped.await.unwrap(), Stop::Terminated);
+        let drained = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.until_empty().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "a held session keeps the drain waiting");
         drop(registration);
+        drained.await.unwrap();
         assert!(sessions.is_empty());
     }
 }

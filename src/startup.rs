@@ -1,6 +1,6 @@
 //! Builds the application from validated settings: binds the listener (port 0 picks a free one
-//! and [`Application::port`] reports it), loads keys and agents, opens the store and starts the
-//! HTTP server. Production and the tests use this same factory.
+//! and [`Application::port`] reports it), loads keys and agents, opens the store, starts the
+//! background work and the HTTP server. Production and the tests use this same factory.
 
 use std::{
     net::TcpListener,
@@ -16,25 +16,27 @@ use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 use secrecy::SecretString;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     agents::{Agent, AgentRegistry, WebsocketAuth},
-    api_keys,
-    bridge::BridgeLimits,
-    config::Settings,
-    metrics::Metrics,
+    api_keys::{ApiKeyHash, DEMO_PUBLIC_KEY, hash_api_key, parse_api_key_hash},
+    config::{FailMode, Settings},
     registry::{self, LiveRegistry},
     routes,
-    sessions::{self, LeaseTiming, LiveSessions, Stop},
+    sessions::{self, Stop},
+    state::AppState,
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
     token::SigningKeys,
 };
 
-/// How often a drain checks whether the sessions have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// How long sessions closed at the drain deadline get to finish their close handshakes.
 const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Pause between attempts to prepare a store that was unreachable at start.
+const PREPARE_RETRY: Duration = Duration::from_secs(1);
 
 /// Id of the signing key generated when none is configured (embedded mode only).
 pub const GENERATED_KEY_ID: &str = "generated";
@@ -42,56 +44,23 @@ pub const GENERATED_KEY_ID: &str = "generated";
 pub const DEMO_ORG: &str = "demo";
 pub const DEMO_AGENT: &str = "echo";
 
-/// Everything a request handler needs, shared by all workers.
-pub struct AppState {
-    pub region: String,
-    /// This replica's id, written as the holder of the tokens it consumes.
-    pub replica_id: String,
-    /// Public WebSocket base URL of every known region, e.g. `wss://us-west.example.net`; this
-    /// replica's own region is always present.
-    pub ws_base_urls: std::collections::BTreeMap<String, String>,
-    pub token_lifetime: Duration,
-    pub keyring: SigningKeys,
-    /// Agents and public keys: static ones, and the shared registry's, kept fresh.
-    pub registry: Arc<LiveRegistry>,
-    pub store: Arc<dyn Store>,
-    pub bridge: BridgeLimits,
-    pub bot_connect_timeout: Duration,
-    pub start_rate: Option<(u64, Duration)>,
-    /// Ceiling on every agent's `max_session_duration`.
-    pub max_session: Duration,
-    pub leases: LeaseTiming,
-    /// The sessions this replica holds.
-    pub live: Arc<LiveSessions>,
-    /// `redis.on_unavailable = "open"`: connects go through unchecked while Redis is down.
-    pub fail_open: bool,
-    pub metrics: Arc<Metrics>,
-    /// The store was prepared (schema checked, scripts loaded); readiness waits for it.
-    pub prepared: Arc<AtomicBool>,
-    /// Set on SIGTERM: readiness fails and new upgrades are refused while sessions finish.
-    pub draining: AtomicBool,
+/// Background tasks that live as long as the application: dropping this cancels them all. A
+/// task that hits an error the process cannot outlive reports it through `fatal`, and the
+/// application stops with it.
+struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    fatal: mpsc::Sender<anyhow::Error>,
 }
 
-impl AppState {
-    /// The public WebSocket base URL for `region`; this replica's own when the region has none
-    /// configured (start-up warns about such agents).
-    pub fn ws_base_url(&self, region: &str) -> &str {
-        self.ws_base_urls.get(region).unwrap_or(&self.ws_base_urls[&self.region])
-    }
-
-    /// How long a record lives once its session is active: through the longest session, then
-    /// retention. A record whose replica and every sweeper died still goes away eventually.
-    pub fn active_record_ttl(&self, max_duration: Duration) -> Duration {
-        max_duration + self.leases.lease + self.leases.retention
+impl Background {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
     }
 }
-
-/// Background tasks that live as long as the application, and stop with it.
-struct Background(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for Background {
     fn drop(&mut self) {
-        for task in &self.0 {
+        for task in &self.tasks {
             task.abort();
         }
     }
@@ -102,8 +71,15 @@ pub struct Application {
     drain_deadline: Duration,
     port: u16,
     state: web::Data<AppState>,
-    /// Lease renewal, sweeping, termination listening and the demo's echo bot.
+    /// Lease renewal, sweeping, termination listening, registry refresh and the demo's bot.
     background: Background,
+    fatal: mpsc::Receiver<anyhow::Error>,
+}
+
+/// Agents and public keys from files and settings, before the shared registry is read.
+struct Catalog {
+    agents: AgentRegistry,
+    api_keys: Vec<(ApiKeyHash, String)>,
 }
 
 impl Application {
@@ -112,162 +88,38 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen)
             .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
         let local = listener.local_addr()?;
+        let (fatal_tx, fatal) = mpsc::channel(1);
+        let mut background = Background { tasks: Vec::new(), fatal: fatal_tx };
 
-        let mut agents = AgentRegistry::default();
-        let mut static_keys = Vec::new();
-        let mut background = Background(Vec::new());
+        let mut catalog = Catalog { agents: AgentRegistry::default(), api_keys: Vec::new() };
         if settings.is_demo() {
-            let bot = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let bot_url = format!("ws://{}/", bot.local_addr()?);
-            background.0.push(tokio::spawn(crate::echo_bot::serve(bot)));
-            agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
-            static_keys
-                .push((api_keys::hash_api_key(api_keys::DEMO_PUBLIC_KEY), DEMO_ORG.to_owned()));
-            tracing::warn!(
-                public_key = api_keys::DEMO_PUBLIC_KEY,
-                agent = DEMO_AGENT,
-                org = DEMO_ORG,
-                "demo mode: no agents or orgs configured; serving the built-in echo agent, \
-                 which accepts the public demo key. Never expose this to a network."
-            );
+            add_demo(&mut catalog, &mut background).await?;
         }
-        load_agents(&settings, &mut agents)?;
-        for (org, org_settings) in &settings.orgs {
-            for hash in &org_settings.public_key_hashes {
-                // validate() already checked the format.
-                let hash = api_keys::parse_api_key_hash(hash).context("orgs: bad key hash")?;
-                static_keys.push((hash, org.clone()));
-            }
-        }
-        for agent in agents.iter() {
-            let region = agent.region_for(&settings.region);
-            if region != settings.region && !settings.regions.contains_key(region) {
-                tracing::warn!(
-                    agent = %agent.service_host, region,
-                    "the agent's region has no regions.<name>.public_ws_url; /start will answer this replica's URL"
-                );
-            }
-        }
-        for agent in agents.iter().filter(|a| !settings.orgs.contains_key(&a.org)) {
-            if !settings.is_demo() {
-                tracing::warn!(agent = %agent.service_host, "the agent's org has no public keys configured; /start cannot reach it");
-            }
-        }
-
-        let keyring = build_keyring(&settings)?;
-        let store: Arc<dyn Store> = if settings.redis.is_configured() {
-            Arc::new(
-                RedisStore::new(&settings.redis, settings.command_timeout())
-                    .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
-            )
-        } else {
-            tracing::info!(
-                "state store: embedded in memory (single process; configure redis to run replicas)"
-            );
-            Arc::new(MemoryStore::default())
-        };
-        if settings.redis.on_unavailable == crate::config::FailMode::Open {
-            tracing::warn!(
-                "redis.on_unavailable = open: while Redis is unreachable, connects are accepted \
-                 WITHOUT checking that their token is unused; every such accept is logged"
-            );
-        }
-        let prepared = Arc::new(AtomicBool::new(false));
-        match store.prepare().await {
-            Ok(()) => prepared.store(true, Ordering::Release),
-            Err(e @ PrepareError::Incompatible { .. }) => return Err(e.into()),
-            Err(PrepareError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
-                background
-                    .0
-                    .push(tokio::spawn(prepare_when_reachable(store.clone(), prepared.clone())));
-            }
-        }
-
-        let mut ws_base_urls: std::collections::BTreeMap<String, String> = settings
-            .regions
-            .iter()
-            .map(|(name, r)| (name.clone(), r.public_ws_url.trim_end_matches('/').to_owned()))
-            .collect();
-        ws_base_urls.entry(settings.region.clone()).or_insert_with(|| format!("ws://{local}"));
-        let limits = &settings.limits;
-        let leases = LeaseTiming {
-            lease: Duration::from_millis(settings.sessions.lease_ttl_ms),
-            sweep_interval: Duration::from_millis(settings.sessions.sweep_interval_ms),
-            retention: Duration::from_secs(settings.sessions.retention_secs),
-        };
-        let registry = Arc::new(LiveRegistry::new(
-            agents.iter().map(|a| (**a).clone()).collect(),
-            static_keys,
-        ));
-        if settings.redis.is_configured() {
-            // The shared registry's agents and api_keys, before the first request is served.
-            if let Err(e) = registry.refresh(&*store).await {
-                tracing::warn!(error = %e, "shared registry not loaded yet; retrying in the background");
-            }
-            let every = Duration::from_millis(settings.registry.refresh_ms);
-            background.0.push(tokio::spawn(registry::keep_fresh(
-                registry.clone(),
-                store.clone(),
-                every,
-            )));
-        }
-        let live = Arc::new(LiveSessions::default());
-        background.0.extend([
-            tokio::spawn(sessions::renew_leases(store.clone(), live.clone(), leases)),
-            tokio::spawn(sessions::sweep_lapsed(store.clone(), registry.clone(), leases)),
-            tokio::spawn(sessions::listen_for_terminations(store.terminations(), live.clone())),
-        ]);
-        let state = web::Data::new(AppState {
-            region: settings.region.clone(),
-            replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
-            ws_base_urls,
-            token_lifetime: Duration::from_secs(settings.token.lifetime_secs),
-            keyring,
+        load_catalog(&settings, &mut catalog)?;
+        let signing_keys = build_signing_keys(&settings)?;
+        let store = open_store(&settings)?;
+        let prepared = prepare_store(&store, &mut background).await?;
+        let registry = start_registry(&settings, catalog, &store, &mut background).await;
+        let state = web::Data::new(AppState::new(
+            &settings,
+            local,
+            signing_keys,
             registry,
             store,
-            bridge: BridgeLimits {
-                max_frame_bytes: limits.max_frame_bytes,
-                heartbeat_interval: Duration::from_millis(limits.heartbeat_interval_ms),
-                heartbeat_timeout: Duration::from_millis(limits.heartbeat_timeout_ms),
-            },
-            bot_connect_timeout: Duration::from_millis(limits.bot_connect_timeout_ms),
-            start_rate: (limits.start_rate_per_key > 0).then(|| {
-                (limits.start_rate_per_key, Duration::from_secs(limits.start_rate_window_secs))
-            }),
-            max_session: Duration::from_secs(limits.max_session_secs),
-            leases,
-            live,
-            fail_open: settings.redis.on_unavailable == crate::config::FailMode::Open,
-            metrics: Arc::new(Metrics::new()),
             prepared,
-            draining: AtomicBool::new(false),
-        });
-
-        let app_state = state.clone();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(app_state.clone())
-                .configure(routes::configure)
-                .wrap_fn(crate::telemetry::request_span)
-        })
-        // Signals are the binary's: SIGTERM drains (see `Application::drain`).
-        .disable_signals()
-        .client_disconnect_timeout(Duration::from_millis(limits.client_disconnect_timeout_ms))
-        .listen(listener)?;
-        if settings.workers > 0 {
-            server = server.workers(settings.workers);
-        }
+        ));
+        spawn_session_work(&state, &mut background);
+        let server = http_server(&settings, listener, state.clone())?;
         tracing::info!(
             listen = %local,
             region = %settings.region,
-            ws_base_url = %state.ws_base_urls[&settings.region],
+            ws_base_url = %state.ws_base_url(&settings.region),
             agents = state.registry.load().agents.len(),
-            signing_key = state.keyring.signing_kid(),
+            signing_key = state.signing_keys.signing_kid(),
             "session broker ready"
         );
-        let drain_deadline = Duration::from_secs(limits.drain_deadline_secs);
-        Ok(Self { server: server.run(), drain_deadline, port: local.port(), state, background })
+        let drain_deadline = settings.limits.drain_deadline;
+        Ok(Self { server, drain_deadline, port: local.port(), state, background, fatal })
     }
 
     pub fn port(&self) -> u16 {
@@ -283,9 +135,15 @@ impl Application {
         self.server.handle()
     }
 
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let _background = self.background;
-        self.server.await
+    /// Serves until the server is stopped through its handle, or a background task fails in a
+    /// way the process cannot outlive.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { server, background, mut fatal, .. } = self;
+        let _background = background;
+        tokio::select! {
+            served = server => Ok(served?),
+            Some(e) = fatal.recv() => Err(e),
+        }
     }
 
     /// Runs until SIGTERM or SIGINT, then drains: readiness fails at once and new upgrades get
@@ -299,23 +157,16 @@ impl Application {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         tokio::select! {
-            finished = &mut server => return Ok(finished??),
+            finished = &mut server => return finished?,
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
-        state.draining.store(true, Ordering::Release);
+        state.start_draining();
         tracing::info!(sessions = state.live.len(), ?deadline, "draining");
-        let until = tokio::time::Instant::now() + deadline;
-        while !state.live.is_empty() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-        if !state.live.is_empty() {
+        if tokio::time::timeout(deadline, state.live.until_empty()).await.is_err() {
             tracing::info!(sessions = state.live.len(), "drain deadline passed; closing sessions");
             state.live.stop_all(Stop::Draining);
-            let until = tokio::time::Instant::now() + DRAIN_CLOSE_GRACE;
-            while !state.live.is_empty() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(DRAIN_POLL).await;
-            }
+            let _ = tokio::time::timeout(DRAIN_CLOSE_GRACE, state.live.until_empty()).await;
         }
         handle.stop(true).await;
         server.await??;
@@ -324,24 +175,155 @@ impl Application {
     }
 }
 
-/// Prepares the store once Redis answers. A newer, incompatible schema found then is as fatal as
-/// at start: the process stops rather than work on data it would misread.
-async fn prepare_when_reachable(store: Arc<dyn Store>, prepared: Arc<AtomicBool>) {
+/// The built-in demo: an echo bot on a free loopback port, its agent and the public demo key.
+async fn add_demo(catalog: &mut Catalog, background: &mut Background) -> anyhow::Result<()> {
+    let bot = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bot_url = format!("ws://{}/", bot.local_addr()?);
+    background.spawn(crate::echo_bot::serve(bot));
+    catalog.agents.insert(demo_agent(&bot_url)?).map_err(anyhow::Error::msg)?;
+    catalog.api_keys.push((hash_api_key(DEMO_PUBLIC_KEY), DEMO_ORG.to_owned()));
+    tracing::warn!(
+        public_key = DEMO_PUBLIC_KEY,
+        agent = DEMO_AGENT,
+        org = DEMO_ORG,
+        "demo mode: no agents or orgs configured; serving the built-in echo agent, \
+         which accepts the public demo key. Never expose this to a network."
+    );
+    Ok(())
+}
+
+/// Agents from `agents.files` and `agents.dir`, and the orgs' key hashes; warns about agents
+/// that no request could reach as configured.
+fn load_catalog(settings: &Settings, catalog: &mut Catalog) -> anyhow::Result<()> {
+    load_agents(settings, &mut catalog.agents)?;
+    for (org, org_settings) in &settings.orgs {
+        for hash in &org_settings.public_key_hashes {
+            // validate() already checked the format.
+            let hash = parse_api_key_hash(hash).context("orgs: bad key hash")?;
+            catalog.api_keys.push((hash, org.clone()));
+        }
+    }
+    for agent in catalog.agents.iter() {
+        let region = agent.region_for(&settings.region);
+        if region != settings.region && !settings.regions.contains_key(region) {
+            tracing::warn!(
+                agent = %agent.service_host, region,
+                "the agent's region has no regions.<name>.public_ws_url; /start will answer this replica's URL"
+            );
+        }
+        if !settings.is_demo() && !settings.orgs.contains_key(&agent.org) {
+            tracing::warn!(agent = %agent.service_host, "the agent's org has no public keys configured; /start cannot reach it");
+        }
+    }
+    Ok(())
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    if settings.redis.on_unavailable == FailMode::Open {
+        tracing::warn!(
+            "redis.on_unavailable = open: while Redis is unreachable, connects are accepted \
+             WITHOUT checking that their token is unused; every such accept is logged"
+        );
+    }
+    if !settings.redis.is_configured() {
+        tracing::info!(
+            "state store: embedded in memory (single process; configure redis to run replicas)"
+        );
+        return Ok(Arc::new(MemoryStore::default()));
+    }
+    let store = RedisStore::new(&settings.redis).context("redis")?;
+    Ok(Arc::new(store))
+}
+
+/// Prepares the store (schema, scripts). A store that is unreachable now is prepared in the
+/// background once it answers; until then readiness fails and connects answer 503. A schema
+/// this broker cannot work with stops it, now or then.
+async fn prepare_store(
+    store: &Arc<dyn Store>,
+    background: &mut Background,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    let prepared = Arc::new(AtomicBool::new(false));
+    match store.prepare().await {
+        Ok(()) => prepared.store(true, Ordering::Release),
+        Err(e @ PrepareError::Incompatible { .. }) => return Err(e.into()),
+        Err(PrepareError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
+            let (store, done, fatal) = (store.clone(), prepared.clone(), background.fatal.clone());
+            background.spawn(async move {
+                if let Err(e) = prepare_when_reachable(&*store, &done).await {
+                    let _ = fatal.send(e.into()).await;
+                }
+            });
+        }
+    }
+    Ok(prepared)
+}
+
+async fn prepare_when_reachable(
+    store: &dyn Store,
+    prepared: &AtomicBool,
+) -> Result<(), PrepareError> {
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(PREPARE_RETRY).await;
         match store.prepare().await {
             Ok(()) => {
                 prepared.store(true, Ordering::Release);
-                return tracing::info!("state store reachable and prepared");
+                tracing::info!("state store reachable and prepared");
+                return Ok(());
             }
             Err(PrepareError::Unavailable(_)) => continue,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("session-broker: {e}");
-                std::process::exit(2);
-            }
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// The live registry over the catalog; with Redis, the shared registry's agents and keys are
+/// read before the first request is served and kept fresh every `registry.refresh_ms`.
+async fn start_registry(
+    settings: &Settings,
+    catalog: Catalog,
+    store: &Arc<dyn Store>,
+    background: &mut Background,
+) -> Arc<LiveRegistry> {
+    let agents = catalog.agents.iter().map(|a| (**a).clone()).collect();
+    let registry = Arc::new(LiveRegistry::new(agents, catalog.api_keys));
+    if settings.redis.is_configured() {
+        if let Err(e) = registry.refresh(&**store).await {
+            tracing::warn!(error = %e, "shared registry not loaded yet; retrying in the background");
+        }
+        let every = settings.registry.refresh;
+        background.spawn(registry::keep_fresh(registry.clone(), store.clone(), every));
+    }
+    registry
+}
+
+/// Lease renewal, the sweep for lost replicas' sessions and termination announcements.
+fn spawn_session_work(state: &AppState, background: &mut Background) {
+    let (store, live, leases) = (&state.store, &state.live, state.leases);
+    background.spawn(sessions::renew_leases(store.clone(), live.clone(), leases));
+    background.spawn(sessions::sweep_lapsed(store.clone(), state.registry.clone(), leases));
+    background.spawn(sessions::listen_for_terminations(store.terminations(), live.clone()));
+}
+
+fn http_server(
+    settings: &Settings,
+    listener: TcpListener,
+    state: web::Data<AppState>,
+) -> anyhow::Result<Server> {
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(routes::configure)
+            .wrap_fn(routes::middleware::request_span)
+    })
+    // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
+    .disable_signals()
+    .client_disconnect_timeout(settings.limits.client_disconnect_timeout)
+    .listen(listener)?;
+    if settings.workers > 0 {
+        server = server.workers(settings.workers);
+    }
+    Ok(server.run())
 }
 
 fn demo_agent(bot_url: &str) -> anyhow::Result<Agent> {
@@ -373,9 +355,9 @@ fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Resul
     Ok(())
 }
 
-/// The configured keyring, or, with no keys configured (validation allows that only without
+/// The configured signing keys, or, with none configured (validation allows that only without
 /// Redis), a random key that lives as long as the process.
-fn build_keyring(settings: &Settings) -> anyhow::Result<SigningKeys> {
+fn build_signing_keys(settings: &Settings) -> anyhow::Result<SigningKeys> {
     if !settings.token.keys.is_empty() {
         return Ok(SigningKeys::new(&settings.token.signing_key_id, &settings.token.keys)?);
     }
@@ -403,9 +385,9 @@ mod tests {
     #[test]
     fn replicas_on_redis_must_be_given_their_keys() {
         let mut settings = Settings::default();
-        assert!(build_keyring(&settings).is_ok(), "one process may generate its own");
+        assert!(build_signing_keys(&settings).is_ok(), "one process may generate its own");
         settings.redis.url = Some(SecretString::from("redis://127.0.0.1:1"));
-        let error = build_keyring(&settings).unwrap_err().to_string();
+        let error = build_signing_keys(&settings).unwrap_err().to_string();
         assert!(error.contains("token.keys: required with Redis"), "{error}");
     }
 }

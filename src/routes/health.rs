@@ -1,11 +1,9 @@
 //! Liveness, readiness and metrics.
 
-use std::sync::atomic::Ordering;
-
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The process is alive and serving HTTP.
 pub async fn healthz() -> HttpResponse {
@@ -16,10 +14,10 @@ pub async fn healthz() -> HttpResponse {
 /// loaded), and the store answers and accepts writes.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let not_ready = |why: &str| HttpResponse::ServiceUnavailable().json(json!({"status": why}));
-    if state.draining.load(Ordering::Acquire) {
+    if state.is_draining() {
         return not_ready("draining");
     }
-    if !state.prepared.load(Ordering::Acquire) {
+    if !state.is_prepared() {
         return not_ready("store_not_prepared");
     }
     match state.store.check().await {

@@ -1,6 +1,7 @@
 //! HTTP routes, one file per endpoint family. Every answer, errors included, is JSON.
 
 pub mod health;
+pub mod middleware;
 pub mod services;
 pub mod sessions;
 pub mod start;
@@ -19,7 +20,7 @@ use crate::{
     api_keys::{self, ApiKeyRejection},
     error::ApiError,
     registry::Registry,
-    startup::AppState,
+    state::AppState,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

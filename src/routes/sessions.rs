@@ -8,9 +8,9 @@ use super::{agent_of, authenticate};
 use crate::{
     agents::Agent,
     error::ApiError,
-    sessions::{EndReason, SessionRecord, Status, ended_fields},
-    startup::AppState,
-    store::unix_ms,
+    sessions::{EndReason, SessionView, Status},
+    state::AppState,
+    store::{SessionRecord, unix_ms},
 };
 
 pub async fn get(
@@ -42,11 +42,15 @@ pub async fn delete(
     if record.status == Status::Ended {
         return Ok(HttpResponse::Ok().json(record));
     }
-    let fields =
-        ended_fields(EndReason::Terminated, "terminated through the API", record.connected_at_ms);
+    let ended = SessionRecord::ended(
+        EndReason::Terminated,
+        "terminated through the API",
+        record.connected_at_ms,
+        unix_ms(),
+    );
     let retention = Some(state.leases.retention);
-    let from = [Status::Pending.as_str(), Status::Active.as_str()];
-    state.store.update_session(sid, &from, &fields, retention).await?;
+    let from = [Some(Status::Pending), Some(Status::Active)];
+    state.store.update_session(sid, &from, &ended, retention).await?;
     if let Some(expires) = record.token_expires_at_ms {
         // Spend the token: a connect racing this DELETE either lost already, or finds the record
         // ended when it tries to mark it active, and is refused.
@@ -77,9 +81,9 @@ fn target(
 }
 
 /// The record of `sid`, if it belongs to `agent`: another agent's session is not found.
-async fn load(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionRecord, ApiError> {
-    let fields = state.store.get_session(sid).await?.ok_or(ApiError::SessionNotFound)?;
-    SessionRecord::from_fields(sid, &fields, unix_ms())
+async fn load(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionView, ApiError> {
+    let record = state.store.get_session(sid).await?.ok_or(ApiError::SessionNotFound)?;
+    SessionView::new(sid, record, unix_ms())
         .filter(|record| record.service == agent.service_host)
         .ok_or(ApiError::SessionNotFound)
 }

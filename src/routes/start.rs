@@ -11,8 +11,11 @@ use uuid::Uuid;
 
 use super::{agent_of, authenticate};
 use crate::{
-    agents::WebsocketAuth, api_keys, error::ApiError, sessions::Status, startup::AppState,
-    store::unix_ms,
+    agents::WebsocketAuth,
+    api_keys,
+    error::ApiError,
+    state::AppState,
+    store::{SessionRecord, unix_ms},
 };
 
 /// Largest request body accepted for any transport.
@@ -131,18 +134,12 @@ pub async fn start(
         WebsocketAuth::Token => {
             let now = unix_ms();
             let expires = now + state.token_lifetime.as_millis() as u64;
-            let record = [
-                ("status", Status::Pending.as_str().to_owned()),
-                ("service", agent.service_host.clone()),
-                ("created_ms", now.to_string()),
-                ("token_expires_ms", expires.to_string()),
-                ("minted_region", state.region.clone()),
-            ];
+            let record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
             // Written before the token is handed out: a token never exists without its record.
             let ttl = state.token_lifetime + state.leases.retention;
             state.store.create_session(session_id, &record, ttl).await?;
             state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
-            Some(state.keyring.mint(&agent.service_host, session_id, &state.region, expires))
+            Some(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires))
         }
     };
     tracing::Span::current().record("session_id", tracing::field::display(session_id));

@@ -1,18 +1,19 @@
 //! The embedded store: one process, no set-up. Gives the same one-time-use guarantee as Redis
 //! within the process, with the same expiry, so `cargo run` behaves like production.
+//!
+//! Every expiry, lease and rate window runs on `tokio::time`, so tests can pause and advance
+//! time instead of sleeping.
 
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
-use super::{Store, StoreError, TERMINATION_BACKLOG, unix_ms};
-use crate::registry::{KeyRecord, SharedEntries};
+use super::{
+    ApiKeyRecord, RegistryEntries, RegistryStore, SessionRecord, SessionStore, Status, StoreError,
+    TERMINATION_BACKLOG,
+};
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
 /// stays bounded by what was written during one token lifetime plus this interval.
@@ -26,7 +27,7 @@ struct Consumed {
 
 #[derive(Debug)]
 struct Record {
-    fields: HashMap<String, String>,
+    record: SessionRecord,
     expires: Option<Instant>,
 }
 
@@ -36,11 +37,11 @@ struct Inner {
     /// bucket -> (window number, calls counted in it)
     rates: HashMap<String, (u64, u64)>,
     sessions: HashMap<Uuid, Record>,
-    /// agent -> session id -> lease expiry (Unix ms)
-    leases: HashMap<String, HashMap<Uuid, u64>>,
+    /// agent -> session id -> lease expiry
+    leases: HashMap<String, HashMap<Uuid, Instant>>,
     /// The shared registry: agents by `agent.org` as (org, TOML), keys by id, and the version.
     registry_agents: HashMap<String, (String, String)>,
-    registry_keys: HashMap<String, KeyRecord>,
+    registry_keys: HashMap<String, ApiKeyRecord>,
     registry_version: u64,
     next_sweep: Instant,
 }
@@ -90,7 +91,7 @@ impl MemoryStore {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl SessionStore for MemoryStore {
     async fn consume_token(
         &self,
         sid: Uuid,
@@ -142,11 +143,10 @@ impl Store for MemoryStore {
     async fn create_session(
         &self,
         sid: Uuid,
-        fields: &[(&str, String)],
+        record: &SessionRecord,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let fields = fields.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-        let record = Record { fields, expires: Some(Instant::now() + ttl) };
+        let record = Record { record: record.clone(), expires: Some(Instant::now() + ttl) };
         self.lock().sessions.insert(sid, record);
         Ok(())
     }
@@ -154,35 +154,33 @@ impl Store for MemoryStore {
     async fn update_session(
         &self,
         sid: Uuid,
-        from: &[&str],
-        fields: &[(&str, String)],
+        from: &[Option<Status>],
+        update: &SessionRecord,
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
         let live = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
-        let current = live.and_then(|r| r.fields.get("status")).map_or("", String::as_str);
+        let current = live.and_then(|r| r.record.status);
         if !from.contains(&current) {
             return Ok(false);
         }
         if live.is_none() {
-            inner.sessions.insert(sid, Record { fields: HashMap::new(), expires: None });
+            inner.sessions.insert(sid, Record { record: SessionRecord::default(), expires: None });
         }
         let record = inner.sessions.get_mut(&sid).expect("inserted above");
-        for (name, value) in fields {
-            record.fields.insert((*name).to_owned(), value.clone());
-        }
+        record.record.merge(update);
         if let Some(ttl) = ttl {
             record.expires = Some(now + ttl);
         }
         Ok(true)
     }
 
-    async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
+    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError> {
         let now = Instant::now();
         let inner = self.lock();
         let record = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
-        Ok(record.map(|r| r.fields.clone()))
+        Ok(record.map(|r| r.record.clone()))
     }
 
     async fn acquire_slot(
@@ -192,14 +190,14 @@ impl Store for MemoryStore {
         cap: Option<u32>,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let now = unix_ms();
+        let now = Instant::now();
         let mut inner = self.lock();
         let leases = inner.leases.entry(agent.to_owned()).or_default();
         let live = leases.values().filter(|&&expiry| expiry > now).count() as u64;
         if cap.is_some_and(|cap| live >= u64::from(cap)) {
             return Ok(false);
         }
-        leases.insert(sid, now + lease.as_millis() as u64);
+        leases.insert(sid, now + lease);
         Ok(true)
     }
 
@@ -216,7 +214,7 @@ impl Store for MemoryStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let expiry = unix_ms() + lease.as_millis() as u64;
+        let expiry = Instant::now() + lease;
         let mut inner = self.lock();
         let leases = inner.leases.entry(agent.to_owned()).or_default();
         let mut gone = Vec::new();
@@ -234,7 +232,7 @@ impl Store for MemoryStore {
         agent: &str,
         limit: usize,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let now = unix_ms();
+        let now = Instant::now();
         let mut inner = self.lock();
         let Some(leases) = inner.leases.get_mut(agent) else { return Ok(Vec::new()) };
         let lapsed: Vec<Uuid> =
@@ -246,7 +244,7 @@ impl Store for MemoryStore {
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
-        let now = unix_ms();
+        let now = Instant::now();
         let inner = self.lock();
         let live =
             inner.leases.get(agent).map_or(0, |l| l.values().filter(|&&at| at > now).count());
@@ -262,14 +260,17 @@ impl Store for MemoryStore {
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
         self.terminations.subscribe()
     }
+}
 
+#[async_trait]
+impl RegistryStore for MemoryStore {
     async fn registry_version(&self) -> Result<u64, StoreError> {
         Ok(self.lock().registry_version)
     }
 
-    async fn registry_load(&self) -> Result<SharedEntries, StoreError> {
+    async fn registry_load(&self) -> Result<RegistryEntries, StoreError> {
         let inner = self.lock();
-        Ok(SharedEntries {
+        Ok(RegistryEntries {
             version: inner.registry_version,
             agents: inner.registry_agents.values().cloned().collect(),
             keys: inner.registry_keys.values().cloned().collect(),
@@ -288,7 +289,7 @@ impl Store for MemoryStore {
         Ok(inner.registry_version)
     }
 
-    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError> {
+    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         inner.registry_keys.insert(key.id.clone(), key.clone());
         inner.registry_version += 1;
@@ -300,13 +301,14 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_token_is_consumed_once_until_it_expires() {
         let store = MemoryStore::default();
         let sid = Uuid::new_v4();
         assert!(store.consume_token(sid, "a", Duration::from_millis(50)).await.unwrap());
+        tokio::time::advance(Duration::from_millis(49)).await;
         assert!(!store.consume_token(sid, "b", Duration::from_millis(50)).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(store.consume_token(sid, "c", Duration::from_secs(5)).await.unwrap());
     }
 
@@ -325,24 +327,29 @@ mod tests {
     async fn session_updates_are_conditional_on_status() {
         let store = MemoryStore::default();
         let sid = Uuid::new_v4();
-        let set = |status: &str| vec![("status", status.to_owned())];
-        assert!(store.update_session(sid, &[""], &set("pending"), None).await.unwrap());
-        assert!(!store.update_session(sid, &[""], &set("pending"), None).await.unwrap());
-        assert!(store.update_session(sid, &["pending"], &set("ended"), None).await.unwrap());
+        let set = |status| SessionRecord { status: Some(status), ..SessionRecord::default() };
+        let (pending, active) = (Some(Status::Pending), Some(Status::Active));
+        assert!(store.update_session(sid, &[None], &set(Status::Pending), None).await.unwrap());
+        assert!(!store.update_session(sid, &[None], &set(Status::Pending), None).await.unwrap());
+        assert!(store.update_session(sid, &[pending], &set(Status::Ended), None).await.unwrap());
         assert!(
-            !store.update_session(sid, &["pending", "active"], &set("active"), None).await.unwrap()
+            !store
+                .update_session(sid, &[pending, active], &set(Status::Active), None)
+                .await
+                .unwrap()
         );
-        assert_eq!(store.get_session(sid).await.unwrap().unwrap()["status"], "ended");
+        let record = store.get_session(sid).await.unwrap().unwrap();
+        assert_eq!(record.status, Some(Status::Ended));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn slots_respect_the_cap_and_lapse() {
         let store = MemoryStore::default();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let short = Duration::from_millis(30);
         assert!(store.acquire_slot("x", a, Some(1), short).await.unwrap());
         assert!(!store.acquire_slot("x", b, Some(1), short).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::advance(Duration::from_millis(30)).await;
         assert_eq!(store.live_sessions("x").await.unwrap(), 0);
         assert!(store.acquire_slot("x", b, Some(1), Duration::from_secs(5)).await.unwrap());
         assert_eq!(store.claim_lapsed_leases("x", 10).await.unwrap(), vec![a]);
@@ -350,8 +357,8 @@ mod tests {
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
     }
 
-    #[tokio::test]
-    async fn rate_limit_counts_per_bucket() {
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_counts_per_bucket_and_window() {
         let store = MemoryStore::default();
         let window = Duration::from_secs(3600);
         for _ in 0..3 {
@@ -359,5 +366,7 @@ mod tests {
         }
         assert!(!store.rate_limit("k", 3, window).await.unwrap());
         assert!(store.rate_limit("other", 3, window).await.unwrap());
+        tokio::time::advance(window).await;
+        assert!(store.rate_limit("k", 3, window).await.unwrap(), "a new window starts afresh");
     }
 }

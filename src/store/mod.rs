@@ -4,17 +4,19 @@
 //!
 //! Both give the same guarantees; the integration tests run the same assertions on each.
 
+pub mod keyspace;
 pub mod memory;
+pub mod records;
 pub mod redis;
 pub mod topology;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::registry::{KeyRecord, SharedEntries};
+pub use records::{ApiKeyRecord, EndReason, RegistryEntries, SessionRecord, Status};
 
 /// Session ids announced for termination that a slow listener may lag behind before it misses
 /// some; a missed one is still ended at the holder's next lease renewal.
@@ -22,8 +24,20 @@ pub const TERMINATION_BACKLOG: usize = 1024;
 
 /// The store could not answer. Callers answer 503 and change nothing.
 #[derive(Debug, thiserror::Error)]
-#[error("state store unavailable: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// Redis answered with an error, or the connection failed.
+    #[error("{op}: {source}")]
+    Redis {
+        op: &'static str,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    #[error("{op}: no answer within {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    /// A durable consume was written but too few replicas acknowledged it (`redis.wait_replicas`).
+    #[error("consume token: {acked} of {wanted} replicas acknowledged within {within:?}")]
+    NotReplicated { acked: u32, wanted: u32, within: Duration },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -38,8 +52,15 @@ pub enum PrepareError {
     Incompatible { found: u32, compatible_from: u32, ours: u32 },
 }
 
+/// The whole store: what the broker serves sessions with, and the shared registry.
+pub trait Store: SessionStore + RegistryStore {}
+
+impl<T: SessionStore + RegistryStore> Store for T {}
+
+/// Tokens, session records, concurrency slots and termination announcements: what the request
+/// path and the background work need.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait SessionStore: Send + Sync + 'static {
     /// Marks the token of session `sid` as used by `holder`, unless it already is. Returns
     /// `true` for the one caller that wins. The mark lives for `ttl`, the token's remaining
     /// lifetime, after which the token is refused as expired anyway.
@@ -50,7 +71,7 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Undoes [`Store::consume_token`] if, and only if, `holder` still holds it, so that a
+    /// Undoes [`SessionStore::consume_token`] if, and only if, `holder` still holds it, so that a
     /// connect that could not reach the bot leaves the token usable. Returns whether it did.
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError>;
 
@@ -78,27 +99,27 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Writes the record of a new session, `sid` being freshly drawn (random UUID v4) so that no
-    /// record can exist yet: a plain write, cheaper than [`Store::update_session`]'s script.
+    /// record can exist yet: a plain write, cheaper than [`SessionStore::update_session`]'s script.
     async fn create_session(
         &self,
         sid: Uuid,
-        fields: &[(&str, String)],
+        record: &SessionRecord,
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Sets `fields` on the record of session `sid` if its `status` field is one of `from`
-    /// (`""` standing for "no record"), then sets its time to live unless `ttl` is `None`.
-    /// Returns whether it applied. This one conditional write is every session transition.
+    /// Sets the fields `update` holds on the record of session `sid` if its status is one of
+    /// `from` (`None` standing for "no record yet"), then sets its time to live unless `ttl` is
+    /// `None`. Returns whether it applied. This one conditional write is every session transition.
     async fn update_session(
         &self,
         sid: Uuid,
-        from: &[&str],
-        fields: &[(&str, String)],
+        from: &[Option<Status>],
+        update: &SessionRecord,
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError>;
 
-    /// The record of session `sid`, as fields.
-    async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError>;
+    /// The record of session `sid`.
+    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Takes a live-session slot of `agent` for `sid` with a lease of `lease`, unless `cap`
     /// slots are already held by live leases. Returns whether it did.
@@ -132,14 +153,18 @@ pub trait Store: Send + Sync + 'static {
     /// Tells every replica that session `sid` must end.
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError>;
 
-    /// Session ids announced by [`Store::publish_termination`], on any replica.
+    /// Session ids announced by [`SessionStore::publish_termination`], on any replica.
     fn terminations(&self) -> broadcast::Receiver<Uuid>;
+}
 
+/// The shared registry: agents deployed and public keys created through the operator commands.
+#[async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
     /// Version of the shared registry; every change below increments it.
     async fn registry_version(&self) -> Result<u64, StoreError>;
 
     /// Everything in the shared registry, at one version.
-    async fn registry_load(&self) -> Result<SharedEntries, StoreError>;
+    async fn registry_load(&self) -> Result<RegistryEntries, StoreError>;
 
     /// Creates or replaces the agent `name` of `org` with its `pcc-deploy.toml` text.
     async fn registry_put_agent(
@@ -150,7 +175,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     /// Adds a key, or replaces the record with its id (to revoke it).
-    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError>;
+    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, the time base of token expiry.

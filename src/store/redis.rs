@@ -5,8 +5,8 @@
 //! runtime; a connection driven elsewhere would cost two thread switches per command, which
 //! measured as a third of the broker's CPU on `/start` (see `BENCHMARKS.md`).
 //!
-//! Keys are `{prefix}:{<session id>}:…` and `{prefix}:agent:{<agent.org>}:…`: the braces make
-//! every key one script or pipeline touches hash to the same Redis Cluster slot.
+//! Keys are named in [`Keyspace`]: the hash tags make every key one script or pipeline touches
+//! hash to the same Redis Cluster slot.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -17,14 +17,13 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    PrepareError, Store, StoreError, TERMINATION_BACKLOG,
+    ApiKeyRecord, PrepareError, RegistryEntries, RegistryStore, SessionRecord, SessionStore,
+    Status, StoreError, TERMINATION_BACKLOG,
+    keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
 };
-use crate::{
-    config::RedisSettings,
-    registry::{KeyRecord, SharedEntries},
-};
+use crate::config::RedisSettings;
 
 /// Longest wait between two attempts to re-subscribe to termination announcements.
 const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
@@ -64,8 +63,9 @@ impl Scripts {
 
 pub struct RedisStore {
     topology: std::sync::Arc<Topology>,
-    prefix: String,
-    /// Replicas that must acknowledge a consume, and for how long to wait; see [`Store::consume_token`].
+    keys: Keyspace,
+    /// Replicas that must acknowledge a consume, and for how long to wait; see
+    /// [`SessionStore::consume_token`].
     durability: Option<(u32, Duration)>,
     timeout: Duration,
     scripts: Scripts,
@@ -85,21 +85,22 @@ impl Drop for RedisStore {
 impl RedisStore {
     /// Creates the store without waiting for Redis: a replica starts (and reports itself not
     /// ready) while Redis is down, and connects as soon as Redis answers.
-    pub fn new(settings: &RedisSettings, timeout: Duration) -> Result<Self, StoreError> {
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let topology = std::sync::Arc::new(
-            Topology::new(settings, timeout).map_err(|e| StoreError(format!("{:?}", e.kind())))?,
+            Topology::new(settings)
+                .map_err(|source| StoreError::Redis { op: "read the topology", source })?,
         );
-        let prefix = settings.key_prefix.clone();
+        let keys = Keyspace::new(&settings.key_prefix);
         let terminations = broadcast::channel(TERMINATION_BACKLOG).0;
-        let channel = format!("{prefix}:terminate");
+        let channel = keys.terminations();
         let subscriber = tokio::spawn(subscribe(topology.clone(), channel, terminations.clone()));
-        let durability = (settings.wait_replicas > 0)
-            .then(|| (settings.wait_replicas, Duration::from_millis(settings.wait_timeout_ms)));
+        let durability =
+            (settings.wait_replicas > 0).then_some((settings.wait_replicas, settings.wait_timeout));
         Ok(Self {
             topology,
-            prefix,
+            keys,
             durability,
-            timeout,
+            timeout: settings.command_timeout,
             scripts: Scripts::new(),
             terminations,
             errors: Default::default(),
@@ -116,7 +117,7 @@ impl RedisStore {
     /// [`Store::consume_token`] and the transition ids of `update_session`.
     async fn run<T: FromRedisValue>(
         &self,
-        what: &str,
+        op: &'static str,
         purpose: Purpose,
         request: Request<'_>,
     ) -> Result<T, StoreError> {
@@ -137,25 +138,12 @@ impl RedisStore {
         };
         let failure = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => format!("{what}: {e}"),
-            Err(_) => format!("{what}: no answer within {:?}", self.timeout),
+            Ok(Err(source)) => StoreError::Redis { op, source },
+            Err(_) => StoreError::Timeout { op, after: self.timeout },
         };
         self.topology.on_failure(purpose);
         self.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Err(StoreError(failure))
-    }
-
-    fn token_key(&self, sid: Uuid) -> String {
-        format!("{}:{{{sid}}}:token", self.prefix)
-    }
-
-    fn session_key(&self, sid: Uuid) -> String {
-        format!("{}:{{{sid}}}:session", self.prefix)
-    }
-
-    /// The set of an agent's live sessions, scored by lease expiry.
-    fn live_key(&self, agent: &str) -> String {
-        format!("{}:agent:{{{agent}}}:live", self.prefix)
+        Err(failure)
     }
 }
 
@@ -178,7 +166,7 @@ impl Request<'_> {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl SessionStore for RedisStore {
     fn error_count(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -189,7 +177,7 @@ impl Store for RedisStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let key = self.token_key(sid);
+        let key = self.keys.token(sid);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg(holder).arg("NX").arg("PX").arg(ttl.as_millis().max(1) as u64);
         let Some((replicas, wait)) = self.durability else {
@@ -215,15 +203,13 @@ impl Store for RedisStore {
         if acked < replicas {
             // The mark might not survive a failover: give the token back and refuse for now.
             self.release_token(sid, holder).await?;
-            return Err(StoreError(format!(
-                "consume token: {acked} of {replicas} replicas acknowledged within {wait:?}"
-            )));
+            return Err(StoreError::NotReplicated { acked, wanted: replicas, within: wait });
         }
         Ok(true)
     }
 
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
-        let mut call = self.scripts.release_token.key(self.token_key(sid));
+        let mut call = self.scripts.release_token.key(self.keys.token(sid));
         call.arg(holder);
         let released: i64 =
             self.run("release token", Purpose::Commands, Request::Script(&call)).await?;
@@ -238,7 +224,7 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let window_ms = window.as_millis().max(1) as u64;
         let window_number = unix_ms() / window_ms;
-        let key = format!("{}:rate:{{{bucket}}}:{window_number}", self.prefix);
+        let key = self.keys.rate(bucket, window_number);
         // INCR and PEXPIRE in one MULTI: a counter never outlives its window by more than one
         // window, even if this replica dies between the two.
         let mut pipe = redis::pipe();
@@ -250,12 +236,12 @@ impl Store for RedisStore {
 
     async fn check(&self) -> Result<(), StoreError> {
         let mut set = redis::cmd("SET");
-        set.arg(format!("{}:health", self.prefix)).arg(unix_ms()).arg("EX").arg(60);
+        set.arg(self.keys.health()).arg(unix_ms()).arg("EX").arg(60);
         self.run("health write", Purpose::Commands, Request::Cmd(&set)).await
     }
 
     async fn prepare(&self) -> Result<(), PrepareError> {
-        let key = format!("{}:schema", self.prefix);
+        let key = self.keys.schema();
         let mut read = redis::cmd("HGETALL");
         read.arg(&key);
         let stored: HashMap<String, u32> =
@@ -292,13 +278,13 @@ impl Store for RedisStore {
     async fn create_session(
         &self,
         sid: Uuid,
-        fields: &[(&str, String)],
+        record: &SessionRecord,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.session_key(sid);
+        let key = self.keys.session(sid);
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset_multiple(&key, fields)
+            .hset_multiple(&key, &record.to_fields())
             .ignore()
             .pexpire(&key, ttl.as_millis() as i64)
             .ignore();
@@ -308,28 +294,30 @@ impl Store for RedisStore {
     async fn update_session(
         &self,
         sid: Uuid,
-        from: &[&str],
-        fields: &[(&str, String)],
+        from: &[Option<Status>],
+        update: &SessionRecord,
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let mut call = self.scripts.update_session.key(self.session_key(sid));
+        let mut call = self.scripts.update_session.key(self.keys.session(sid));
+        // Migration 002 reads an empty item as "no record".
+        let from: Vec<&str> = from.iter().map(|s| s.map_or("", Status::as_str)).collect();
         call.arg(from.join(","))
             .arg(ttl.map_or(0, |t| t.as_millis().max(1) as u64))
             .arg(Uuid::new_v4().simple().to_string());
-        for (name, value) in fields {
-            call.arg(*name).arg(value);
+        for (name, value) in update.to_fields() {
+            call.arg(name).arg(value);
         }
         let applied: i64 =
             self.run("update session", Purpose::Commands, Request::Script(&call)).await?;
         Ok(applied == 1)
     }
 
-    async fn get_session(&self, sid: Uuid) -> Result<Option<HashMap<String, String>>, StoreError> {
+    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError> {
         let mut get = redis::cmd("HGETALL");
-        get.arg(self.session_key(sid));
+        get.arg(self.keys.session(sid));
         let fields: HashMap<String, String> =
             self.run("read session", Purpose::Commands, Request::Cmd(&get)).await?;
-        Ok((!fields.is_empty()).then_some(fields))
+        Ok((!fields.is_empty()).then(|| SessionRecord::from_fields(&fields)))
     }
 
     async fn acquire_slot(
@@ -340,7 +328,7 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let now = unix_ms();
-        let mut call = self.scripts.acquire_slot.key(self.live_key(agent));
+        let mut call = self.scripts.acquire_slot.key(self.keys.live(agent));
         call.arg(now)
             .arg(now + lease.as_millis() as u64)
             .arg(sid.to_string())
@@ -352,7 +340,7 @@ impl Store for RedisStore {
 
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
         let mut zrem = redis::cmd("ZREM");
-        zrem.arg(self.live_key(agent)).arg(sid.to_string());
+        zrem.arg(self.keys.live(agent)).arg(sid.to_string());
         self.run("release slot", Purpose::Commands, Request::Cmd(&zrem)).await
     }
 
@@ -362,7 +350,7 @@ impl Store for RedisStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut call = self.scripts.renew_leases.key(self.live_key(agent));
+        let mut call = self.scripts.renew_leases.key(self.keys.live(agent));
         call.arg(unix_ms() + lease.as_millis() as u64);
         for sid in sids {
             call.arg(sid.to_string());
@@ -377,7 +365,7 @@ impl Store for RedisStore {
         agent: &str,
         limit: usize,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let mut call = self.scripts.claim_lapsed_leases.key(self.live_key(agent));
+        let mut call = self.scripts.claim_lapsed_leases.key(self.keys.live(agent));
         call.arg(unix_ms()).arg(limit);
         let claimed: Vec<String> =
             self.run("claim lapsed leases", Purpose::Commands, Request::Script(&call)).await?;
@@ -386,34 +374,37 @@ impl Store for RedisStore {
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
         let mut count = redis::cmd("ZCOUNT");
-        count.arg(self.live_key(agent)).arg(format!("({}", unix_ms())).arg("+inf");
+        count.arg(self.keys.live(agent)).arg(format!("({}", unix_ms())).arg("+inf");
         self.run("count live sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
         let mut publish = redis::cmd("PUBLISH");
-        publish.arg(format!("{}:terminate", self.prefix)).arg(sid.to_string());
+        publish.arg(self.keys.terminations()).arg(sid.to_string());
         self.run("publish termination", Purpose::Commands, Request::Cmd(&publish)).await
     }
 
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
         self.terminations.subscribe()
     }
+}
 
+#[async_trait]
+impl RegistryStore for RedisStore {
     async fn registry_version(&self) -> Result<u64, StoreError> {
         let mut get = redis::cmd("GET");
-        get.arg(self.registry_key("version"));
+        get.arg(self.keys.registry(RegistryPart::Version));
         let version: Option<u64> =
             self.run("read registry version", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok(version.unwrap_or(0))
     }
 
-    async fn registry_load(&self) -> Result<SharedEntries, StoreError> {
+    async fn registry_load(&self) -> Result<RegistryEntries, StoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .get(self.registry_key("version"))
-            .hgetall(self.registry_key("agents"))
-            .hgetall(self.registry_key("keys"));
+            .get(self.keys.registry(RegistryPart::Version))
+            .hgetall(self.keys.registry(RegistryPart::Agents))
+            .hgetall(self.keys.registry(RegistryPart::Keys));
         let (version, agents, keys): (
             Option<u64>,
             HashMap<String, String>,
@@ -424,7 +415,7 @@ impl Store for RedisStore {
             .filter_map(|(host, toml)| Some((host.split_once('.')?.1.to_owned(), toml)))
             .collect();
         let keys = keys.values().filter_map(|json| serde_json::from_str(json).ok()).collect();
-        Ok(SharedEntries { version: version.unwrap_or(0), agents, keys })
+        Ok(RegistryEntries { version: version.unwrap_or(0), agents, keys })
     }
 
     async fn registry_put_agent(
@@ -433,29 +424,29 @@ impl Store for RedisStore {
         name: &str,
         toml: &str,
     ) -> Result<u64, StoreError> {
-        self.registry_put("agents", &format!("{name}.{org}"), toml).await
+        self.registry_put(RegistryPart::Agents, &format!("{name}.{org}"), toml).await
     }
 
-    async fn registry_put_key(&self, key: &KeyRecord) -> Result<u64, StoreError> {
+    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
         // Serializing a struct of strings and integers cannot fail.
         let json = serde_json::to_string(key).expect("key record serializes");
-        self.registry_put("keys", &key.id, &json).await
+        self.registry_put(RegistryPart::Keys, &key.id, &json).await
     }
 }
 
 impl RedisStore {
-    /// The registry's keys: one hash tag, so that a change and its version bump are one MULTI.
-    fn registry_key(&self, part: &str) -> String {
-        format!("{}:{{registry}}:{part}", self.prefix)
-    }
-
     /// Sets `field` of the registry hash `part` and bumps the version, atomically.
-    async fn registry_put(&self, part: &str, field: &str, value: &str) -> Result<u64, StoreError> {
+    async fn registry_put(
+        &self,
+        part: RegistryPart,
+        field: &str,
+        value: &str,
+    ) -> Result<u64, StoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset(self.registry_key(part), field, value)
+            .hset(self.keys.registry(part), field, value)
             .ignore()
-            .incr(self.registry_key("version"), 1);
+            .incr(self.keys.registry(RegistryPart::Version), 1);
         let (version,): (u64,) =
             self.run("write registry", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(version)

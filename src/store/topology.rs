@@ -71,7 +71,8 @@ pub enum Conn {
 
 impl Topology {
     /// Reads the topology from the settings; connects to nothing yet.
-    pub fn new(settings: &RedisSettings, timeout: Duration) -> RedisResult<Self> {
+    pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
+        let timeout = settings.command_timeout;
         let kind = if let Some(url) = &settings.url {
             Kind::Standalone(Client::open(url.expose_secret())?)
         } else if !settings.sentinels.is_empty() {

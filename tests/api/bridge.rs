@@ -89,8 +89,8 @@ async fn a_slow_client_holds_the_bot_back_instead_of_filling_memory() {
 #[tokio::test]
 async fn a_silent_client_is_dropped_after_the_heartbeat_timeout() {
     let (app, _redis) = app_with(|s| {
-        s.limits.heartbeat_interval_ms = 100;
-        s.limits.heartbeat_timeout_ms = 400;
+        s.limits.heartbeat_interval = Duration::from_millis(100);
+        s.limits.heartbeat_timeout = Duration::from_millis(400);
     })
     .await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
@@ -107,8 +107,8 @@ async fn a_silent_client_is_dropped_after_the_heartbeat_timeout() {
 #[tokio::test]
 async fn an_answering_client_outlives_many_heartbeats() {
     let (app, _redis) = app_with(|s| {
-        s.limits.heartbeat_interval_ms = 100;
-        s.limits.heartbeat_timeout_ms = 1_000;
+        s.limits.heartbeat_interval = Duration::from_millis(100);
+        s.limits.heartbeat_timeout = Duration::from_millis(1_000);
     })
     .await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
@@ -124,8 +124,8 @@ async fn an_answering_client_outlives_many_heartbeats() {
 #[tokio::test]
 async fn a_silent_bot_is_dropped_after_the_heartbeat_timeout() {
     let (app, _redis) = app_with(|s| {
-        s.limits.heartbeat_interval_ms = 100;
-        s.limits.heartbeat_timeout_ms = 400;
+        s.limits.heartbeat_interval = Duration::from_millis(100);
+        s.limits.heartbeat_timeout = Duration::from_millis(400);
     })
     .await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
@@ -143,7 +143,7 @@ async fn a_silent_bot_is_dropped_after_the_heartbeat_timeout() {
 
 #[tokio::test]
 async fn the_session_duration_is_enforced_with_a_clean_close() {
-    let (app, _redis) = app_with(|s| s.limits.max_session_secs = 1).await;
+    let (app, _redis) = app_with(|s| s.limits.max_session = Duration::from_secs(1)).await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
     assert_echo(&mut ws, Message::text("short call")).await;

@@ -20,7 +20,7 @@ fn store(redis: &RedisServer) -> RedisStore {
         key_prefix: PREFIX.into(),
         ..RedisSettings::default()
     };
-    RedisStore::new(&settings, Duration::from_secs(1)).unwrap()
+    RedisStore::new(&settings).unwrap()
 }
 
 async fn status_of_start(app: &TestApp, agent: &str, key: &str) -> u16 {

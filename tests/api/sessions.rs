@@ -64,7 +64,7 @@ async fn an_unreachable_bot_is_recorded_and_the_session_ends_with_its_token() {
     let unused = TestBot::start().await;
     let mut options = AppOptions::new(Some(redis.url()), &unused);
     options.bot_url = format!("ws://127.0.0.1:{}/ws", free_port());
-    options.settings.token.lifetime_secs = 1;
+    options.settings.token.lifetime = Duration::from_secs(1);
     let app = TestApp::with(options, unused).await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
     assert!(matches!(connect(&ws_url, Some((&token, Via::Path))).await, Err((503, _, _))));
@@ -199,8 +199,8 @@ async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let bot = TestBot::start().await;
     let mut options = AppOptions::new(Some(redis.url()), &bot);
     options.key_prefix = "shared".into();
-    options.settings.sessions.lease_ttl_ms = 300;
-    options.settings.sessions.sweep_interval_ms = 100;
+    options.settings.sessions.lease_ttl = Duration::from_millis(300);
+    options.settings.sessions.sweep_interval = Duration::from_millis(100);
     let survivor = TestApp::with(options, bot.clone()).await;
     let lease =
         [("BROKER__SESSIONS__LEASE_TTL_MS", "300"), ("BROKER__SESSIONS__SWEEP_INTERVAL_MS", "100")];
@@ -232,8 +232,8 @@ async fn a_live_replica_keeps_its_sessions_past_many_leases() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
     let mut options = AppOptions::new(Some(redis.url()), &bot);
-    options.settings.sessions.lease_ttl_ms = 600;
-    options.settings.sessions.sweep_interval_ms = 50;
+    options.settings.sessions.lease_ttl = Duration::from_millis(600);
+    options.settings.sessions.sweep_interval = Duration::from_millis(50);
     let app = TestApp::with(options, bot).await;
     let (token, ws_url, sid) = app.start_session(CAPPED_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();

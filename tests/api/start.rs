@@ -158,7 +158,7 @@ async fn rate_limit_per_key_is_429() {
     let bot = TestBot::start().await;
     let mut options = AppOptions::new(Some(redis.url()), &bot);
     options.settings.limits.start_rate_per_key = 3;
-    options.settings.limits.start_rate_window_secs = 3600;
+    options.settings.limits.start_rate_window = std::time::Duration::from_secs(3600);
     let app = TestApp::with(options, bot).await;
     for _ in 0..3 {
         assert_eq!(app.post_start(TOKEN_AGENT, Some(KEY), "{}").await.status(), 200);

@@ -78,8 +78,8 @@ async fn racing_replicas_after_a_failover_with_durable_consumes() {
                 s.redis.wait_replicas = 1;
                 // Generous: on a loaded test machine the replica may answer late, and a late
                 // answer is a (correct) refusal, not what this test is about.
-                s.redis.wait_timeout_ms = 1_500;
-                s.redis.command_timeout_ms = 3_000;
+                s.redis.wait_timeout = Duration::from_millis(1_500);
+                s.redis.command_timeout = Duration::from_millis(3_000);
             })
             .await,
         );

@@ -183,7 +183,7 @@ async fn tokens_expire_after_their_lifetime(store: Store) {
     let redis = (store == Store::Redis).then(RedisServer::start);
     let bot = TestBot::start().await;
     let mut options = AppOptions::new(redis.as_ref().map(RedisServer::url), &bot);
-    options.settings.token.lifetime_secs = 1;
+    options.settings.token.lifetime = Duration::from_secs(1);
     let app = TestApp::with(options, bot).await;
     let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
     let (fresh, _, _) = app.start_session(TOKEN_AGENT).await;

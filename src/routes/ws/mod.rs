@@ -1,0 +1,172 @@
+//! `GET /ws/generic/{agent}.{org}[/{token}]`: the WebSocket gate.
+//!
+//! Everything that can refuse a connect happens before the upgrade, with a plain HTTP answer:
+//! the handshake is checked first (so a token is never spent on a request that cannot upgrade),
+//! then the token is verified and consumed exactly once and a slot taken ([`reservation`]),
+//! then the bot is dialled. Only when the bot has answered is the client upgraded and the relay
+//! started. If the bot cannot be reached, the reservation is let go and the token works again
+//! for the rest of its lifetime.
+
+mod request;
+mod reservation;
+
+use std::{sync::Arc, time::Instant};
+
+use actix_web::{HttpRequest, HttpResponse, http::Method, web};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use self::{
+    request::{WsQuery, decode_body, find_token, parse_path},
+    reservation::{Reservation, TokenFate, release_slot},
+};
+use crate::{
+    agents::{Agent, WebsocketAuth},
+    bridge,
+    error::{ApiError, TokenRefusal},
+    sessions::{EndReason, Registration, Status, Stop},
+    state::AppState,
+    store::{SessionRecord, unix_ms},
+};
+
+/// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
+pub const PREFIX: &str = "/ws/generic";
+
+pub async fn connect(
+    req: HttpRequest,
+    query: web::Query<WsQuery>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let (service, path_token) =
+        parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)?;
+    // Builds the 101 answer without sending it; it is only returned once the bot is connected.
+    let (response, client, stream) = actix_ws::handle(&req, payload)
+        .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
+    let agent = state
+        .registry
+        .load()
+        .agents
+        .by_service_host(service)
+        .ok_or(ApiError::AgentNotFound)?
+        .clone();
+    let body = query.body.as_deref().map(decode_body).transpose()?;
+    let token = match agent.websocket_auth {
+        WebsocketAuth::None => None,
+        WebsocketAuth::Token => Some(
+            find_token(&req, query.token.as_deref(), path_token)
+                .ok_or(ApiError::TokenRefused(TokenRefusal::Missing))?,
+        ),
+    };
+
+    let reservation = Reservation::take(&state, agent, token).await?;
+    let bot = match dial_bot(&req, &state, &reservation, body.as_deref()).await {
+        Ok(bot) => bot,
+        Err(e) => {
+            let (sid, agent) = (reservation.session_id, &reservation.agent.service_host);
+            tracing::warn!(session_id = %sid, %agent, error = %e, "bot unreachable");
+            reservation.abandon(&state, TokenFate::GiveBack(EndReason::BotUnreachable)).await;
+            return Err(ApiError::BotUnreachable);
+        }
+    };
+    let (agent, sid) = (reservation.agent.clone(), reservation.session_id);
+    let (registration, stop, connected_ms) = match reservation.activate(&state).await {
+        Ok(live) => live,
+        Err(refused) => {
+            let mut bot = bot;
+            let _ = bot.close(None).await;
+            return Err(refused);
+        }
+    };
+
+    tracing::info!(agent = %agent.service_host, "session connected");
+    state.metrics.connects_accepted.with_label_values(&[&agent.service_host]).inc();
+    let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
+    let session = LiveSession { state: state.into_inner(), agent, sid, connected_ms, registration };
+    actix_web::rt::spawn(session.run(client, stream, bot, stop).instrument(span));
+    Ok(response)
+}
+
+/// A bridged session, from the upgrade to its end.
+struct LiveSession {
+    state: Arc<AppState>,
+    agent: Arc<Agent>,
+    sid: Uuid,
+    connected_ms: u64,
+    registration: Registration,
+}
+
+impl LiveSession {
+    /// Relays until the session ends, then records how it ended and lets go of its slot.
+    async fn run(
+        self,
+        client: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+        bot: bridge::BotSocket,
+        stop: tokio::sync::oneshot::Receiver<Stop>,
+    ) {
+        let Self { state, agent, sid, connected_ms, registration } = self;
+        let metrics = &state.metrics;
+        let active = metrics.active_sessions.with_label_values(&[&agent.service_host]);
+        active.inc();
+        let max_duration = agent.max_session_duration.min(state.max_session);
+        let counters = bridge::RelayCounters::new(metrics);
+        let outcome =
+            bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters).await;
+        active.dec();
+        metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
+        let now = unix_ms();
+        let ended = SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
+        let from = [Some(Status::Pending), Some(Status::Active)];
+        let retention = Some(state.leases.retention);
+        if let Err(e) = state.store.update_session(sid, &from, &ended, retention).await {
+            tracing::warn!(error = %e, "could not record the end of the session");
+        }
+        drop(registration);
+        release_slot(&state, &agent, sid).await;
+        tracing::info!(
+            reason = outcome.reason.as_str(),
+            detail = outcome.detail,
+            duration_ms = now.saturating_sub(connected_ms),
+            "session ended"
+        );
+    }
+}
+
+/// Opens the bot's WebSocket for a reserved session, timing the dial.
+async fn dial_bot(
+    req: &HttpRequest,
+    state: &AppState,
+    reservation: &Reservation,
+    body: Option<&str>,
+) -> Result<bridge::BotSocket, bridge::DialError> {
+    let agent = &reservation.agent;
+    let mut url = agent.bot_for(&state.region).clone();
+    if let Some(body) = body {
+        url.query_pairs_mut().append_pair("body", body);
+    }
+    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let forwarded_for = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(chain) if !peer.is_empty() => format!("{chain}, {peer}"),
+        Some(chain) => chain.to_owned(),
+        None => peer,
+    };
+    let headers = [
+        ("x-pipecat-session-id", reservation.session_id.to_string()),
+        ("x-pipecat-service-host", agent.service_host.clone()),
+        ("x-pipecat-region", reservation.minted_in.clone()),
+        ("x-forwarded-for", forwarded_for),
+    ];
+    let dialling = Instant::now();
+    let dialled = bridge::dial(&url, &headers, &state.bridge, state.bot_connect_timeout).await;
+    let outcome = if dialled.is_ok() { "connected" } else { "failed" };
+    let histogram = state.metrics.bot_dial_seconds.with_label_values(&[outcome]);
+    histogram.observe(dialling.elapsed().as_secs_f64());
+    dialled
+}

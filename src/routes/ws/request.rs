@@ -1,0 +1,72 @@
+//! What a WebSocket connect asks for, read from its request: the service host and token place in
+//! the path, the token from the first place that holds one, and the `?body=` for the bot.
+
+use actix_web::{HttpRequest, http::header};
+use base64::{
+    Engine,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
+};
+use serde::Deserialize;
+
+use crate::{api_keys, error::ApiError};
+
+/// Accepts `?body=` in the standard or the URL-safe alphabet, padded or not.
+const LENIENT: GeneralPurposeConfig =
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+
+/// The rest of the path after the WebSocket prefix: the service host and, maybe, the token.
+pub fn parse_path(rest: &str) -> Option<(&str, Option<&str>)> {
+    let rest = rest.strip_prefix('/')?;
+    match rest.split_once('/') {
+        None => Some((rest, None)),
+        Some((service, token)) if !token.contains('/') => Some((service, Some(token))),
+        Some(_) => None,
+    }
+}
+
+/// The query parameters the gate reads; the rest of the query string is dropped, never passed
+/// to the bot.
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    pub token: Option<String>,
+    pub body: Option<String>,
+}
+
+/// The token, from the first place that holds one: `Authorization: Bearer`, then `?token=`,
+/// then the last path segment (telephony providers such as Twilio drop query strings).
+pub fn find_token<'a>(
+    req: &'a HttpRequest,
+    query: Option<&'a str>,
+    path: Option<&'a str>,
+) -> Option<&'a str> {
+    api_keys::bearer(req.headers().get(header::AUTHORIZATION))
+        .or(query.filter(|t| !t.is_empty()))
+        .or(path.filter(|t| !t.is_empty()))
+}
+
+/// Decodes `?body=` and re-encodes it canonically (standard alphabet, padded) for the bot.
+pub fn decode_body(raw: &str) -> Result<String, ApiError> {
+    let bytes = STANDARD_LENIENT
+        .decode(raw)
+        .or_else(|_| URL_SAFE_LENIENT.decode(raw))
+        .map_err(|_| ApiError::BadRequest("body must be base64-encoded JSON".into()))?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|_| ApiError::BadRequest("body must be base64-encoded JSON".into()))?;
+    Ok(STANDARD.encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_path;
+
+    #[test]
+    fn paths() {
+        assert_eq!(parse_path("/a.o"), Some(("a.o", None)));
+        assert_eq!(parse_path("/a.o/tok"), Some(("a.o", Some("tok"))));
+        assert_eq!(parse_path("/a.o/"), Some(("a.o", Some(""))));
+        assert_eq!(parse_path("/a.o/tok/more"), None);
+        assert_eq!(parse_path(""), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! The application state every request handler and background task shares, built once from the
+//! validated settings.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{
+    bridge::BridgeLimits,
+    config::{FailMode, Settings},
+    metrics::Metrics,
+    registry::LiveRegistry,
+    sessions::{LeaseTiming, LiveSessions},
+    store::Store,
+    token::SigningKeys,
+};
+
+pub struct AppState {
+    pub region: String,
+    /// This replica's id, written as the holder of the tokens it consumes.
+    pub replica_id: String,
+    /// Public WebSocket base URL of every known region, e.g. `wss://us-west.example.net`; this
+    /// replica's own region is always present.
+    ws_base_urls: BTreeMap<String, String>,
+    pub token_lifetime: Duration,
+    pub signing_keys: SigningKeys,
+    /// Agents and public keys: static ones, and the shared registry's, kept fresh.
+    pub registry: Arc<LiveRegistry>,
+    pub store: Arc<dyn Store>,
+    pub bridge: BridgeLimits,
+    pub bot_connect_timeout: Duration,
+    /// `/start` calls allowed per public key, and the window they are counted in.
+    pub start_rate: Option<(u64, Duration)>,
+    /// Ceiling on every agent's `max_session_duration`.
+    pub max_session: Duration,
+    pub leases: LeaseTiming,
+    /// The sessions this replica holds.
+    pub live: Arc<LiveSessions>,
+    /// `redis.on_unavailable = "open"`: connects go through unchecked while Redis is down.
+    pub fail_open: bool,
+    pub metrics: Arc<Metrics>,
+    /// The store was prepared (schema checked, scripts loaded); readiness waits for it.
+    pub prepared: Arc<AtomicBool>,
+    /// Set on SIGTERM: readiness fails and new upgrades are refused while sessions finish.
+    draining: AtomicBool,
+}
+
+impl AppState {
+    /// `local` is the address the public listener bound: the WebSocket base URL of this
+    /// replica's region when the settings name none (a laptop).
+    pub fn new(
+        settings: &Settings,
+        local: SocketAddr,
+        signing_keys: SigningKeys,
+        registry: Arc<LiveRegistry>,
+        store: Arc<dyn Store>,
+        prepared: Arc<AtomicBool>,
+    ) -> Self {
+        let mut ws_base_urls: BTreeMap<String, String> = settings
+            .regions
+            .iter()
+            .map(|(name, r)| (name.clone(), r.public_ws_url.trim_end_matches('/').to_owned()))
+            .collect();
+        ws_base_urls.entry(settings.region.clone()).or_insert_with(|| format!("ws://{local}"));
+        let limits = &settings.limits;
+        Self {
+            region: settings.region.clone(),
+            replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
+            ws_base_urls,
+            token_lifetime: settings.token.lifetime,
+            signing_keys,
+            registry,
+            store,
+            bridge: BridgeLimits {
+                max_frame_bytes: limits.max_frame_bytes,
+                heartbeat_interval: limits.heartbeat_interval,
+                heartbeat_timeout: limits.heartbeat_timeout,
+            },
+            bot_connect_timeout: limits.bot_connect_timeout,
+            start_rate: (limits.start_rate_per_key > 0)
+                .then_some((limits.start_rate_per_key, limits.start_rate_window)),
+            max_session: limits.max_session,
+            leases: LeaseTiming {
+                lease: settings.sessions.lease_ttl,
+                sweep_interval: settings.sessions.sweep_interval,
+                retention: settings.sessions.retention,
+            },
+            live: Arc::new(LiveSessions::default()),
+            fail_open: settings.redis.on_unavailable == FailMode::Open,
+            metrics: Arc::new(Metrics::new()),
+            prepared,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The public WebSocket base URL for `region`; this replica's own when the region has none
+    /// configured (start-up warns about such agents).
+    pub fn ws_base_url(&self, region: &str) -> &str {
+        self.ws_base_urls.get(region).unwrap_or(&self.ws_base_urls[&self.region])
+    }
+
+    /// How long a record lives once its session is active: through the longest session, then
+    /// retention. A record whose replica and every sweeper died still goes away eventually.
+    pub fn active_record_ttl(&self, max_duration: Duration) -> Duration {
+        max_duration + self.leases.lease + self.leases.retention
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// From now on readiness fails and new upgrades are refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_prepared(&self) -> bool {
+        self.prepared.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,83 @@
+//! Every Redis key and channel the broker uses, built in this one place.
+//!
+//! All keys start with the configured prefix (`redis.key_prefix`), so deployments and tests can
+//! share a Redis. The part in braces is the Redis Cluster hash tag: every key that one script or
+//! `MULTI` touches carries the same tag and so lives in the same slot.
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    prefix: String,
+}
+
+impl Keyspace {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    /// `{prefix}:{<sid>}:token`: the consume mark of a session's token, holding the id of the
+    /// connect that consumed it; lives as long as the token could still verify.
+    pub fn token(&self, sid: Uuid) -> String {
+        format!("{}:{{{sid}}}:token", self.prefix)
+    }
+
+    /// `{prefix}:{<sid>}:session`: the session's record, a hash (see `store::records`).
+    pub fn session(&self, sid: Uuid) -> String {
+        format!("{}:{{{sid}}}:session", self.prefix)
+    }
+
+    /// `{prefix}:agent:{<agent.org>}:live`: the agent's live sessions, a sorted set of session
+    /// ids scored by lease expiry (Unix ms). Its size under the cap is the concurrency cap.
+    pub fn live(&self, service_host: &str) -> String {
+        format!("{}:agent:{{{service_host}}}:live", self.prefix)
+    }
+
+    /// `{prefix}:rate:{<bucket>}:<window>`: calls counted against `bucket` in fixed window
+    /// number `window`; expires two windows later.
+    pub fn rate(&self, bucket: &str, window: u64) -> String {
+        format!("{}:rate:{{{bucket}}}:{window}", self.prefix)
+    }
+
+    /// `{prefix}:health`: written by readiness checks to prove the store takes writes.
+    pub fn health(&self) -> String {
+        format!("{}:health", self.prefix)
+    }
+
+    /// `{prefix}:schema`: hash of `version` and `compatible_from`, the schema of the data.
+    pub fn schema(&self) -> String {
+        format!("{}:schema", self.prefix)
+    }
+
+    /// `{prefix}:{registry}:<part>`: the shared registry, `agents` and `keys` hashes and its
+    /// `version` counter. One tag, so a change and its version bump are one `MULTI`.
+    pub fn registry(&self, part: RegistryPart) -> String {
+        format!("{}:{{registry}}:{}", self.prefix, part.as_str())
+    }
+
+    /// `{prefix}:terminate`: pub/sub channel announcing session ids to end, on any replica.
+    pub fn terminations(&self) -> String {
+        format!("{}:terminate", self.prefix)
+    }
+}
+
+/// The parts of the shared registry.
+#[derive(Debug, Clone, Copy)]
+pub enum RegistryPart {
+    /// Hash of `agent.org` to its `pcc-deploy.toml` text.
+    Agents,
+    /// Hash of key id to the JSON of its `ApiKeyRecord`.
+    Keys,
+    /// Counter bumped by every change; replicas poll it.
+    Version,
+}
+
+impl RegistryPart {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Agents => "agents",
+            Self::Keys => "keys",
+            Self::Version => "version",
+        }
+    }
+}
