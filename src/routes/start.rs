@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{agent_of, authenticate};
 use crate::{
-    agents::WebsocketAuth,
+    agents::{Agent, WebsocketAuth},
     api_keys,
     error::ApiError,
     state::AppState,
@@ -78,69 +78,16 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let registry = state.registry.load();
     let (org, key) = authenticate(req, &registry)?;
-    if let Some((limit, window)) = state.start_rate {
-        // The bucket is named by the key's hash: the key itself never reaches the store.
-        let bucket = hex::encode(&api_keys::hash_api_key(key)[..16]);
-        if !state.store.rate_limit(&bucket, limit, window).await? {
-            return Err(ApiError::RateLimited);
-        }
-    }
-
+    check_rate(state, key).await?;
     let agent = agent_of(&registry, org, agent_name)?;
     let request = read_request(payload).await?;
-    // The official Python SDK never sends `transport`; the agent's default applies, which is
-    // websocket for every agent of this broker.
-    let transport = request.transport.unwrap_or(Transport::Websocket);
-    if transport != Transport::Websocket {
-        return Err(ApiError::BadRequest(format!(
-            "Transport \"{}\" is not served by agent {}; use \"websocket\"",
-            transport.as_str(),
-            agent.name
-        )));
-    }
-    let body = match request.body {
-        None => None,
-        Some(_) if agent.websocket_auth == WebsocketAuth::None => {
-            return Err(ApiError::BadRequest(
-                "A body cannot be sent through /start to an agent without websocket_auth = \"token\"; \
-                 pass it as ?body= on the WebSocket URL"
-                    .into(),
-            ));
-        }
-        Some(body) => {
-            // Serializing a JSON map cannot fail.
-            let json = serde_json::to_string(&body).expect("JSON map serializes");
-            if json.len() > MAX_WEBSOCKET_BODY_BYTES {
-                return Err(ApiError::PayloadTooLarge(format!(
-                    "body is {} bytes of JSON; websocket transport allows at most {MAX_WEBSOCKET_BODY_BYTES}",
-                    json.len()
-                )));
-            }
-            Some(STANDARD.encode(json))
-        }
-    };
-
-    // The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
-    if let Some(cap) = agent.max_agents
-        && state.store.live_sessions(&agent.service_host).await? >= u64::from(cap)
-    {
-        return Err(ApiError::AtCapacity);
-    }
-
+    let body = websocket_body(&agent, request)?;
+    check_capacity(state, &agent).await?;
     let session_id = Uuid::new_v4();
     let token = match agent.websocket_auth {
         // Without a token nothing ties a connect to this id: the connect makes its own record.
         WebsocketAuth::None => None,
-        WebsocketAuth::Token => {
-            let now = unix_ms();
-            let expires = now + state.token_lifetime.as_millis() as u64;
-            let record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
-            // Written before the token is handed out: a token never exists without its record.
-            let ttl = state.token_lifetime + state.leases.retention;
-            state.store.create_session(session_id, &record, ttl).await?;
-            state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
-            Some(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires))
-        }
+        WebsocketAuth::Token => Some(mint(state, &agent, session_id).await?),
     };
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     tracing::info!(agent = %agent.service_host, "session started");
@@ -154,6 +101,70 @@ pub async fn start(
         session_id,
         body,
     }))
+}
+
+/// Counts the call against the key's `/start` rate. The bucket is named by the key's hash: the
+/// key itself never reaches the store.
+async fn check_rate(state: &AppState, key: &str) -> Result<(), ApiError> {
+    let Some((limit, window)) = state.start_rate else { return Ok(()) };
+    let bucket = hex::encode(&api_keys::hash_api_key(key)[..16]);
+    if !state.store.rate_limit(&bucket, limit, window).await? {
+        return Err(ApiError::RateLimited);
+    }
+    Ok(())
+}
+
+/// The transport must be websocket, the only one served here (the official Python SDK never
+/// sends `transport`; the agent's default applies, which is websocket for every agent of this
+/// broker). Returns the `body` to hand back, as base64 of its JSON.
+fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<String>, ApiError> {
+    let transport = request.transport.unwrap_or(Transport::Websocket);
+    if transport != Transport::Websocket {
+        return Err(ApiError::BadRequest(format!(
+            "Transport \"{}\" is not served by agent {}; use \"websocket\"",
+            transport.as_str(),
+            agent.name
+        )));
+    }
+    let Some(body) = request.body else { return Ok(None) };
+    if agent.websocket_auth == WebsocketAuth::None {
+        return Err(ApiError::BadRequest(
+            "A body cannot be sent through /start to an agent without websocket_auth = \"token\"; \
+             pass it as ?body= on the WebSocket URL"
+                .into(),
+        ));
+    }
+    // Serializing a JSON map cannot fail.
+    let json = serde_json::to_string(&body).expect("JSON map serializes");
+    if json.len() > MAX_WEBSOCKET_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "body is {} bytes of JSON; websocket transport allows at most {MAX_WEBSOCKET_BODY_BYTES}",
+            json.len()
+        )));
+    }
+    Ok(Some(STANDARD.encode(json)))
+}
+
+/// The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
+async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
+    if let Some(cap) = agent.max_agents
+        && state.store.live_sessions(&agent.service_host).await? >= u64::from(cap)
+    {
+        return Err(ApiError::AtCapacity);
+    }
+    Ok(())
+}
+
+/// Records the session as pending, then mints its token: a token never exists without its
+/// record.
+async fn mint(state: &AppState, agent: &Agent, session_id: Uuid) -> Result<String, ApiError> {
+    let now = unix_ms();
+    let expires = now + state.token_lifetime.as_millis() as u64;
+    let record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
+    let ttl = state.token_lifetime + state.leases.retention;
+    state.store.create_session(session_id, &record, ttl).await?;
+    state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
+    Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires))
 }
 
 /// Reads and parses the request body, refusing it as soon as it passes the size limit.

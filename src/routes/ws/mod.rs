@@ -14,17 +14,16 @@ use std::{sync::Arc, time::Instant};
 
 use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use tracing::Instrument;
-use uuid::Uuid;
 
 use self::{
     request::{WsQuery, decode_body, find_token, parse_path},
-    reservation::{Reservation, TokenFate, release_slot},
+    reservation::{Activated, Reservation, TokenFate, release_slot},
 };
 use crate::{
-    agents::{Agent, WebsocketAuth},
+    agents::WebsocketAuth,
     bridge,
     error::{ApiError, TokenRefusal},
-    sessions::{EndReason, Registration, Status, Stop},
+    sessions::{EndReason, Status},
     state::AppState,
     store::{SessionRecord, unix_ms},
 };
@@ -38,24 +37,12 @@ pub async fn connect(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    if req.method() != Method::GET {
-        return Err(ApiError::MethodNotAllowed);
-    }
-    if state.is_draining() {
-        return Err(ApiError::Draining);
-    }
-    let (service, path_token) =
-        parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)?;
+    let (service, path_token) = check_request(&req, &state)?;
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
     let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
-    let agent = state
-        .registry
-        .load()
-        .agents
-        .by_service_host(service)
-        .ok_or(ApiError::AgentNotFound)?
-        .clone();
+    let agent = state.registry.load().agents.by_service_host(service).cloned();
+    let agent = agent.ok_or(ApiError::AgentNotFound)?;
     let body = query.body.as_deref().map(decode_body).transpose()?;
     let token = match agent.websocket_auth {
         WebsocketAuth::None => None,
@@ -75,67 +62,87 @@ pub async fn connect(
             return Err(ApiError::BotUnreachable);
         }
     };
-    let (agent, sid) = (reservation.agent.clone(), reservation.session_id);
-    let (registration, stop, connected_ms) = match reservation.activate(&state).await {
-        Ok(live) => live,
+    let session = match reservation.activate(&state).await {
+        Ok(activated) => LiveSession::new(state.into_inner(), activated),
         Err(refused) => {
             let mut bot = bot;
             let _ = bot.close(None).await;
             return Err(refused);
         }
     };
-
-    tracing::info!(agent = %agent.service_host, "session connected");
-    state.metrics.connects_accepted.with_label_values(&[&agent.service_host]).inc();
-    let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
-    let session = LiveSession { state: state.into_inner(), agent, sid, connected_ms, registration };
-    actix_web::rt::spawn(session.run(client, stream, bot, stop).instrument(span));
+    actix_web::rt::spawn(session.run(client, stream, bot));
     Ok(response)
+}
+
+/// The checks that need neither the handshake nor the store: method, drain and path. Returns
+/// the service host and the token's path segment, if any.
+fn check_request<'a>(
+    req: &'a HttpRequest,
+    state: &AppState,
+) -> Result<(&'a str, Option<&'a str>), ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)
 }
 
 /// A bridged session, from the upgrade to its end.
 struct LiveSession {
     state: Arc<AppState>,
-    agent: Arc<Agent>,
-    sid: Uuid,
-    connected_ms: u64,
-    registration: Registration,
+    activated: Activated,
 }
 
 impl LiveSession {
+    fn new(state: Arc<AppState>, activated: Activated) -> Self {
+        let agent = &activated.agent.service_host;
+        tracing::info!(%agent, "session connected");
+        state.metrics.connects_accepted.with_label_values(&[agent]).inc();
+        Self { state, activated }
+    }
+
     /// Relays until the session ends, then records how it ended and lets go of its slot.
     async fn run(
         self,
         client: actix_ws::Session,
         stream: actix_ws::MessageStream,
         bot: bridge::BotSocket,
-        stop: tokio::sync::oneshot::Receiver<Stop>,
     ) {
-        let Self { state, agent, sid, connected_ms, registration } = self;
-        let metrics = &state.metrics;
-        let active = metrics.active_sessions.with_label_values(&[&agent.service_host]);
-        active.inc();
-        let max_duration = agent.max_session_duration.min(state.max_session);
-        let counters = bridge::RelayCounters::new(metrics);
-        let outcome =
-            bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters).await;
-        active.dec();
-        metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
-        let now = unix_ms();
-        let ended = SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
-        let from = [Some(Status::Pending), Some(Status::Active)];
-        let retention = Some(state.leases.retention);
-        if let Err(e) = state.store.update_session(sid, &from, &ended, retention).await {
-            tracing::warn!(error = %e, "could not record the end of the session");
+        let Self { state, activated } = self;
+        let Activated { agent, session_id: sid, connected_ms, registration, stop } = activated;
+        let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
+        async move {
+            let metrics = &state.metrics;
+            let active = metrics.active_sessions.with_label_values(&[&agent.service_host]);
+            active.inc();
+            let max_duration = agent.max_session_duration.min(state.max_session);
+            let counters = bridge::RelayCounters::new(metrics);
+            let outcome =
+                bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters)
+                    .await;
+            active.dec();
+            metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
+            let now = unix_ms();
+            let ended =
+                SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
+            let from = [Some(Status::Pending), Some(Status::Active)];
+            let retention = Some(state.leases.retention);
+            if let Err(e) = state.store.update_session(sid, &from, &ended, retention).await {
+                tracing::warn!(error = %e, "could not record the end of the session");
+            }
+            drop(registration);
+            release_slot(&state, &agent, sid).await;
+            tracing::info!(
+                reason = outcome.reason.as_str(),
+                detail = outcome.detail,
+                duration_ms = now.saturating_sub(connected_ms),
+                "session ended"
+            );
         }
-        drop(registration);
-        release_slot(&state, &agent, sid).await;
-        tracing::info!(
-            reason = outcome.reason.as_str(),
-            detail = outcome.detail,
-            duration_ms = now.saturating_sub(connected_ms),
-            "session ended"
-        );
+        .instrument(span)
+        .await
     }
 }
 

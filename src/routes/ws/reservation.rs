@@ -31,6 +31,17 @@ pub struct Reservation {
     stop: oneshot::Receiver<Stop>,
 }
 
+/// A reservation made live: what the running session holds until it ends.
+pub struct Activated {
+    pub agent: Arc<Agent>,
+    pub session_id: Uuid,
+    pub connected_ms: u64,
+    /// The session's place on this replica; dropped when it ends.
+    pub registration: Registration,
+    /// Fires when the session must end: terminated, lease lost or drain deadline.
+    pub stop: oneshot::Receiver<Stop>,
+}
+
 /// What becomes of the token when a reservation is let go.
 pub enum TokenFate {
     /// Given back, so the client may connect again within the token's lifetime; the record notes
@@ -83,11 +94,8 @@ impl Reservation {
 
     /// Marks the session active on this replica. A token session must still be pending (or
     /// unrecorded, if Redis lost it in a failover): if DELETE ended it meanwhile, the
-    /// reservation is let go and the connect refused. Returns what the running session needs.
-    pub async fn activate(
-        self,
-        state: &AppState,
-    ) -> Result<(Registration, oneshot::Receiver<Stop>, u64), ApiError> {
+    /// reservation is let go and the connect refused.
+    pub async fn activate(self, state: &AppState) -> Result<Activated, ApiError> {
         let agent = &self.agent;
         let max_duration = agent.max_session_duration.min(state.max_session);
         let connected_ms = unix_ms();
@@ -115,7 +123,8 @@ impl Reservation {
                 tracing::warn!(session_id = %self.session_id, error = %e, "could not mark the session active")
             }
         }
-        Ok((self.registration, self.stop, connected_ms))
+        let Self { agent, session_id, registration, stop, .. } = self;
+        Ok(Activated { agent, session_id, connected_ms, registration, stop })
     }
 
     /// Lets go of everything the reservation holds: its place on this replica, its slot, and
