@@ -6,7 +6,7 @@ use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn app_with(
     tune: impl FnOnce(&mut session_broker::config::Settings),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn metrics(app: &TestApp) -> String {
     let resp = app.http.get(format!("http://{}/metrics", app.addr)).send().await.unwrap();

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 
-use crate::{helpers::*, on_both_stores};
+use crate::{on_both_stores, support::*};
 
 async fn record(app: &TestApp, agent: &str, sid: &str) -> Value {
     let (status, body) = app.session(Method::GET, agent, sid).await;

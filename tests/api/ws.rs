@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, protocol::CloseFrame};
 use uuid::Uuid;
 
-use crate::{helpers::*, on_both_stores};
+use crate::{on_both_stores, support::*};
 
 fn assert_refused(result: Result<Client, (u16, Value, Option<String>)>, status: u16, reason: &str) {
     match result {

@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use super::wait::wait_until;
+
 /// One `redis-server` process (a server or a sentinel), killed when dropped.
 pub struct RedisServer {
     pub port: u16,
@@ -81,16 +83,6 @@ impl Drop for RedisServer {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls a synchronous condition every 20 ms for at most `within`. For set-up only: the
-/// servers offer nothing to wait on for replication and cluster state.
-fn wait_until(within: Duration, what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + within;
-    while !probe() {
-        assert!(std::time::Instant::now() < deadline, "{what} not reached within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub const MASTER_NAME: &str = "broker-master";
