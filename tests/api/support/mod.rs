@@ -6,6 +6,7 @@
 //! - [`client`]: connecting as a client does, and reading what comes back;
 //! - [`broker_process`]: the broker binary as a process of its own, for signals and kills;
 //! - [`redis`]: real `redis-server` processes: standalone, Sentinel, Cluster;
+//! - [`output`]: a child process's output, read on a thread of its own and kept;
 //! - [`wait`]: polling with a deadline, for conditions nothing announces.
 //!
 //! Tests `use crate::support::*`: every helper is re-exported here.
@@ -14,6 +15,7 @@ mod app;
 mod bot;
 mod broker_process;
 mod client;
+mod output;
 mod redis;
 mod wait;
 

@@ -3,13 +3,15 @@
 //! killed when dropped. Every server runs with `--save "" --appendonly no`.
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use super::wait::wait_until;
+use super::{output::Output, wait::wait_until};
+
+/// How long a `redis-server` may take to say it is ready.
+const READY_WITHIN: Duration = Duration::from_secs(10);
 
 /// One `redis-server` process (a server or a sentinel), killed when dropped.
 pub struct RedisServer {
@@ -50,10 +52,17 @@ impl RedisServer {
         }
         let mut child =
             command.spawn().expect("redis-server must be installed (apt-get install redis-server)");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let started = lines.by_ref().map_while(Result::ok).any(|line| line.contains(ready));
-        assert!(started, "redis-server on port {port} exited before it was ready");
-        std::thread::spawn(move || lines.for_each(drop));
+        let output = Output::capture(child.stdout.take().unwrap());
+        if let Err(missing) =
+            output.wait_for_line(READY_WITHIN, |line| line.contains(ready).then_some(()))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "redis-server on port {port} not ready ({missing:?}); it printed:\n{}",
+                output.text()
+            );
+        }
         Self { port, child }
     }
 
