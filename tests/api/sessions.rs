@@ -204,7 +204,8 @@ async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let survivor = TestApp::with(options, bot.clone()).await;
     let lease =
         [("BROKER__SESSIONS__LEASE_TTL_MS", "300"), ("BROKER__SESSIONS__SWEEP_INTERVAL_MS", "100")];
-    let doomed = BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease);
+    let doomed =
+        BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease).await;
 
     let mut sessions = Vec::new();
     for _ in 0..CAP {

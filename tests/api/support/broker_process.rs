@@ -1,39 +1,53 @@
 //! The broker binary as a process of its own, for what only a real process shows: signals, and
-//! being killed without any chance to clean up.
+//! being killed without any chance to clean up. It binds port 0 and the test learns the port from
+//! its ready log line, so no free port is picked in advance (and raced for). Its output is kept:
+//! a test can await a log line, and a failing test prints it all.
 
 use std::{
-    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use session_broker::api_keys::hash_api_key;
 
 use super::{
     app::{KEY, ORG, SIGNING_KEY},
-    redis::free_port,
+    output::{Missing, Output},
 };
 
-/// The broker binary, started with the settings of the test apps (same keys, orgs and agents).
+/// From exec to the ready line, on a loaded machine.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+/// Once the process is gone, for the rest of its output to be read.
+const REST_OF_OUTPUT_WITHIN: Duration = Duration::from_secs(1);
+/// What the broker logs once it listens; its `listen` field holds the bound address.
+const READY_MESSAGE: &str = "session broker ready";
+
+/// The broker binary with the keys, orgs and signing key of the test apps, logging JSON lines.
 pub struct BrokerProcess {
-    pub addr: String,
+    pub addr: SocketAddr,
     child: Child,
-    /// Everything the process printed on stdout (its logs), line by line.
-    pub output: Arc<Mutex<Vec<String>>>,
+    /// Its logs: one JSON object per line.
+    stdout: Output,
+    /// Anything else: the error it exits with, a panic.
+    stderr: Output,
 }
 
 impl BrokerProcess {
-    pub fn spawn(
+    /// Starts the binary on `127.0.0.1:0` with the agents in `agent_dir`, one worker and `env`
+    /// on top, and returns once it has logged that it is ready.
+    pub async fn spawn(
         redis_url: &str,
         key_prefix: &str,
-        agent_dir: &std::path::Path,
+        agent_dir: &Path,
         env: &[(&str, &str)],
     ) -> Self {
-        let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_session-broker"))
-            .arg("serve")
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .env_clear()
-            .env("BROKER__LISTEN", format!("127.0.0.1:{port}"))
+            // The ready line is parsed for the port.
+            .env("BROKER__LOG__FORMAT", "json")
             .env("BROKER__REDIS__URL", redis_url)
             .env("BROKER__REDIS__KEY_PREFIX", key_prefix)
             .env("BROKER__TOKEN__SIGNING_KEY_ID", "k1")
@@ -43,42 +57,58 @@ impl BrokerProcess {
             .env("BROKER__WORKERS", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("the broker binary runs");
-        let output: Arc<Mutex<Vec<String>>> = Arc::default();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines.by_ref().map_while(Result::ok).any(|line| {
-            output.lock().unwrap().push(line.clone());
-            line.contains("session broker ready")
-        });
-        assert!(ready, "the broker process exited before it was ready");
-        let sink = output.clone();
-        std::thread::spawn(move || {
-            lines.map_while(Result::ok).for_each(|line| sink.lock().unwrap().push(line))
-        });
-        Self { addr: format!("127.0.0.1:{port}"), child, output }
+        let stdout = Output::capture(child.stdout.take().unwrap());
+        let stderr = Output::capture(child.stderr.take().unwrap());
+        // The address is not known yet; should the wait fail, dropping `broker` kills the
+        // process and prints what it said.
+        let mut broker =
+            Self { addr: SocketAddr::from(([127, 0, 0, 1], 0)), child, stdout, stderr };
+        let logs = broker.stdout.clone();
+        let ready =
+            tokio::task::spawn_blocking(move || logs.wait_for_line(READY_WITHIN, listen_address))
+                .await
+                .unwrap();
+        match ready {
+            Ok(Ok(addr)) => broker.addr = addr,
+            Ok(Err(line)) => panic!("no address in the broker's ready line: {line}"),
+            Err(Missing::Closed) => panic!("the broker process exited before it was ready"),
+            Err(Missing::TimedOut) => panic!("the broker process not ready in {READY_WITHIN:?}"),
+        }
+        broker
     }
 
     /// Sends SIGTERM, as an orchestrator does to stop a replica.
     pub fn terminate(&self) {
-        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        // SAFETY: kill(2) with our own child's pid and a valid signal number; the child is not
+        // reaped before `wait`, so the pid is still its.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
     }
 
-    /// Waits (polling, for at most `within`) for the process to exit; returns its exit code.
-    pub fn exit_code(&mut self, within: std::time::Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the broker did not exit within {within:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    /// Awaits the process's exit, for at most `within`; returns its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        // Its output ends when it exits: the broker starts no process that could inherit it.
+        let logs = self.stdout.clone();
+        let exited = tokio::task::spawn_blocking(move || logs.wait_closed(within)).await.unwrap();
+        assert!(exited, "the broker did not exit within {within:?}");
+        self.child.wait().unwrap().code()
+    }
+
+    /// Awaits a log line containing `text`, for at most `within`. Lines logged before the call
+    /// count.
+    pub async fn log_line(&self, within: Duration, text: &str) -> String {
+        let (logs, wanted) = (self.stdout.clone(), text.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            logs.wait_for_line(within, |line| line.contains(&wanted).then(|| line.to_owned()))
+        });
+        found.await.unwrap().unwrap_or_else(|missing| panic!("no log line {text:?}: {missing:?}"))
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.stdout.lines()
     }
 
     pub fn http(&self, path: &str) -> String {
@@ -96,9 +126,31 @@ impl BrokerProcess {
     }
 }
 
+/// The bound address in the ready line, e.g.
+/// `{"level":"INFO","listen":"127.0.0.1:40123",…,"message":"session broker ready"}`, or the
+/// line itself if it holds none.
+fn listen_address(line: &str) -> Option<Result<SocketAddr, String>> {
+    let json: serde_json::Value = serde_json::from_str(line).ok()?;
+    (json["message"] == READY_MESSAGE).then(|| {
+        json["listen"].as_str().and_then(|addr| addr.parse().ok()).ok_or_else(|| line.to_owned())
+    })
+}
+
 impl Drop for BrokerProcess {
+    /// Kills the process; when the test is failing, prints everything it said.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            self.stdout.wait_closed(REST_OF_OUTPUT_WITHIN);
+            self.stderr.wait_closed(REST_OF_OUTPUT_WITHIN);
+            eprintln!(
+                "--- broker process {} (pid {}): stdout ---\n{}\n--- stderr ---\n{}\n---",
+                self.addr,
+                self.child.id(),
+                self.stdout.text(),
+                self.stderr.text()
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -41,10 +41,15 @@ impl Output {
         output
     }
 
+    /// The lines, even if a panic poisoned the lock: a failing test prints them, and no change
+    /// to them can be left half-done (a line is pushed whole, `closed` set once).
+    fn lock(&self) -> MutexGuard<'_, Lines> {
+        self.0.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn update(&self, change: impl FnOnce(&mut Lines)) {
-        let (lines, changed) = &*self.0;
-        change(&mut lines.lock().unwrap());
-        changed.notify_all();
+        change(&mut self.lock());
+        self.0.1.notify_all();
     }
 
     /// Blocks until a line `find` picks out has been printed, for at most `within`; returns what
@@ -66,22 +71,26 @@ impl Output {
         .unwrap_or(Err(Missing::TimedOut))
     }
 
+    /// Blocks until the output ends, for at most `within`; whether it did.
+    pub fn wait_closed(&self, within: Duration) -> bool {
+        self.wait(within, |lines| lines.closed.then_some(())).is_some()
+    }
+
     /// Checks `ready` on every change until it answers, or `within` has passed.
     fn wait<T>(&self, within: Duration, mut ready: impl FnMut(&Lines) -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + within;
-        let (lines, changed) = &*self.0;
-        let mut guard = lines.lock().unwrap();
+        let mut lines = self.lock();
         loop {
-            if let Some(value) = ready(&guard) {
+            if let Some(value) = ready(&lines) {
                 return Some(value);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            guard = changed.wait_timeout(guard, left).unwrap().0;
+            lines = self.0.1.wait_timeout(lines, left).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.0.0.lock().unwrap().lines.clone()
+        self.lock().lines.clone()
     }
 
     /// Every line so far, for a failure message.
