@@ -11,7 +11,7 @@ use session_broker::{
     token::SigningKeys,
 };
 
-use super::{bot::TestBot, redis::RedisServer};
+use super::{bot::TestBot, logs, redis::RedisServer};
 
 pub const ORG: &str = "acme";
 pub const KEY: &str = "pk_acme_test_key";
@@ -67,6 +67,7 @@ impl TestApp {
     }
 
     pub async fn try_with(options: AppOptions, bot: TestBot) -> anyhow::Result<Self> {
+        logs::init_in_process();
         let agent_dir = tempfile::tempdir().unwrap();
         let agents = [
             (TOKEN_AGENT, ORG, "token", 0),

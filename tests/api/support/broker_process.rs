@@ -14,6 +14,7 @@ use session_broker::api_keys::hash_api_key;
 
 use super::{
     app::{KEY, ORG, SIGNING_KEY},
+    logs,
     output::{Missing, Output},
 };
 
@@ -137,11 +138,12 @@ fn listen_address(line: &str) -> Option<Result<SocketAddr, String>> {
 }
 
 impl Drop for BrokerProcess {
-    /// Kills the process; when the test is failing, prints everything it said.
+    /// Kills the process; when the test is failing (or logs are asked for), prints everything
+    /// it said.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        if std::thread::panicking() || logs::wanted() {
             self.stdout.wait_closed(REST_OF_OUTPUT_WITHIN);
             self.stderr.wait_closed(REST_OF_OUTPUT_WITHIN);
             eprintln!(

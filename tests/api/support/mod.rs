@@ -7,14 +7,16 @@
 //! - [`broker_process`]: the broker binary as a process of its own, for signals and kills;
 //! - [`redis`]: real `redis-server` processes: standalone, Sentinel, Cluster;
 //! - [`output`]: a child process's output, read on a thread of its own and kept;
+//! - [`logs`]: broker logs in tests, and `BROKER_TEST_LOGS` to turn them on;
 //! - [`wait`]: polling with a deadline, for conditions nothing announces.
 //!
-//! Tests `use crate::support::*`: every helper is re-exported here.
+//! Tests `use crate::support::*`: every helper a test calls is re-exported here.
 
 mod app;
 mod bot;
 mod broker_process;
 mod client;
+mod logs;
 mod output;
 mod redis;
 mod wait;
