@@ -100,7 +100,7 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
     ws.close(None).await.unwrap();
     assert!(connect(&broker.ws_url(TOKEN_AGENT, ORG), Some((token, Via::Query))).await.is_err());
 
-    broker.log_line(Duration::from_secs(5), "session ended").await;
+    broker.log_line(Duration::from_secs(5), &["session ended"]).await;
     let lines = broker.logs();
     for line in &lines {
         let json: serde_json::Value =

@@ -97,14 +97,17 @@ impl BrokerProcess {
         self.child.wait().unwrap().code()
     }
 
-    /// Awaits a log line containing `text`, for at most `within`. Lines logged before the call
-    /// count.
-    pub async fn log_line(&self, within: Duration, text: &str) -> String {
-        let (logs, wanted) = (self.stdout.clone(), text.to_owned());
+    /// Awaits a log line containing every one of `parts`, for at most `within`. Lines logged
+    /// before the call count.
+    pub async fn log_line(&self, within: Duration, parts: &[&str]) -> String {
+        let logs = self.stdout.clone();
+        let wanted: Vec<String> = parts.iter().map(|part| part.to_string()).collect();
         let found = tokio::task::spawn_blocking(move || {
-            logs.wait_for_line(within, |line| line.contains(&wanted).then(|| line.to_owned()))
+            logs.wait_for_line(within, |line| {
+                wanted.iter().all(|part| line.contains(part)).then(|| line.to_owned())
+            })
         });
-        found.await.unwrap().unwrap_or_else(|missing| panic!("no log line {text:?}: {missing:?}"))
+        found.await.unwrap().unwrap_or_else(|missing| panic!("no log line {parts:?}: {missing:?}"))
     }
 
     /// Every log line so far.
