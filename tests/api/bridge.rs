@@ -1,12 +1,15 @@
 //! The relay's limits: message size, backpressure, heartbeats, session duration, per-hop pings.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn app_with(
     tune: impl FnOnce(&mut session_broker::config::Settings),
@@ -58,16 +61,19 @@ async fn a_slow_client_holds_the_bot_back_instead_of_filling_memory() {
     ws.send(Message::text(format!("flood {FRAMES} {SIZE}"))).await.unwrap();
 
     // The client reads nothing. The bot's sends must stall once the buffers between the two are
-    // full: kernel socket buffers on both hops plus the relay's bounded queues, a few MiB.
-    let mut last = 0;
-    let stalled_at = loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // full: kernel socket buffers on both hops plus the relay's bounded queues, a few MiB. A stall
+    // announces nothing: it is the count of sent frames standing still for a while.
+    const STILL_FOR: Duration = Duration::from_millis(300);
+    let mut last_change = (usize::MAX, Instant::now());
+    let stalled_at = eventually(Duration::from_secs(30), || {
         let sent = app.bot.flooded.load(Ordering::SeqCst);
-        if sent == last || sent == FRAMES {
-            break sent;
+        if sent != last_change.0 {
+            last_change = (sent, Instant::now());
         }
-        last = sent;
-    };
+        let settled = sent == FRAMES || last_change.1.elapsed() >= STILL_FOR;
+        std::future::ready(settled.then_some(sent))
+    })
+    .await;
     let in_flight_mib = stalled_at * SIZE / (1024 * 1024);
     eprintln!("flood stalled after {stalled_at} frames ({in_flight_mib} MiB in flight)");
     assert!(

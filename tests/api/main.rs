@@ -2,14 +2,13 @@
 //! processes (and the embedded store), driven over HTTP and WebSocket like a client would.
 
 mod bridge;
-mod helpers;
 mod migrations;
 mod operations;
-mod redis_fixtures;
 mod regions;
 mod registry;
 mod replicas;
 mod sessions;
 mod start;
+mod support;
 mod topologies;
 mod ws;

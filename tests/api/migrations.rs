@@ -7,7 +7,7 @@ use redis::Commands;
 use session_broker::store::redis::{COMPATIBLE_FROM, SCHEMA_VERSION};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 fn options(redis: &RedisServer, bot: &TestBot) -> AppOptions {
     let mut options = AppOptions::new(Some(redis.url()), bot);

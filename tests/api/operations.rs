@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn metrics(app: &TestApp) -> String {
     let resp = app.http.get(format!("http://{}/metrics", app.addr)).send().await.unwrap();
@@ -83,7 +83,8 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
         "logs",
         agents.agent_dir.path(),
         &[("BROKER__LOG__FORMAT", "json")],
-    );
+    )
+    .await;
     let http = reqwest::Client::new();
     let resp = http
         .post(broker.http(&format!("/v1/public/{TOKEN_AGENT}/start")))
@@ -99,11 +100,8 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
     ws.close(None).await.unwrap();
     assert!(connect(&broker.ws_url(TOKEN_AGENT, ORG), Some((token, Via::Query))).await.is_err());
 
-    let lines = eventually(Duration::from_secs(5), || async {
-        let lines = broker.output.lock().unwrap().clone();
-        lines.iter().any(|l| l.contains("session ended")).then_some(lines)
-    })
-    .await;
+    broker.log_line(Duration::from_secs(5), &["session ended"]).await;
+    let lines = broker.logs();
     for line in &lines {
         let json: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
@@ -128,7 +126,8 @@ async fn sigterm_drains_live_sessions_then_exits_cleanly() {
         "drain",
         agents.agent_dir.path(),
         &[("BROKER__LIMITS__DRAIN_DEADLINE_SECS", "3")],
-    );
+    )
+    .await;
     let http = reqwest::Client::new();
     let ws_url = broker.ws_url(OPEN_AGENT, ORG);
     let mut live = connect(&ws_url, None).await.unwrap();
@@ -162,5 +161,5 @@ async fn sigterm_drains_live_sessions_then_exits_cleanly() {
         Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
         other => panic!("expected close 1001, got {other:?}"),
     }
-    assert_eq!(broker.exit_code(Duration::from_secs(10)), Some(0));
+    assert_eq!(broker.exit_code(Duration::from_secs(10)).await, Some(0));
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use session_broker::config::RegionSettings;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const WEST: &str = "us-west";
 const EAST: &str = "eu-central";

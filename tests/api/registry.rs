@@ -7,9 +7,9 @@ use secrecy::SecretString;
 use session_broker::{admin, config::RedisSettings, store::redis::RedisStore};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
-/// The key prefix the replicas share (see `helpers::replicas`).
+/// The key prefix the replicas share (see `support::replicas`).
 const PREFIX: &str = "shared";
 /// Default refresh (1 s) plus margin: a change must reach every replica in this.
 const WITHIN: Duration = Duration::from_secs(3);

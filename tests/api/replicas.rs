@@ -2,7 +2,7 @@
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn a_token_minted_by_one_replica_is_used_once_across_both() {

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 
-use crate::{helpers::*, on_both_stores};
+use crate::{on_both_stores, support::*};
 
 async fn record(app: &TestApp, agent: &str, sid: &str) -> Value {
     let (status, body) = app.session(Method::GET, agent, sid).await;
@@ -133,7 +133,11 @@ on_both_stores!(
 async fn delete_on_one_replica_ends_a_session_held_by_another() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let [a, b]: [TestApp; 2] = replicas(&redis.url(), &bot, 2).await.try_into().ok().unwrap();
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.key_prefix = "shared".into();
+    let a = TestApp::with(options, bot.clone()).await;
+    // B runs as a process of its own: its log tells when it has finished ending the session.
+    let b = BrokerProcess::spawn(&redis.url(), "shared", a.agent_dir.path(), &[]).await;
     let (token, _, sid) = a.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&b.ws_url(TOKEN_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
     assert_echo(&mut ws, Message::text("held by B")).await;
@@ -148,9 +152,10 @@ async fn delete_on_one_replica_ends_a_session_held_by_another() {
     let closes =
         eventually(Duration::from_secs(2), || async { bot.closes().first().cloned() }).await;
     assert_eq!(closes.0, "4000");
-    // The first reason stays: the relay's own end does not overwrite it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(record(&b, TOKEN_AGENT, &sid).await["endReason"], "terminated");
+    // The first reason stays: the relay's own end, which B has tried to record by the time it
+    // logs the session's end, does not overwrite it.
+    b.log_line(Duration::from_secs(5), &["session ended", &sid]).await;
+    assert_eq!(record(&a, TOKEN_AGENT, &sid).await["endReason"], "terminated");
 }
 
 #[tokio::test]
@@ -204,7 +209,8 @@ async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let survivor = TestApp::with(options, bot.clone()).await;
     let lease =
         [("BROKER__SESSIONS__LEASE_TTL_MS", "300"), ("BROKER__SESSIONS__SWEEP_INTERVAL_MS", "100")];
-    let doomed = BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease);
+    let doomed =
+        BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease).await;
 
     let mut sessions = Vec::new();
     for _ in 0..CAP {
@@ -237,6 +243,8 @@ async fn a_live_replica_keeps_its_sessions_past_many_leases() {
     let app = TestApp::with(options, bot).await;
     let (token, ws_url, sid) = app.start_session(CAPPED_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    // Time passing is what this tests: 2.5 s is four lease lifetimes, each of which would have
+    // lapsed and been swept had the replica not renewed it.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_echo(&mut ws, Message::text("still here")).await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::Method;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// An app on the given Sentinel group or cluster, sharing `prefix` with its siblings.
 async fn app_on(

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, protocol::CloseFrame};
 use uuid::Uuid;
 
-use crate::{helpers::*, on_both_stores};
+use crate::{on_both_stores, support::*};
 
 fn assert_refused(result: Result<Client, (u16, Value, Option<String>)>, status: u16, reason: &str) {
     match result {
@@ -191,6 +191,7 @@ async fn tokens_expire_after_their_lifetime(store: Store) {
         connect(&ws_url, Some((&fresh, Via::Query))).await.is_ok(),
         "valid within its lifetime"
     );
+    // Time passing is what this tests: the token's lifetime (1 s) must run out.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_refused(connect(&ws_url, Some((&token, Via::Query))).await, 403, "token_expired");
     assert_eq!(app.bot.connections(), 1);
@@ -219,13 +220,14 @@ async fn store_down_is_503_and_leaves_the_token_unused() {
     assert_eq!(app.bot.connections(), 0);
     // Redis comes back (empty: the token was never marked) and the broker reconnects by itself.
     let _redis = RedisServer::start_on(port);
-    let mut ws = loop {
+    let mut ws = eventually(Duration::from_secs(10), || async {
         match connect(&ws_url, Some((&token, Via::Path))).await {
-            Ok(ws) => break ws,
-            Err((503, _, _)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(ws) => Some(ws),
+            Err((503, _, _)) => None,
             Err(other) => panic!("after recovery: {other:?}"),
         }
-    };
+    })
+    .await;
     assert_echo(&mut ws, Message::text("recovered")).await;
 }
 

@@ -3,11 +3,15 @@
 //! killed when dropped. Every server runs with `--save "" --appendonly no`.
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
+
+use super::{output::Output, wait::wait_until};
+
+/// How long a `redis-server` may take to say it is ready.
+const READY_WITHIN: Duration = Duration::from_secs(10);
 
 /// One `redis-server` process (a server or a sentinel), killed when dropped.
 pub struct RedisServer {
@@ -48,10 +52,17 @@ impl RedisServer {
         }
         let mut child =
             command.spawn().expect("redis-server must be installed (apt-get install redis-server)");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let started = lines.by_ref().map_while(Result::ok).any(|line| line.contains(ready));
-        assert!(started, "redis-server on port {port} exited before it was ready");
-        std::thread::spawn(move || lines.for_each(drop));
+        let output = Output::capture(child.stdout.take().unwrap());
+        if let Err(missing) =
+            output.wait_for_line(READY_WITHIN, |line| line.contains(ready).then_some(()))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "redis-server on port {port} not ready ({missing:?}); it printed:\n{}",
+                output.text()
+            );
+        }
         Self { port, child }
     }
 
@@ -81,16 +92,6 @@ impl Drop for RedisServer {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls a synchronous condition every 20 ms for at most `within`. For set-up only: the
-/// servers offer nothing to wait on for replication and cluster state.
-fn wait_until(within: Duration, what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + within;
-    while !probe() {
-        assert!(std::time::Instant::now() < deadline, "{what} not reached within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub const MASTER_NAME: &str = "broker-master";

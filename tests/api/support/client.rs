@@ -1,0 +1,101 @@
+//! The client's side: connecting with a token where a client may put it, reading what comes
+//! back, and racing one token's connects across replicas.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, client::IntoClientRequest},
+};
+
+use super::app::{ORG, TestApp};
+
+pub type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Presents every token to every app at the same moment (the three connects of a token are
+/// started together; tokens go ten at a time). Returns (upgrades, refusals as "already used").
+pub async fn race(apps: &[&TestApp], agent: &str, tokens: &[String]) -> (usize, usize) {
+    let (mut upgrades, mut refusals) = (0, 0);
+    for batch in tokens.chunks(10) {
+        let mut attempts = Vec::new();
+        for token in batch {
+            for app in apps {
+                let url = app.ws_url(agent, ORG);
+                let token = token.clone();
+                attempts.push(tokio::spawn(async move {
+                    connect(&url, Some((&token, Via::Path))).await.map(drop)
+                }));
+            }
+        }
+        for attempt in futures_util::future::join_all(attempts).await {
+            match attempt.unwrap() {
+                Ok(()) => upgrades += 1,
+                Err((403, body, _)) if body["reason"] == "token_already_used" => refusals += 1,
+                Err(other) => panic!("unexpected answer {other:?}"),
+            }
+        }
+    }
+    (upgrades, refusals)
+}
+
+/// Where a connect puts its token.
+#[derive(Debug, Clone, Copy)]
+pub enum Via {
+    Header,
+    Query,
+    Path,
+}
+
+/// Connects with `token` placed as `via` says. On refusal returns the HTTP status and JSON body.
+pub async fn connect(
+    ws_url: &str,
+    token: Option<(&str, Via)>,
+) -> Result<Client, (u16, serde_json::Value, Option<String>)> {
+    let url = match token {
+        Some((t, Via::Query)) => format!("{ws_url}?token={t}"),
+        Some((t, Via::Path)) => format!("{ws_url}/{t}"),
+        _ => ws_url.to_owned(),
+    };
+    let mut request = url.into_client_request().unwrap();
+    if let Some((t, Via::Header)) = token {
+        request.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    connect_request(request).await
+}
+
+pub async fn connect_request(
+    request: tungstenite::handshake::client::Request,
+) -> Result<Client, (u16, serde_json::Value, Option<String>)> {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let retry_after =
+                resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let body = resp.body().as_deref().unwrap_or_default();
+            let json = serde_json::from_slice(body).unwrap_or_else(|_| {
+                panic!("refusal is not JSON: {}", String::from_utf8_lossy(body))
+            });
+            Err((resp.status().as_u16(), json, retry_after))
+        }
+        Err(e) => panic!("connect failed below HTTP: {e}"),
+    }
+}
+
+/// Sends `msg` and expects it back unchanged (heartbeat pings in between are skipped).
+pub async fn assert_echo(ws: &mut Client, msg: Message) {
+    ws.send(msg.clone()).await.unwrap();
+    let back = next_data(ws).await.expect("bot answered");
+    // No assert_eq!: a failing 1 MiB frame would print megabytes.
+    assert!(back == msg, "sent {} bytes, got back {} bytes that differ", msg.len(), back.len());
+}
+
+/// The next data or close frame, skipping pings and pongs.
+pub async fn next_data(ws: &mut Client) -> Option<Message> {
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(msg) => return Some(msg),
+            Err(_) => return None,
+        }
+    }
+    None
+}
