@@ -20,8 +20,18 @@ pub const ENV_SEPARATOR: &str = "__";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// Address the HTTP server binds, `host:port`; port 0 picks a free one.
+    /// Address the public HTTP server binds, `host:port`; port 0 picks a free one.
     pub listen: String,
+    /// Address of the internal listener, which alone serves `/metrics`, `/healthz` and
+    /// `/readyz`; loopback by default, so that only the host (or the pod) reaches it.
+    pub internal_listen: String,
+    /// Serve the built-in demo (an echo agent and the public key `pk_demo`). Refused with
+    /// Redis or on a non-loopback address: it is for a laptop.
+    pub demo: bool,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed. From anyone else
+    /// the header is ignored: the client's address is the peer's.
+    #[serde(deserialize_with = "string_or_list")]
+    pub trusted_proxies: Vec<String>,
     /// HTTP worker threads; 0 means one per CPU.
     pub workers: usize,
     /// Name of the region this replica serves, e.g. `us-west`.
@@ -93,6 +103,18 @@ pub struct RedisSettings {
     /// How long to wait for those acknowledgements before refusing with 503.
     #[serde(rename = "wait_timeout_ms", deserialize_with = "millis")]
     pub wait_timeout: Duration,
+    /// What to do at start when Redis's `maxmemory-policy` may evict the broker's keys
+    /// (anything but `noeviction`): an evicted consume mark is a replayable token. `refuse`
+    /// (default) stops the broker; `warn` logs it loudly and goes on.
+    pub on_evicting_policy: EvictionCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictionCheck {
+    #[default]
+    Refuse,
+    Warn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -120,9 +142,14 @@ pub struct TokenSettings {
     pub signing_key_id: String,
     /// Verification keys by id, each at least 32 bytes. Several may be listed during a rotation.
     pub keys: BTreeMap<String, SecretString>,
+    /// Largest difference assumed between replicas' clocks. A token's consume mark outlives the
+    /// token by this much, so that a replica whose clock runs behind cannot accept it again,
+    /// and a token claiming to live longer than `lifetime_secs` plus this is refused.
+    #[serde(rename = "clock_skew_ms", deserialize_with = "millis")]
+    pub clock_skew: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     /// `pcc-deploy.toml` files, each describing one agent.
@@ -130,7 +157,19 @@ pub struct AgentSettings {
     pub files: Vec<PathBuf>,
     /// A directory whose `*.toml` files are all agent files.
     pub dir: Option<PathBuf>,
+    /// Concurrent sessions of an agent whose file sets no `scaling.max_agents`, across all
+    /// replicas. Agents without tokens are open to anyone: this keeps them capped too.
+    pub default_max_agents: u32,
 }
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self { files: Vec::new(), dir: None, default_max_agents: DEFAULT_MAX_AGENTS }
+    }
+}
+
+/// `agents.default_max_agents` unless set.
+pub const DEFAULT_MAX_AGENTS: u32 = 50;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -146,9 +185,26 @@ pub struct OrgSettings {
 pub struct LimitSettings {
     /// `/start` calls allowed per public key in each `start_rate_window_secs`; 0 disables.
     pub start_rate_per_key: u64,
+    /// `/start` calls allowed per client address in each window, across replicas; 0 disables.
+    pub start_rate_per_address: u64,
     #[serde(rename = "start_rate_window_secs", deserialize_with = "secs")]
     pub start_rate_window: Duration,
-    /// Largest WebSocket frame (and reassembled message) accepted from either side.
+    /// Open client connections this replica serves; past it, requests get 503.
+    pub max_connections: usize,
+    /// Sessions this replica relays at once; past it, connects get 503 before any token is
+    /// spent, so the client can try another replica.
+    pub max_live_sessions: usize,
+    /// Time a client has to send its request head (line and headers); then 408.
+    #[serde(rename = "request_head_timeout_ms", deserialize_with = "millis")]
+    pub request_head_timeout: Duration,
+    /// Time a client has to send a whole `/start` body; then 408.
+    #[serde(rename = "start_body_timeout_ms", deserialize_with = "millis")]
+    pub start_body_timeout: Duration,
+    /// Longest WebSocket query string (`?token=`, `?body=`), checked before it is parsed.
+    pub max_query_bytes: usize,
+    /// Largest WebSocket frame (and reassembled message) accepted from either side. The default
+    /// fits voice (20 ms of audio is a few hundred bytes to a few KiB); raise it, e.g. to
+    /// 1048576, for bots that send images or large JSON.
     pub max_frame_bytes: usize,
     /// How long the broker waits for the bot's WebSocket handshake before answering 503.
     #[serde(rename = "bot_connect_timeout_ms", deserialize_with = "millis")]
@@ -205,6 +261,9 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            internal_listen: "127.0.0.1:9090".into(),
+            demo: false,
+            trusted_proxies: Vec::new(),
             workers: 0,
             region: "local".into(),
             regions: BTreeMap::new(),
@@ -233,6 +292,7 @@ impl Default for RedisSettings {
             on_unavailable: FailMode::Closed,
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(100),
+            on_evicting_policy: EvictionCheck::Refuse,
         }
     }
 }
@@ -243,6 +303,7 @@ impl Default for TokenSettings {
             lifetime: Duration::from_secs(300),
             signing_key_id: String::new(),
             keys: BTreeMap::new(),
+            clock_skew: Duration::from_secs(30),
         }
     }
 }
@@ -251,8 +312,14 @@ impl Default for LimitSettings {
     fn default() -> Self {
         Self {
             start_rate_per_key: 600,
+            start_rate_per_address: 120,
             start_rate_window: Duration::from_secs(60),
-            max_frame_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            max_live_sessions: 5_000,
+            request_head_timeout: Duration::from_secs(5),
+            start_body_timeout: Duration::from_secs(5),
+            max_query_bytes: 8 * 1024,
+            max_frame_bytes: 64 * 1024,
             bot_connect_timeout: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_secs(45),
@@ -325,6 +392,32 @@ impl Settings {
             return bad(
                 "listen",
                 format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
+            );
+        }
+        if self.internal_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "internal_listen",
+                format!("`{}` is not an address like 127.0.0.1:9090", self.internal_listen),
+            );
+        }
+        if let Some(bad_proxy) = self.trusted_proxies.iter().find(|p| parse_proxy(p).is_none()) {
+            return bad(
+                "trusted_proxies",
+                format!("`{bad_proxy}` is not an IP address or CIDR range"),
+            );
+        }
+        if self.demo && self.redis.is_configured() {
+            return bad("demo", "the demo runs on the embedded store only; unset redis".into());
+        }
+        if self.demo
+            && !self.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
+        {
+            return bad(
+                "demo",
+                format!(
+                    "the demo accepts a public key anyone knows; it listens on loopback only, not {}",
+                    self.listen
+                ),
             );
         }
         if !crate::agents::is_valid_name(&self.region) {
@@ -422,6 +515,26 @@ impl Settings {
         if l.max_frame_bytes < 1024 {
             return bad("limits.max_frame_bytes", "must be at least 1024".into());
         }
+        for (setting, value) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_live_sessions", l.max_live_sessions),
+            ("limits.max_query_bytes", l.max_query_bytes),
+        ] {
+            if value == 0 {
+                return bad(setting, "must be above 0".into());
+            }
+        }
+        for (setting, value) in [
+            ("limits.request_head_timeout_ms", l.request_head_timeout),
+            ("limits.start_body_timeout_ms", l.start_body_timeout),
+        ] {
+            if value.is_zero() {
+                return bad(setting, "must be above 0".into());
+            }
+        }
+        if self.agents.default_max_agents == 0 {
+            return bad("agents.default_max_agents", "must be above 0".into());
+        }
         if l.bot_connect_timeout.is_zero() {
             return bad("limits.bot_connect_timeout_ms", "must be above 0".into());
         }
@@ -447,10 +560,21 @@ impl Settings {
         Ok(())
     }
 
-    /// True when nothing names an agent or an org: the broker then serves its built-in demo.
-    pub fn is_demo(&self) -> bool {
+    /// True when no file names an agent and no org has keys: such a replica serves only what
+    /// the shared registry holds (or, with `demo`, the demo).
+    pub fn configures_nothing(&self) -> bool {
         self.agents.files.is_empty() && self.agents.dir.is_none() && self.orgs.is_empty()
     }
+
+    /// The trusted proxies, parsed (validation checked them).
+    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().filter_map(|p| parse_proxy(p)).collect()
+    }
+}
+
+/// A trusted proxy: a CIDR range, or one address.
+fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
+    text.parse().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// A duration given in milliseconds, as every `…_ms` setting is.
@@ -500,7 +624,7 @@ mod tests {
         let s = Settings::load(env(&[])).unwrap();
         assert_eq!(s.listen, "127.0.0.1:8080");
         assert!(s.redis.url.is_none());
-        assert!(s.is_demo());
+        assert!(s.configures_nothing() && !s.demo);
         assert_eq!(s.token.lifetime, Duration::from_secs(300));
     }
 
@@ -537,7 +661,7 @@ mod tests {
             Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/broker.toml")));
         let s = Settings::load(Sources { file, ..env(&[]) }).unwrap();
         assert_eq!(s.region, "us-west");
-        assert!(!s.is_demo());
+        assert!(!s.configures_nothing());
         let hash = &s.orgs["my-org"].public_key_hashes[0];
         assert_eq!(
             crate::api_keys::parse_api_key_hash(hash),
@@ -568,5 +692,18 @@ mod tests {
         );
         assert!(err(&[("BROKER__REDIS__URL", "http://x")]).contains("redis.url"));
         assert!(err(&[("BROKER__NO_SUCH_SETTING", "1")]).contains("no_such_setting"));
+        assert!(err(&[("BROKER__TRUSTED_PROXIES", "10.0.0.0/8, nonsense")]).contains("nonsense"));
+        assert!(err(&[("BROKER__INTERNAL_LISTEN", "x")]).contains("internal_listen"));
+    }
+
+    #[test]
+    fn the_demo_is_for_a_laptop_only() {
+        let ok = Settings::load(env(&[("BROKER__DEMO", "true")])).unwrap();
+        assert!(ok.demo);
+        let err = |pairs: &[(&str, &str)]| Settings::load(env(pairs)).unwrap_err().to_string();
+        let public = err(&[("BROKER__DEMO", "true"), ("BROKER__LISTEN", "0.0.0.0:8080")]);
+        assert!(public.contains("demo") && public.contains("loopback"), "{public}");
+        let shared = err(&[("BROKER__DEMO", "true"), ("BROKER__REDIS__URL", "redis://r:6379")]);
+        assert!(shared.contains("demo") && shared.contains("embedded"), "{shared}");
     }
 }

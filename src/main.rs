@@ -13,9 +13,13 @@ use session_broker::{
 
 #[derive(Parser)]
 #[command(version, about = "Authorizes WebSocket sessions to Pipecat bots and relays them")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no command: `serve` with these arguments.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -34,7 +38,7 @@ enum Command {
     /// Exit 0 when the broker at URL answers 200 (for container health checks: the runtime
     /// image has no curl).
     Healthcheck {
-        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
         url: String,
     },
     /// Create or update an agent in the shared registry (Redis) from its pcc-deploy.toml.
@@ -97,14 +101,21 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<String>,
+    /// Address of the internal listener: metrics and probes [default: 127.0.0.1:9090].
+    #[arg(long)]
+    internal_listen: Option<String>,
     /// Redis URL; without one the broker runs on its embedded in-memory store.
     #[arg(long)]
     redis_url: Option<String>,
+    /// Serve the built-in demo agent `echo` with the public key `pk_demo` (embedded store and
+    /// a loopback address only).
+    #[arg(long)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args),
         Command::EchoBot { listen } => run(async move {
             let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -173,6 +184,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut overrides = Vec::new();
     if let Some(listen) = args.listen {
         overrides.push(("listen".to_owned(), listen));
+    }
+    if let Some(internal) = args.internal_listen {
+        overrides.push(("internal_listen".to_owned(), internal));
+    }
+    if args.demo {
+        overrides.push(("demo".to_owned(), "true".to_owned()));
     }
     if let Some(url) = args.redis_url {
         overrides.push(("redis.url".to_owned(), url));

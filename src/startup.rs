@@ -43,6 +43,8 @@ pub const GENERATED_KEY_ID: &str = "generated";
 /// Name of the built-in demo org and agent.
 pub const DEMO_ORG: &str = "demo";
 pub const DEMO_AGENT: &str = "echo";
+/// Concurrent sessions the demo agent allows: enough to try it, too few to lend it out.
+pub const DEMO_MAX_SESSIONS: u32 = 5;
 
 /// Background tasks that live as long as the application: dropping this cancels them all. A
 /// task that hits an error the process cannot outlive reports it through `fatal`, and the
@@ -67,9 +69,13 @@ impl Drop for Background {
 }
 
 pub struct Application {
+    /// The public listener: the session API and WebSocket connects.
     server: Server,
+    /// The internal listener: metrics and probes.
+    internal: Server,
     drain_deadline: Duration,
     port: u16,
+    internal_port: u16,
     state: web::Data<AppState>,
     /// Lease renewal, sweeping, termination listening, registry refresh and the demo's bot.
     background: Background,
@@ -91,9 +97,19 @@ impl Application {
         let (fatal_tx, fatal) = mpsc::channel(1);
         let mut background = Background { tasks: Vec::new(), fatal: fatal_tx };
 
+        let internal = TcpListener::bind(&settings.internal_listen).with_context(|| {
+            format!("internal_listen: cannot bind {}", settings.internal_listen)
+        })?;
+        let internal_local = internal.local_addr()?;
         let mut catalog = Catalog { agents: AgentRegistry::default(), api_keys: Vec::new() };
-        if settings.is_demo() {
+        if settings.demo {
             add_demo(&mut catalog, &mut background).await?;
+        } else if settings.configures_nothing() {
+            tracing::warn!(
+                "no agents (agents.files, agents.dir) and no orgs configured: only agents deployed \
+                 to the shared registry can be reached; for the built-in demo on a laptop, run \
+                 with --demo"
+            );
         }
         load_catalog(&settings, &mut catalog)?;
         let signing_keys = build_signing_keys(&settings)?;
@@ -110,8 +126,10 @@ impl Application {
         ));
         spawn_session_work(&state, &mut background);
         let server = http_server(&settings, listener, state.clone())?;
+        let internal = internal_server(internal, state.clone())?;
         tracing::info!(
             listen = %local,
+            internal_listen = %internal_local,
             region = %settings.region,
             ws_base_url = %state.ws_base_url(&settings.region),
             agents = state.registry.load().agents.len(),
@@ -119,11 +137,26 @@ impl Application {
             "session broker ready"
         );
         let drain_deadline = settings.limits.drain_deadline;
-        Ok(Self { server, drain_deadline, port: local.port(), state, background, fatal })
+        Ok(Self {
+            server,
+            internal,
+            drain_deadline,
+            port: local.port(),
+            internal_port: internal_local.port(),
+            state,
+            background,
+            fatal,
+        })
     }
 
+    /// Port of the public listener.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Port of the internal listener (metrics and probes).
+    pub fn internal_port(&self) -> u16 {
+        self.internal_port
     }
 
     pub fn state(&self) -> &AppState {
@@ -138,12 +171,18 @@ impl Application {
     /// Serves until the server is stopped through its handle, or a background task fails in a
     /// way the process cannot outlive.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { server, background, mut fatal, .. } = self;
+        let Self { server, internal, background, mut fatal, .. } = self;
         let _background = background;
-        tokio::select! {
-            served = server => Ok(served?),
+        let internal_handle = internal.handle();
+        let internal = tokio::spawn(internal);
+        let outcome = tokio::select! {
+            served = server => served.map_err(anyhow::Error::from),
             Some(e) = fatal.recv() => Err(e),
-        }
+        };
+        // Probes and metrics answer as long as the public listener does, and no longer.
+        internal_handle.stop(true).await;
+        let _ = internal.await;
+        outcome
     }
 
     /// Runs until SIGTERM or SIGINT, then drains: readiness fails at once and new upgrades get
@@ -186,8 +225,8 @@ async fn add_demo(catalog: &mut Catalog, background: &mut Background) -> anyhow:
         public_key = DEMO_PUBLIC_KEY,
         agent = DEMO_AGENT,
         org = DEMO_ORG,
-        "demo mode: no agents or orgs configured; serving the built-in echo agent, \
-         which accepts the public demo key. Never expose this to a network."
+        "demo mode: serving the built-in echo agent, which accepts the public demo key; \
+         listening on loopback only"
     );
     Ok(())
 }
@@ -211,7 +250,8 @@ fn load_catalog(settings: &Settings, catalog: &mut Catalog) -> anyhow::Result<()
                 "the agent's region has no regions.<name>.public_ws_url; /start will answer this replica's URL"
             );
         }
-        if !settings.is_demo() && !settings.orgs.contains_key(&agent.org) {
+        let demo = settings.demo && agent.org == DEMO_ORG;
+        if !demo && !settings.orgs.contains_key(&agent.org) {
             tracing::warn!(agent = %agent.service_host, "the agent's org has no public keys configured; /start cannot reach it");
         }
     }
@@ -319,6 +359,7 @@ fn http_server(
     // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
     .disable_signals()
     .client_disconnect_timeout(settings.limits.client_disconnect_timeout)
+    .client_request_timeout(settings.limits.request_head_timeout)
     .listen(listener)?;
     if settings.workers > 0 {
         server = server.workers(settings.workers);
@@ -326,9 +367,23 @@ fn http_server(
     Ok(server.run())
 }
 
+/// The internal listener: one worker is plenty for probes and scrapes.
+fn internal_server(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(routes::health::configure)
+            .wrap_fn(routes::middleware::request_span)
+    })
+    .disable_signals()
+    .workers(1)
+    .listen(listener)?;
+    Ok(server.run())
+}
+
 fn demo_agent(bot_url: &str) -> anyhow::Result<Agent> {
     let text = format!(
-        "agent_name = \"{DEMO_AGENT}\"\nwebsocket_auth = \"token\"\n\n[broker]\norg = \"{DEMO_ORG}\"\nbot_url = \"{bot_url}\"\n"
+        "agent_name = \"{DEMO_AGENT}\"\nwebsocket_auth = \"token\"\n\n[scaling]\nmax_agents = {DEMO_MAX_SESSIONS}\n\n[broker]\norg = \"{DEMO_ORG}\"\nbot_url = \"{bot_url}\"\n"
     );
     let agent = Agent::from_toml(&text, "built-in demo agent")?;
     debug_assert_eq!(agent.websocket_auth, WebsocketAuth::Token);

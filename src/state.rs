@@ -5,10 +5,10 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -20,6 +20,16 @@ use crate::{
     store::Store,
     token::SigningKeys,
 };
+
+/// How long a readiness answer is reused. Each fresh answer writes to the store; a flood of
+/// probes must not become a flood of Redis writes.
+pub const READINESS_CACHE: Duration = Duration::from_secs(1);
+
+/// The last answer of the store's readiness check, and when it was found.
+#[derive(Default)]
+pub struct ReadinessCache {
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
 
 pub struct AppState {
     pub region: String,
@@ -49,6 +59,7 @@ pub struct AppState {
     pub prepared: Arc<AtomicBool>,
     /// Set on SIGTERM: readiness fails and new upgrades are refused while sessions finish.
     draining: AtomicBool,
+    readiness: ReadinessCache,
 }
 
 impl AppState {
@@ -96,6 +107,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             prepared,
             draining: AtomicBool::new(false),
+            readiness: ReadinessCache::default(),
         }
     }
 
@@ -122,5 +134,19 @@ impl AppState {
 
     pub fn is_prepared(&self) -> bool {
         self.prepared.load(Ordering::Acquire)
+    }
+
+    /// Whether the store answers and takes writes, asked at most once per [`READINESS_CACHE`].
+    pub async fn store_ready(&self) -> Result<(), String> {
+        let cached = self.readiness.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((at, result)) = cached
+            && at.elapsed() < READINESS_CACHE
+        {
+            return result;
+        }
+        let result = self.store.check().await.map_err(|e| e.to_string());
+        let mut last = self.readiness.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some((Instant::now(), result.clone()));
+        result
     }
 }

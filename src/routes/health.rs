@@ -1,18 +1,27 @@
-//! Liveness, readiness and metrics.
+//! The internal listener's routes: liveness, readiness and metrics. The public listener does
+//! not serve them under any spelling; they answer only on `internal_listen`.
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::{error::ApiError, state::AppState};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::RouteNotFound) }));
+}
 
 /// The process is alive and serving HTTP.
-pub async fn healthz() -> HttpResponse {
+async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 /// The replica can admit sessions: not draining, its store prepared (schema checked, scripts
-/// loaded), and the store answers and accepts writes.
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// loaded), and the store answers and accepts writes (checked at most once per
+/// [`crate::state::READINESS_CACHE`]).
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let not_ready = |why: &str| HttpResponse::ServiceUnavailable().json(json!({"status": why}));
     if state.is_draining() {
         return not_ready("draining");
@@ -20,7 +29,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if !state.is_prepared() {
         return not_ready("store_not_prepared");
     }
-    match state.store.check().await {
+    match state.store_ready().await {
         Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
@@ -30,7 +39,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Prometheus metrics.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.sync_store_errors(state.store.error_count());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

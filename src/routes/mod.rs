@@ -42,9 +42,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(web::scope(ws::PREFIX).default_service(web::to(ws::connect)))
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(health::metrics))
     .default_service(web::to(not_found));
 }
 

@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::*;
 
 async fn metrics(app: &TestApp) -> String {
-    let resp = app.http.get(format!("http://{}/metrics", app.addr)).send().await.unwrap();
+    let resp = app.http.get(format!("http://{}/metrics", app.internal)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     resp.text().await.unwrap()
@@ -58,16 +58,20 @@ async fn metrics_count_what_happens() {
 #[tokio::test]
 async fn readiness_follows_the_store_and_requests_carry_an_id() {
     let (app, redis) = TestApp::spawn(Store::Redis).await;
-    let ready = app.http.get(format!("http://{}/readyz", app.addr)).send().await.unwrap();
+    let ready = app.http.get(format!("http://{}/readyz", app.internal)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     assert!(ready.headers().contains_key("x-request-id"));
     redis.unwrap().stop();
-    let resp = app.http.get(format!("http://{}/readyz", app.addr)).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    // Readiness answers are reused for READINESS_CACHE, so the 503 comes within that.
+    let within = session_broker::state::READINESS_CACHE + Duration::from_secs(3);
+    let body = eventually(within, || async {
+        let resp = app.http.get(format!("http://{}/readyz", app.internal)).send().await.ok()?;
+        (resp.status() == 503).then_some(resp.json::<serde_json::Value>().await.unwrap())
+    })
+    .await;
     assert_eq!(body["status"], "store_unreachable");
     // Liveness does not depend on Redis.
-    let alive = app.http.get(format!("http://{}/healthz", app.addr)).send().await.unwrap();
+    let alive = app.http.get(format!("http://{}/healthz", app.internal)).send().await.unwrap();
     assert_eq!(alive.status(), 200);
     let errors = sample(&metrics(&app).await, "broker_redis_errors_total");
     assert!(errors >= 1.0, "failed store operations are counted: {errors}");
@@ -135,7 +139,7 @@ async fn sigterm_drains_live_sessions_then_exits_cleanly() {
 
     broker.terminate();
     let status = eventually(Duration::from_secs(2), || async {
-        let resp = http.get(broker.http("/readyz")).send().await.ok()?;
+        let resp = http.get(broker.internal_http("/readyz")).send().await.ok()?;
         (resp.status() == 503).then_some(resp.json::<serde_json::Value>().await.unwrap())
     })
     .await;
@@ -162,4 +166,25 @@ async fn sigterm_drains_live_sessions_then_exits_cleanly() {
         other => panic!("expected close 1001, got {other:?}"),
     }
     assert_eq!(broker.exit_code(Duration::from_secs(10)).await, Some(0));
+}
+
+/// Metrics and probes answer on the internal listener only: the public one knows no such
+/// routes, however the path is spelt, so no load balancer rule has to keep them in.
+#[tokio::test]
+async fn metrics_and_probes_are_internal_only() {
+    let (app, _redis) = TestApp::spawn(Store::Memory).await;
+    for path in
+        ["/metrics", "/%6Detrics", "/healthz", "/readyz", "/%72eadyz", "//metrics", "/metrics/"]
+    {
+        let resp = app.http.get(format!("http://{}{path}", app.addr)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path} on the public listener");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "404", "{path}");
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let resp = app.http.get(format!("http://{}{path}", app.internal)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path} on the internal listener");
+    }
+    let resp = app.http.post(format!("http://{}/v1/public/x/start", app.internal)).send();
+    assert_eq!(resp.await.unwrap().status(), 404, "the internal listener serves no session API");
 }

@@ -351,7 +351,12 @@ async fn close_codes_pass_through_both_ways() {
 
 #[tokio::test]
 async fn large_binary_frames_relay_unchanged() {
-    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    // Above the voice-sized default: the documented opt-in for bots that send large messages.
+    options.settings.limits.max_frame_bytes = 1024 * 1024 + 64;
+    let app = TestApp::with(options, bot).await;
     let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
     let frame: Vec<u8> = (0..1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();

@@ -47,6 +47,8 @@ pub struct AppOptions {
 /// A broker running in this test's process, stopped when dropped.
 pub struct TestApp {
     pub addr: String,
+    /// The internal listener: metrics and probes.
+    pub internal: String,
     pub http: reqwest::Client,
     pub bot: TestBot,
     handle: actix_web::dev::ServerHandle,
@@ -97,9 +99,10 @@ impl TestApp {
         settings.validate().expect("test settings are valid");
         let app = Application::build(settings).await?;
         let addr = format!("127.0.0.1:{}", app.port());
+        let internal = format!("127.0.0.1:{}", app.internal_port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        Ok(Self { addr, http: reqwest::Client::new(), bot, handle, agent_dir })
+        Ok(Self { addr, internal, http: reqwest::Client::new(), bot, handle, agent_dir })
     }
 
     pub async fn post_start(
@@ -158,8 +161,16 @@ impl Drop for TestApp {
 
 impl AppOptions {
     pub fn new(redis_url: Option<String>, bot: &TestBot) -> Self {
-        let mut settings =
-            Settings { listen: "127.0.0.1:0".into(), workers: 2, ..Settings::default() };
+        let mut settings = Settings {
+            listen: "127.0.0.1:0".into(),
+            internal_listen: "127.0.0.1:0".into(),
+            workers: 2,
+            ..Settings::default()
+        };
+        // Tests open many sessions and call /start often from one address; the limits that
+        // would stop them are tested on their own, with their own settings.
+        settings.agents.default_max_agents = 100_000;
+        settings.limits.start_rate_per_address = 0;
         settings.token.signing_key_id = "k1".into();
         settings.token.keys = BTreeMap::from([("k1".into(), SecretString::from(SIGNING_KEY))]);
         for (org, key) in [(ORG, KEY), (OTHER_ORG, OTHER_KEY)] {

@@ -28,6 +28,8 @@ const READY_MESSAGE: &str = "session broker ready";
 /// The broker binary with the keys, orgs and signing key of the test apps, logging JSON lines.
 pub struct BrokerProcess {
     pub addr: SocketAddr,
+    /// The internal listener: metrics and probes.
+    pub internal: SocketAddr,
     child: Child,
     /// Its logs: one JSON object per line.
     stdout: Output,
@@ -45,7 +47,7 @@ impl BrokerProcess {
         env: &[(&str, &str)],
     ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_session-broker"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"])
             .env_clear()
             // The ready line is parsed for the port.
             .env("BROKER__LOG__FORMAT", "json")
@@ -56,6 +58,8 @@ impl BrokerProcess {
             .env("BROKER__AGENTS__DIR", agent_dir)
             .env(format!("BROKER__ORGS__{ORG}__PUBLIC_KEY_HASHES"), hex::encode(hash_api_key(KEY)))
             .env("BROKER__WORKERS", "1")
+            .env("BROKER__AGENTS__DEFAULT_MAX_AGENTS", "100000")
+            .env("BROKER__LIMITS__START_RATE_PER_ADDRESS", "0")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -65,15 +69,15 @@ impl BrokerProcess {
         let stderr = Output::capture(child.stderr.take().unwrap());
         // The address is not known yet; should the wait fail, dropping `broker` kills the
         // process and prints what it said.
-        let mut broker =
-            Self { addr: SocketAddr::from(([127, 0, 0, 1], 0)), child, stdout, stderr };
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut broker = Self { addr: unknown, internal: unknown, child, stdout, stderr };
         let logs = broker.stdout.clone();
         let ready =
             tokio::task::spawn_blocking(move || logs.wait_for_line(READY_WITHIN, listen_address))
                 .await
                 .unwrap();
         match ready {
-            Ok(Ok(addr)) => broker.addr = addr,
+            Ok(Ok((addr, internal))) => (broker.addr, broker.internal) = (addr, internal),
             Ok(Err(line)) => panic!("no address in the broker's ready line: {line}"),
             Err(Missing::Closed) => panic!("the broker process exited before it was ready"),
             Err(Missing::TimedOut) => panic!("the broker process not ready in {READY_WITHIN:?}"),
@@ -119,6 +123,11 @@ impl BrokerProcess {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A URL on the internal listener (metrics and probes).
+    pub fn internal_http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
+    }
+
     pub fn ws_url(&self, agent: &str, org: &str) -> String {
         format!("ws://{}/ws/generic/{agent}.{org}", self.addr)
     }
@@ -130,14 +139,14 @@ impl BrokerProcess {
     }
 }
 
-/// The bound address in the ready line, e.g.
-/// `{"level":"INFO","listen":"127.0.0.1:40123",…,"message":"session broker ready"}`, or the
-/// line itself if it holds none.
-fn listen_address(line: &str) -> Option<Result<SocketAddr, String>> {
+/// The bound addresses in the ready line, public and internal, e.g.
+/// `{"level":"INFO","listen":"127.0.0.1:40123","internal_listen":"127.0.0.1:40124",…,
+/// "message":"session broker ready"}`, or the line itself if it holds none.
+fn listen_address(line: &str) -> Option<Result<(SocketAddr, SocketAddr), String>> {
     let json: serde_json::Value = serde_json::from_str(line).ok()?;
-    (json["message"] == READY_MESSAGE).then(|| {
-        json["listen"].as_str().and_then(|addr| addr.parse().ok()).ok_or_else(|| line.to_owned())
-    })
+    let addr = |field: &str| json[field].as_str().and_then(|addr| addr.parse().ok());
+    (json["message"] == READY_MESSAGE)
+        .then(|| addr("listen").zip(addr("internal_listen")).ok_or_else(|| line.to_owned()))
 }
 
 impl Drop for BrokerProcess {
