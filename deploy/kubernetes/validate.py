@@ -1,12 +1,15 @@
 """Offline check of the Kubernetes manifests: renders each overlay as kustomize would for the
 features used here (resources, namespace, labels, strategic-merge patches of named list items)
-and validates every object against the Kubernetes schemas bundled in kubernetes-validate.
+and validates every object against the Kubernetes schemas bundled in kubernetes-validate. Also
+checks that the Prometheus scrape example (base/prometheus-scrape.yml) finds and labels the pods
+the overlays render.
 
     pip install kubernetes-validate pyyaml && python3 deploy/kubernetes/validate.py
 """
 
 import copy
 import pathlib
+import re
 import sys
 
 import kubernetes_validate
@@ -14,6 +17,11 @@ import yaml
 
 KUBERNETES_VERSION = "1.33.0"
 ROOT = pathlib.Path(__file__).parent
+SCRAPE = ROOT / "base" / "prometheus-scrape.yml"
+# The pod label that names the region; the scrape job copies it into `region`.
+REGION_LABEL = "broker.example.net/region"
+# The container port that serves /metrics, /healthz and /readyz (the broker's internal_listen).
+METRICS_PORT_NAME = "internal"
 
 
 def merge(base, patch):
@@ -56,7 +64,8 @@ def render(directory):
                         spec.setdefault("selector", {}).update(entry["pairs"])
                     elif "matchLabels" in selector:
                         selector["matchLabels"].update(entry["pairs"])
-                template = spec.get("template", {}).get("metadata")
+            if entry.get("includeSelectors") or entry.get("includeTemplates"):
+                template = obj.get("spec", {}).get("template", {}).get("metadata")
                 if template is not None:
                     template.setdefault("labels", {}).update(entry["pairs"])
     for patch in kustomization.get("patches", []):
@@ -91,6 +100,72 @@ def check(overlay, objects):
     assert grace > pause + drain, f"{overlay}: the grace period ends before the drain"
     for env in container["env"]:
         assert "value" not in env or "KEY" not in env["name"], f"{overlay}: a secret value inline"
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["labels"].get(REGION_LABEL) == region, (
+        f"{overlay}: pods lack {REGION_LABEL}={region}, which the scrape job makes `region`"
+    )
+    check_metrics_port(overlay, objects, pod, container, config)
+    check_scrape_job(overlay, objects, pod)
+
+
+def check_metrics_port(overlay, objects, pod, container, config):
+    """The annotations name the container port of the internal listener, and that port stays off
+    the Service: metrics are for the scraper, not for the internet."""
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert METRICS_PORT_NAME in ports, f"{overlay}: no container port named {METRICS_PORT_NAME}"
+    annotations = pod["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true", f"{overlay}: pods not scraped"
+    assert annotations.get("prometheus.io/path") == "/metrics", f"{overlay}: metrics path"
+    port = annotations.get("prometheus.io/port")
+    assert port == str(ports[METRICS_PORT_NAME]), (
+        f"{overlay}: prometheus.io/port is {port}, the {METRICS_PORT_NAME} port is "
+        f"{ports[METRICS_PORT_NAME]}"
+    )
+    for service in (o for o in objects if o["kind"] == "Service"):
+        for p in service["spec"]["ports"]:
+            assert p.get("targetPort") not in (METRICS_PORT_NAME, ports[METRICS_PORT_NAME]), (
+                f"{overlay}: Service {service['metadata']['name']} exposes the metrics port"
+            )
+    # Once the settings give the internal listener an address, it must be that port and
+    # reachable from the scraper and the kubelet, which then probe it too.
+    listen = re.search(r'^internal_listen\s*=\s*"([^"]+)"', config, re.MULTILINE)
+    if listen:
+        host, _, number = listen.group(1).rpartition(":")
+        assert int(number) == ports[METRICS_PORT_NAME], f"{overlay}: internal_listen port"
+        assert host not in ("127.0.0.1", "localhost", "[::1]"), (
+            f"{overlay}: internal_listen on loopback cannot be scraped or probed"
+        )
+        for probe in ("livenessProbe", "readinessProbe"):
+            target = container[probe]["httpGet"]["port"]
+            assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
+
+
+def check_scrape_job(overlay, objects, pod):
+    """The example job keeps exactly these pods, on the metrics port, and labels their region."""
+    job = next(j for j in yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+               if j["job_name"] == "session-broker")
+    namespace = objects[0]["metadata"]["namespace"]
+    assert any(namespace in sd.get("namespaces", {}).get("names", [])
+               for sd in job["kubernetes_sd_configs"]), f"{overlay}: namespace not scraped"
+    meta = {f"__meta_kubernetes_pod_label_{sanitize(k)}": v
+            for k, v in pod["metadata"]["labels"].items()}
+    meta |= {f"__meta_kubernetes_pod_annotation_{sanitize(k)}": v
+             for k, v in pod["metadata"]["annotations"].items()}
+    meta["__meta_kubernetes_pod_container_port_name"] = METRICS_PORT_NAME
+    targets = {}
+    for rule in job["relabel_configs"]:
+        value = ";".join(meta.get(s, "") for s in rule["source_labels"])
+        if rule.get("action") == "keep":
+            assert re.fullmatch(rule["regex"], value), f"{overlay}: the scrape job drops the pods"
+        elif rule["target_label"] == "region":
+            targets["region"] = value
+    region = pod["metadata"]["labels"][REGION_LABEL]
+    assert targets.get("region") == region, f"{overlay}: scraped region {targets.get('region')}"
+
+
+def sanitize(name):
+    """A Kubernetes label or annotation name as service discovery spells it in a meta label."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
 overlays = sorted(p for p in (ROOT / "overlays").iterdir() if p.is_dir())
