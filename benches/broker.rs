@@ -639,7 +639,14 @@ impl Proc {
             ("BROKER__TOKEN__KEYS__K1", SIGNING_KEY.into()),
             ("BROKER__AGENTS__DIR", agents.display().to_string()),
             ("BROKER__ORGS__BENCH__PUBLIC_KEY_HASHES", hex::encode(hash)),
+            ("BROKER__INTERNAL_LISTEN", "127.0.0.1:0".into()),
+            // The benchmark is one client address opening thousands of sessions: every limit
+            // that guards a replica against strangers is lifted.
             ("BROKER__LIMITS__START_RATE_PER_KEY", "0".into()),
+            ("BROKER__LIMITS__START_RATE_PER_ADDRESS", "0".into()),
+            ("BROKER__LIMITS__MAX_CONNECTIONS", "1000000".into()),
+            ("BROKER__LIMITS__MAX_LIVE_SESSIONS", "1000000".into()),
+            ("BROKER__AGENTS__DEFAULT_MAX_AGENTS", "1000000".into()),
             ("BROKER__LOG__FILTER", "warn,session_broker::startup=info".into()),
         ]
         .map(|(k, v)| (k.to_owned(), v));

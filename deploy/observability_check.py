@@ -44,12 +44,11 @@ RUNBOOKS = ROOT / "deploy/RUNBOOKS.md"
 SCRAPE_CONFIG = ROOT / "deploy/kubernetes/base/prometheus-scrape.yml"
 
 # Where /metrics is served, from the fields of the broker's "session broker ready" log line.
-# When /metrics moves to the internal listener, this becomes "http://{internal_listen}/metrics":
-# the broker is then started with BROKER__INTERNAL_LISTEN=127.0.0.1:0 and must log the address it
-# bound as `internal_listen` in that line, as it logs `listen`.
-METRICS_URL = "http://{listen}/metrics"
+# /metrics is served on the internal listener only; the broker logs the address it bound as
+# `internal_listen` in its ready line, as it logs `listen`.
+METRICS_URL = "http://{internal_listen}/metrics"
 
-# The demo the broker serves without configuration (README, quickstart).
+# The demo the broker serves with --demo (README, quickstart).
 DEMO_KEY = "pk_demo"
 DEMO_AGENT = "echo"
 # Seconds to wait for the broker to start, and for a session's end to be counted.
@@ -494,7 +493,7 @@ def start_broker(binary):
     if "{internal_listen}" in METRICS_URL:
         env["BROKER__INTERNAL_LISTEN"] = "127.0.0.1:0"
     process = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0"],
+        [binary, "serve", "--demo", "--listen", "127.0.0.1:0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     ready, log = threading.Event(), []

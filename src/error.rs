@@ -38,6 +38,12 @@ pub enum ApiError {
     BotUnreachable,
     #[error("This replica is shutting down; connect again")]
     Draining,
+    #[error("This replica is at its connection or session limit; retry shortly")]
+    ReplicaBusy,
+    #[error("The request was not received in time")]
+    RequestTimeout,
+    #[error("Query string too long")]
+    QueryTooLong,
     #[error("Not found")]
     RouteNotFound,
     #[error("Method not allowed")]
@@ -63,6 +69,7 @@ impl TokenRefusal {
             Self::Invalid(TokenError::BadSignature) => "token_bad_signature",
             Self::Invalid(TokenError::Expired) => "token_expired",
             Self::Invalid(TokenError::WrongScope) => "token_wrong_scope",
+            Self::Invalid(TokenError::LifetimeTooLong) => "token_lifetime_too_long",
             Self::Replayed => "token_already_used",
             Self::Terminated => "session_terminated",
         }
@@ -75,6 +82,9 @@ impl TokenRefusal {
             Self::Invalid(TokenError::BadSignature) => "Session token signature is invalid",
             Self::Invalid(TokenError::Expired) => "Session token has expired",
             Self::Invalid(TokenError::WrongScope) => "Session token was issued for another agent",
+            Self::Invalid(TokenError::LifetimeTooLong) => {
+                "Session token claims a longer lifetime than this broker mints"
+            }
             Self::Replayed => "Session token has already been used",
             Self::Terminated => "Session was terminated",
         }
@@ -130,6 +140,9 @@ impl ApiError {
             Self::StoreUnavailable(_) => unavailable("store_unavailable"),
             Self::BotUnreachable => unavailable("bot_unreachable"),
             Self::Draining => unavailable("draining"),
+            Self::ReplicaBusy => unavailable("replica_busy"),
+            Self::RequestTimeout => row(S::REQUEST_TIMEOUT, "408", "request_timeout"),
+            Self::QueryTooLong => row(S::URI_TOO_LONG, "414", "query_too_long"),
             Self::RouteNotFound => row(S::NOT_FOUND, "404", "route_not_found"),
             Self::MethodNotAllowed => row(S::METHOD_NOT_ALLOWED, "405", "method_not_allowed"),
         }

@@ -29,6 +29,7 @@ pub mod bridge;
 pub mod config;
 pub mod echo_bot;
 pub mod error;
+pub mod log_budget;
 pub mod metrics;
 pub mod registry;
 pub mod routes;

@@ -3,9 +3,16 @@
 //! histograms in seconds.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::store::StoreObserver;
+
+/// Store operations on the request path, shown from the first scrape (with no observations yet)
+/// so that dashboards and alerts find the series before the first request.
+const STORE_OPERATIONS: &[&str] =
+    &["consume_token", "acquire_slot", "create_session", "update_session", "rate_limit", "check"];
 
 /// Buckets for Redis and bot-dial latencies: 100 µs to 2.5 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -26,6 +33,15 @@ pub struct Metrics {
     store_errors_seen: std::sync::Mutex<u64>,
     pub relay_bytes: IntCounterVec,
     pub relay_frames: IntCounterVec,
+    /// Each agent's concurrent-session cap; set at each scrape from the registry.
+    pub agent_session_cap: IntGaugeVec,
+    /// 1 when `/readyz` would answer 200; set at each scrape.
+    pub ready: IntGauge,
+    /// 1 from SIGTERM on; set at each scrape.
+    pub draining: IntGauge,
+    /// Sessions of a dead replica that this replica's sweep marked `replica_lost`.
+    pub sessions_lost: IntCounterVec,
+    pub store_operation_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -41,6 +57,16 @@ impl Metrics {
         fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
             let metric = HistogramVec::new(opts, labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        }
+        fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        }
+        fn plain_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+            let metric = IntGauge::new(name, help).expect("valid metric");
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         }
@@ -113,6 +139,36 @@ impl Metrics {
                 "Frames relayed, by direction",
                 &["direction"],
             ),
+            agent_session_cap: gauge(
+                &registry,
+                "agent_session_cap",
+                "Concurrent-session cap of the agent across all replicas and regions",
+                &["agent"],
+            ),
+            ready: plain_gauge(&registry, "ready", "1 when /readyz answers 200, else 0"),
+            draining: plain_gauge(
+                &registry,
+                "draining",
+                "1 from SIGTERM on, while this replica drains its live sessions",
+            ),
+            sessions_lost: counter(
+                &registry,
+                "sessions_lost_total",
+                "Sessions of a replica that stopped renewing its leases, marked replica_lost here",
+                &["agent"],
+            ),
+            store_operation_seconds: {
+                let metric = histogram(
+                    &registry,
+                    "store_operation_seconds",
+                    "Round-trip time of one state store operation, by operation",
+                    &["operation"],
+                );
+                for operation in STORE_OPERATIONS {
+                    metric.with_label_values(&[operation]);
+                }
+                metric
+            },
             registry,
         }
     }
@@ -130,6 +186,12 @@ impl Metrics {
         // Encoding our own well-formed families into a Vec cannot fail.
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl StoreObserver for Metrics {
+    fn observe(&self, operation: &'static str, took: std::time::Duration) {
+        self.store_operation_seconds.with_label_values(&[operation]).observe(took.as_secs_f64());
     }
 }
 

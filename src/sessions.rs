@@ -227,29 +227,38 @@ pub async fn renew_leases(
     }
 }
 
-/// Claims lapsed leases of every agent and marks their sessions `replica_lost`.
+/// Claims lapsed leases of every agent and marks their sessions `replica_lost`, counting them
+/// in `lost` by agent.
 pub async fn sweep_lapsed(
     store: Arc<dyn SessionStore>,
     registry: Arc<LiveRegistry>,
     timing: LeaseTiming,
+    lost: prometheus::IntCounterVec,
 ) {
     let mut tick = tokio::time::interval(timing.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for agent in registry.load().agents.iter() {
-            if let Err(e) = sweep_agent(&*store, &agent.service_host, timing.retention).await {
-                tracing::warn!(agent = %agent.service_host, error = %e, "sweep failed");
+            let swept = sweep_agent(&*store, &agent.service_host, timing.retention).await;
+            match swept {
+                Ok(0) => {}
+                Ok(n) => lost.with_label_values(&[&agent.service_host]).inc_by(n),
+                Err(e) => {
+                    tracing::warn!(agent = %agent.service_host, error = %e, "sweep failed")
+                }
             }
         }
     }
 }
 
+/// Returns how many sessions it marked lost.
 async fn sweep_agent(
     store: &dyn SessionStore,
     agent: &str,
     retention: Duration,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
+    let mut lost = 0;
     for sid in store.claim_lapsed_leases(agent, SWEEP_BATCH).await? {
         let connected = store.get_session(sid).await?.and_then(|record| record.connected_ms);
         let ended = SessionRecord::ended(
@@ -261,9 +270,10 @@ async fn sweep_agent(
         let from = [Some(Status::Active)];
         if store.update_session(sid, &from, &ended, Some(retention)).await? {
             tracing::warn!(session_id = %sid, agent, "session lost with its replica");
+            lost += 1;
         }
     }
-    Ok(())
+    Ok(lost)
 }
 
 /// Ends the sessions this replica holds when any replica announces their termination.

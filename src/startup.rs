@@ -124,6 +124,7 @@ impl Application {
             store,
             prepared,
         ));
+        state.store.observe_with(state.metrics.clone());
         spawn_session_work(&state, &mut background);
         let server = http_server(&settings, listener, state.clone())?;
         let internal = internal_server(internal, state.clone())?;
@@ -285,7 +286,9 @@ async fn prepare_store(
     let prepared = Arc::new(AtomicBool::new(false));
     match store.prepare().await {
         Ok(()) => prepared.store(true, Ordering::Release),
-        Err(e @ PrepareError::Incompatible { .. }) => return Err(e.into()),
+        Err(e @ (PrepareError::Incompatible { .. } | PrepareError::EvictingPolicy { .. })) => {
+            return Err(e.into());
+        }
         Err(PrepareError::Unavailable(e)) => {
             tracing::warn!(error = %e, "state store not reachable yet; connects answer 503 until it is");
             let (store, done, fatal) = (store.clone(), prepared.clone(), background.fatal.clone());
@@ -341,7 +344,8 @@ async fn start_registry(
 fn spawn_session_work(state: &AppState, background: &mut Background) {
     let (store, live, leases) = (&state.store, &state.live, state.leases);
     background.spawn(sessions::renew_leases(store.clone(), live.clone(), leases));
-    background.spawn(sessions::sweep_lapsed(store.clone(), state.registry.clone(), leases));
+    let lost = state.metrics.sessions_lost.clone();
+    background.spawn(sessions::sweep_lapsed(store.clone(), state.registry.clone(), leases, lost));
     background.spawn(sessions::listen_for_terminations(store.terminations(), live.clone()));
 }
 
@@ -350,6 +354,7 @@ fn http_server(
     listener: TcpListener,
     state: web::Data<AppState>,
 ) -> anyhow::Result<Server> {
+    let connections = state.connections.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -358,6 +363,12 @@ fn http_server(
     })
     // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
     .disable_signals()
+    .on_connect(move |_, extensions| {
+        extensions.insert(ConnectionCount::open(&connections));
+    })
+    // Past `max_connections` requests are answered 503 (see `AppState::check_connections`);
+    // past twice that per worker, the worker stops accepting, the last resort.
+    .max_connections(settings.limits.max_connections.saturating_mul(2))
     .client_disconnect_timeout(settings.limits.client_disconnect_timeout)
     .client_request_timeout(settings.limits.request_head_timeout)
     .listen(listener)?;
@@ -365,6 +376,23 @@ fn http_server(
         server = server.workers(settings.workers);
     }
     Ok(server.run())
+}
+
+/// One open client connection: counted while the server keeps it in its extensions, which
+/// it drops with the connection.
+struct ConnectionCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectionCount {
+    fn open(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The internal listener: one worker is plenty for probes and scrapes.
@@ -413,8 +441,10 @@ fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Resul
 /// The configured signing keys, or, with none configured (validation allows that only without
 /// Redis), a random key that lives as long as the process.
 fn build_signing_keys(settings: &Settings) -> anyhow::Result<SigningKeys> {
+    let max_lifetime = settings.token.lifetime + settings.token.clock_skew;
     if !settings.token.keys.is_empty() {
-        return Ok(SigningKeys::new(&settings.token.signing_key_id, &settings.token.keys)?);
+        let keys = SigningKeys::new(&settings.token.signing_key_id, &settings.token.keys)?;
+        return Ok(keys.with_max_lifetime(max_lifetime));
     }
     if settings.redis.is_configured() {
         anyhow::bail!("token.keys: required with Redis: replicas must share their signing keys");
@@ -430,7 +460,7 @@ fn build_signing_keys(settings: &Settings) -> anyhow::Result<SigningKeys> {
         "no token.keys configured: generated a random signing key for this process; tokens \
          will not survive a restart and no other replica can verify them"
     );
-    Ok(SigningKeys::new(GENERATED_KEY_ID, &keys)?)
+    Ok(SigningKeys::new(GENERATED_KEY_ID, &keys)?.with_max_lifetime(max_lifetime))
 }
 
 #[cfg(test)]

@@ -12,8 +12,10 @@ use std::{
 };
 
 use crate::{
+    agents::Agent,
     bridge::BridgeLimits,
     config::{FailMode, Settings},
+    log_budget::LogBudget,
     metrics::Metrics,
     registry::LiveRegistry,
     sessions::{LeaseTiming, LiveSessions},
@@ -45,10 +47,25 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub bridge: BridgeLimits,
     pub bot_connect_timeout: Duration,
-    /// `/start` calls allowed per public key, and the window they are counted in.
-    pub start_rate: Option<(u64, Duration)>,
+    /// `/start` calls allowed per public key and per client address in each window; `None` is
+    /// unlimited.
+    pub start_rate_per_key: Option<u64>,
+    pub start_rate_per_address: Option<u64>,
+    pub start_rate_window: Duration,
+    pub start_body_timeout: Duration,
+    pub max_query_bytes: usize,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Open client connections, counted by the server's connection hook.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub max_connections: usize,
+    pub max_live_sessions: usize,
+    /// See `token.clock_skew_ms`.
+    pub clock_skew: Duration,
     /// Ceiling on every agent's `max_session_duration`.
     pub max_session: Duration,
+    /// The cap of agents whose file sets none.
+    pub default_max_agents: u32,
     pub leases: LeaseTiming,
     /// The sessions this replica holds.
     pub live: Arc<LiveSessions>,
@@ -60,6 +77,8 @@ pub struct AppState {
     /// Set on SIGTERM: readiness fails and new upgrades are refused while sessions finish.
     draining: AtomicBool,
     readiness: ReadinessCache,
+    /// Lines about refused requests, which strangers can cause, are logged within this budget.
+    pub refusal_log: LogBudget,
 }
 
 impl AppState {
@@ -94,9 +113,20 @@ impl AppState {
                 heartbeat_timeout: limits.heartbeat_timeout,
             },
             bot_connect_timeout: limits.bot_connect_timeout,
-            start_rate: (limits.start_rate_per_key > 0)
-                .then_some((limits.start_rate_per_key, limits.start_rate_window)),
+            start_rate_per_key: (limits.start_rate_per_key > 0)
+                .then_some(limits.start_rate_per_key),
+            start_rate_window: limits.start_rate_window,
+            start_rate_per_address: (limits.start_rate_per_address > 0)
+                .then_some(limits.start_rate_per_address),
+            start_body_timeout: limits.start_body_timeout,
+            max_query_bytes: limits.max_query_bytes,
+            trusted_proxies: settings.trusted_proxy_nets(),
+            connections: Arc::default(),
+            max_connections: limits.max_connections,
+            max_live_sessions: limits.max_live_sessions,
+            clock_skew: settings.token.clock_skew,
             max_session: limits.max_session,
+            default_max_agents: settings.agents.default_max_agents,
             leases: LeaseTiming {
                 lease: settings.sessions.lease_ttl,
                 sweep_interval: settings.sessions.sweep_interval,
@@ -108,6 +138,7 @@ impl AppState {
             prepared,
             draining: AtomicBool::new(false),
             readiness: ReadinessCache::default(),
+            refusal_log: LogBudget::for_refusals(),
         }
     }
 
@@ -121,6 +152,20 @@ impl AppState {
     /// retention. A record whose replica and every sweeper died still goes away eventually.
     pub fn active_record_ttl(&self, max_duration: Duration) -> Duration {
         max_duration + self.leases.lease + self.leases.retention
+    }
+
+    /// Refuses a request when this replica serves more connections than it may: the client
+    /// should try another replica.
+    pub fn check_connections(&self) -> Result<(), crate::error::ApiError> {
+        if self.connections.load(Ordering::Relaxed) > self.max_connections {
+            return Err(crate::error::ApiError::ReplicaBusy);
+        }
+        Ok(())
+    }
+
+    /// An agent's concurrent-session cap across all replicas.
+    pub fn cap_of(&self, agent: &Agent) -> u32 {
+        agent.max_agents.unwrap_or(self.default_max_agents)
     }
 
     pub fn is_draining(&self) -> bool {

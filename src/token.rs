@@ -21,6 +21,8 @@ use uuid::Uuid;
 
 /// Tokens longer than this are refused before any decoding. Real tokens are about 200 bytes.
 pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Length of an HMAC-SHA256 signature.
+const SIGNATURE_BYTES: usize = 32;
 /// Shortest HMAC key accepted: 256 bits, the output size of SHA-256.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -50,6 +52,8 @@ pub enum TokenError {
     Expired,
     #[error("token was issued for another agent")]
     WrongScope,
+    #[error("token claims a longer lifetime than this broker mints")]
+    LifetimeTooLong,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,10 @@ pub enum SigningKeyError {
 pub struct SigningKeys {
     signing_kid: String,
     keys: HashMap<String, HmacSha256>,
+    /// The key ids, the signing key first: verification tries them in this order.
+    order: Vec<String>,
+    /// Longest lifetime a valid token can have left: the configured lifetime plus clock skew.
+    max_lifetime_ms: u64,
 }
 
 impl std::fmt::Debug for SigningKeys {
@@ -96,7 +104,21 @@ impl SigningKeys {
         if !ring.contains_key(signing_kid) {
             return Err(SigningKeyError::UnknownSigningKey(signing_kid.to_owned()));
         }
-        Ok(Self { signing_kid: signing_kid.to_owned(), keys: ring })
+        let mut order: Vec<String> = ring.keys().cloned().collect();
+        order.sort_by_key(|kid| (kid != signing_kid, kid.clone()));
+        Ok(Self {
+            signing_kid: signing_kid.to_owned(),
+            keys: ring,
+            order,
+            max_lifetime_ms: u64::MAX,
+        })
+    }
+
+    /// Refuses tokens whose expiry lies more than `max` ahead: no replica mints those, so such a
+    /// token was made with a leaked key, or by a misconfigured replica.
+    pub fn with_max_lifetime(mut self, max: std::time::Duration) -> Self {
+        self.max_lifetime_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        self
     }
 
     pub fn signing_kid(&self) -> &str {
@@ -138,13 +160,30 @@ impl SigningKeys {
         // token string decodes to exactly one byte sequence and no two strings verify alike.
         let payload = URL_SAFE_NO_PAD.decode(payload_b64).map_err(|_| TokenError::Malformed)?;
         let signature = URL_SAFE_NO_PAD.decode(signature_b64).map_err(|_| TokenError::Malformed)?;
+        if payload.is_empty() || signature.len() != SIGNATURE_BYTES {
+            return Err(TokenError::Malformed);
+        }
+        // Nothing of the unsigned payload is read before a key verifies it: each key is tried
+        // (the signing key first; a rotation holds two or three), and only a signed payload is
+        // parsed. Its `kid` must then name the key that verified it.
+        let signed_by = self
+            .order
+            .iter()
+            .find(|kid| {
+                let mut mac = self.keys[*kid].clone();
+                mac.update(payload_b64.as_bytes());
+                mac.verify_slice(&signature).is_ok()
+            })
+            .ok_or(TokenError::BadSignature)?;
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
-        // An unknown key id is reported like a bad signature: the token was not signed by us.
-        let mut mac = self.keys.get(&claims.kid).ok_or(TokenError::BadSignature)?.clone();
-        mac.update(payload_b64.as_bytes());
-        mac.verify_slice(&signature).map_err(|_| TokenError::BadSignature)?;
+        if &claims.kid != signed_by {
+            return Err(TokenError::BadSignature);
+        }
         if claims.exp <= now_ms {
             return Err(TokenError::Expired);
+        }
+        if claims.exp - now_ms > self.max_lifetime_ms {
+            return Err(TokenError::LifetimeTooLong);
         }
         if claims.sh != service_host {
             return Err(TokenError::WrongScope);
@@ -205,6 +244,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_lifetime_beyond_the_configured_one_is_refused() {
+        let ring = default_ring().with_max_lifetime(std::time::Duration::from_secs(330));
+        let fine = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_000);
+        assert!(ring.verify(&fine, HOST, NOW).is_ok());
+        let forever = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_001);
+        assert_eq!(ring.verify(&forever, HOST, NOW), Err(TokenError::LifetimeTooLong));
+    }
+
+    #[test]
+    fn a_payload_naming_another_key_than_its_signer_is_refused() {
+        let a = "a".repeat(32);
+        let b = "b".repeat(32);
+        let both = ring(&[("k1", &a), ("k2", &b)], "k2");
+        // Signed with k2, but claiming k1: the claim is not believed.
+        let claims = Claims {
+            sh: HOST.into(),
+            sid: Uuid::new_v4(),
+            exp: NOW + 1000,
+            kid: "k1".into(),
+            rg: "x".into(),
+        };
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        let mut mac = both.keys["k2"].clone();
+        mac.update(payload.as_bytes());
+        let token = format!("{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        assert_eq!(both.verify(&token, HOST, NOW), Err(TokenError::BadSignature));
     }
 
     #[test]

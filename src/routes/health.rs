@@ -38,9 +38,20 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics. Gauges that describe the replica as a whole are brought up to date first.
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    state.metrics.sync_store_errors(state.store.error_count());
+    let metrics = &state.metrics;
+    metrics.sync_store_errors(state.store.error_count());
+    let ready = !state.is_draining() && state.is_prepared() && state.store_ready().await.is_ok();
+    metrics.ready.set(i64::from(ready));
+    metrics.draining.set(i64::from(state.is_draining()));
+    // Caps of agents that are gone must not linger: rebuilt whole from the registry.
+    metrics.agent_session_cap.reset();
+    for agent in state.registry.load().agents.iter() {
+        let cap = i64::from(state.cap_of(agent));
+        metrics.agent_session_cap.with_label_values(&[&agent.service_host]).set(cap);
+        metrics.sessions_lost.with_label_values(&[&agent.service_host]);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

@@ -29,7 +29,7 @@ where
         "request",
         %request_id,
         method = %req.method(),
-        path = %loggable_path(req.path()),
+        path = %loggable_path(req.match_info().as_str()),
         session_id = tracing::field::Empty,
     );
     let response = span.in_scope(|| service.call(req));
@@ -49,18 +49,26 @@ where
     .instrument(span)
 }
 
-/// The path as logs may show it: a WebSocket path's token segment is shortened. Query strings,
-/// which may hold a token too, are never logged.
+/// Path segments longer than this are cut short in logs. Session tokens are about 200
+/// characters; the longest segment worth reading in full is a session id (36).
+const MAX_LOGGED_SEGMENT: usize = 40;
+
+/// The path as logs may show it: the path as the router saw it (percent-decoded, so no spelling
+/// of a path logs differently from how it is routed), with every segment long enough to be a
+/// token cut short, wherever it appears. Query strings, which may hold a token too, are never
+/// logged.
 pub fn loggable_path(path: &str) -> Cow<'_, str> {
-    match path
-        .strip_prefix(super::ws::PREFIX)
-        .and_then(|rest| rest[1.min(rest.len())..].split_once('/'))
-    {
-        Some((service, token)) if !token.is_empty() => {
-            Cow::Owned(format!("{}/{service}/{}", super::ws::PREFIX, redact(token)))
-        }
-        _ => Cow::Borrowed(path),
+    if path.split('/').all(|segment| segment.len() <= MAX_LOGGED_SEGMENT) {
+        return Cow::Borrowed(path);
     }
+    let segments: Vec<Cow<'_, str>> = path
+        .split('/')
+        .map(|segment| match segment.len() > MAX_LOGGED_SEGMENT {
+            true => Cow::Owned(redact(segment)),
+            false => Cow::Borrowed(segment),
+        })
+        .collect();
+    Cow::Owned(segments.join("/"))
 }
 
 #[cfg(test)]
@@ -74,7 +82,11 @@ mod tests {
         assert!(
             shown.starts_with("/ws/generic/echo.demo/eyJzaCI6") && !shown.contains(&token[8..])
         );
+        let elsewhere = loggable_path(&format!("/ws/twilio/{token}/x")).into_owned();
+        assert!(!elsewhere.contains(&token[8..]), "{elsewhere}");
         assert_eq!(loggable_path("/ws/generic/echo.demo"), "/ws/generic/echo.demo");
         assert_eq!(loggable_path("/v1/public/echo/start"), "/v1/public/echo/start");
+        let session = "/v1/public/echo/sessions/639f91d8-d511-4677-a83b-bd7564d5d92f";
+        assert_eq!(loggable_path(session), session, "session ids stay readable");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod middleware;
+pub mod peer;
 pub mod services;
 pub mod sessions;
 pub mod start;
@@ -54,6 +55,7 @@ async fn public_api(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    state.check_connections()?;
     let rest = req.match_info().unprocessed().strip_prefix('/').unwrap_or_default();
     let segments: Vec<&str> = rest.split('/').collect();
     match (req.method(), segments.as_slice()) {

@@ -14,6 +14,7 @@ use crate::{
     agents::{Agent, WebsocketAuth},
     api_keys,
     error::ApiError,
+    routes::peer::Peer,
     state::AppState,
     store::{SessionRecord, unix_ms},
 };
@@ -78,9 +79,11 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let registry = state.registry.load();
     let (org, key) = authenticate(req, &registry)?;
-    check_rate(state, key).await?;
+    check_rate(state, key, &Peer::of(req, &state.trusted_proxies)).await?;
     let agent = agent_of(&registry, org, agent_name)?;
-    let request = read_request(payload).await?;
+    let request = tokio::time::timeout(state.start_body_timeout, read_request(payload))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)??;
     let body = websocket_body(&agent, request)?;
     check_capacity(state, &agent).await?;
     let session_id = Uuid::new_v4();
@@ -103,12 +106,22 @@ pub async fn start(
     }))
 }
 
-/// Counts the call against the key's `/start` rate. The bucket is named by the key's hash: the
-/// key itself never reaches the store.
-async fn check_rate(state: &AppState, key: &str) -> Result<(), ApiError> {
-    let Some((limit, window)) = state.start_rate else { return Ok(()) };
-    let bucket = hex::encode(&api_keys::hash_api_key(key)[..16]);
-    if !state.store.rate_limit(&bucket, limit, window).await? {
+/// Counts the call against the key's and the client address's `/start` rates, both at once.
+/// The key's bucket is named by its hash: the key itself never reaches the store.
+async fn check_rate(state: &AppState, key: &str, peer: &Peer) -> Result<(), ApiError> {
+    let key_bucket = || hex::encode(&api_keys::hash_api_key(key)[..16]);
+    let count = |bucket: String, limit: Option<u64>| async move {
+        match limit {
+            Some(limit) => state.store.rate_limit(&bucket, limit, state.start_rate_window).await,
+            None => Ok(true),
+        }
+    };
+    let (by_key, by_address) = futures_util::future::join(
+        count(key_bucket(), state.start_rate_per_key),
+        count(peer.bucket(), state.start_rate_per_address),
+    )
+    .await;
+    if !(by_key? && by_address?) {
         return Err(ApiError::RateLimited);
     }
     Ok(())
@@ -147,9 +160,7 @@ fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<String>
 
 /// The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
 async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
-    if let Some(cap) = agent.max_agents
-        && state.store.live_sessions(&agent.service_host).await? >= u64::from(cap)
-    {
+    if state.store.live_sessions(&agent.service_host).await? >= u64::from(state.cap_of(agent)) {
         return Err(ApiError::AtCapacity);
     }
     Ok(())
@@ -161,7 +172,9 @@ async fn mint(state: &AppState, agent: &Agent, session_id: Uuid) -> Result<Strin
     let now = unix_ms();
     let expires = now + state.token_lifetime.as_millis() as u64;
     let record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
-    let ttl = state.token_lifetime + state.leases.retention;
+    // A pending record lives as long as its token (and the skew margin): an unused token
+    // leaves nothing behind in Redis.
+    let ttl = state.token_lifetime + state.clock_skew;
     state.store.create_session(session_id, &record, ttl).await?;
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
     Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires))

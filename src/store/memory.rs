@@ -109,7 +109,9 @@ impl SessionStore for MemoryStore {
 
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        if inner.tokens.get(&sid).is_some_and(|c| c.holder == holder) {
+        let ended =
+            inner.sessions.get(&sid).is_some_and(|r| r.record.status == Some(Status::Ended));
+        if !ended && inner.tokens.get(&sid).is_some_and(|c| c.holder == holder) {
             inner.tokens.remove(&sid);
             return Ok(true);
         }
@@ -187,14 +189,14 @@ impl SessionStore for MemoryStore {
         &self,
         agent: &str,
         sid: Uuid,
-        cap: Option<u32>,
+        cap: u32,
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
         let leases = inner.leases.entry(agent.to_owned()).or_default();
         let live = leases.values().filter(|&&expiry| expiry > now).count() as u64;
-        if cap.is_some_and(|cap| live >= u64::from(cap)) {
+        if live >= u64::from(cap) {
             return Ok(false);
         }
         leases.insert(sid, now + lease);
@@ -347,11 +349,11 @@ mod tests {
         let store = MemoryStore::default();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let short = Duration::from_millis(30);
-        assert!(store.acquire_slot("x", a, Some(1), short).await.unwrap());
-        assert!(!store.acquire_slot("x", b, Some(1), short).await.unwrap());
+        assert!(store.acquire_slot("x", a, 1, short).await.unwrap());
+        assert!(!store.acquire_slot("x", b, 1, short).await.unwrap());
         tokio::time::advance(Duration::from_millis(30)).await;
         assert_eq!(store.live_sessions("x").await.unwrap(), 0);
-        assert!(store.acquire_slot("x", b, Some(1), Duration::from_secs(5)).await.unwrap());
+        assert!(store.acquire_slot("x", b, 1, Duration::from_secs(5)).await.unwrap());
         assert_eq!(store.claim_lapsed_leases("x", 10).await.unwrap(), vec![a]);
         assert!(store.claim_lapsed_leases("x", 10).await.unwrap().is_empty());
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);

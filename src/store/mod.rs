@@ -50,6 +50,20 @@ pub enum PrepareError {
          Upgrade this broker (or point it at another key_prefix)."
     )]
     Incompatible { found: u32, compatible_from: u32, ours: u32 },
+    /// Redis may evict keys, and an evicted consume mark is a token that works again.
+    #[error(
+        "Redis's maxmemory-policy is `{policy}`: under memory pressure it may evict the marks of \
+         used tokens, which could then be replayed. Set `maxmemory-policy noeviction` (Redis \
+         then refuses writes instead, and the broker answers 503), or set \
+         redis.on_evicting_policy = \"warn\" to accept the risk."
+    )]
+    EvictingPolicy { policy: String },
+}
+
+/// Told the round-trip time of each store operation, named as in `RedisStore::run`
+/// (`consume_token`, `update_session`, …).
+pub trait StoreObserver: Send + Sync {
+    fn observe(&self, operation: &'static str, took: Duration);
 }
 
 /// The whole store: what the broker serves sessions with, and the shared registry.
@@ -71,8 +85,9 @@ pub trait SessionStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Undoes [`SessionStore::consume_token`] if, and only if, `holder` still holds it, so that a
-    /// connect that could not reach the bot leaves the token usable. Returns whether it did.
+    /// Undoes [`SessionStore::consume_token`] if, and only if, `holder` still holds it and the
+    /// session has not ended, so that a connect that could not reach the bot leaves the token
+    /// usable, but cannot undo a termination. Returns whether it did.
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError>;
 
     /// Counts one call against `bucket` in the current fixed window of length `window` and says
@@ -91,6 +106,10 @@ pub trait SessionStore: Send + Sync + 'static {
     fn error_count(&self) -> u64 {
         0
     }
+
+    /// Tells `observer` the round-trip time of every operation from now on. The embedded store
+    /// has no round trip, and tells nothing.
+    fn observe_with(&self, _observer: std::sync::Arc<dyn StoreObserver>) {}
 
     /// Readies the store for this version of the broker: checks the schema version the data was
     /// written with, records this one, loads the scripts. Run at start; safe to repeat.
@@ -127,7 +146,7 @@ pub trait SessionStore: Send + Sync + 'static {
         &self,
         agent: &str,
         sid: Uuid,
-        cap: Option<u32>,
+        cap: u32,
         lease: Duration,
     ) -> Result<bool, StoreError>;
 

@@ -18,19 +18,19 @@ use uuid::Uuid;
 
 use super::{
     ApiKeyRecord, PrepareError, RegistryEntries, RegistryStore, SessionRecord, SessionStore,
-    Status, StoreError, TERMINATION_BACKLOG,
+    Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
 };
-use crate::config::RedisSettings;
+use crate::config::{EvictionCheck, RedisSettings};
 
 /// Longest wait between two attempts to re-subscribe to termination announcements.
 const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread.
 pub const COMPATIBLE_FROM: u32 = 1;
@@ -42,11 +42,12 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/003_acquire_slot.lua"),
     include_str!("../../migrations-lua/004_renew_leases.lua"),
     include_str!("../../migrations-lua/005_claim_lapsed_leases.lua"),
+    include_str!("../../migrations-lua/006_release_token_unless_ended.lua"),
 ];
 
 /// The scripts, by use.
 struct Scripts {
-    release_token: Script,
+    release_token_unless_ended: Script,
     update_session: Script,
     acquire_slot: Script,
     renew_leases: Script,
@@ -55,9 +56,22 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let [release_token, update_session, acquire_slot, renew_leases, claim_lapsed_leases] =
-            MIGRATIONS.map(Script::new);
-        Self { release_token, update_session, acquire_slot, renew_leases, claim_lapsed_leases }
+        // 001 is superseded by 006; `prepare` still loads every released migration.
+        let [
+            _release_token,
+            update_session,
+            acquire_slot,
+            renew_leases,
+            claim_lapsed_leases,
+            release_token_unless_ended,
+        ] = MIGRATIONS.map(Script::new);
+        Self {
+            release_token_unless_ended,
+            update_session,
+            acquire_slot,
+            renew_leases,
+            claim_lapsed_leases,
+        }
     }
 }
 
@@ -74,6 +88,10 @@ pub struct RedisStore {
     errors: std::sync::atomic::AtomicU64,
     /// The subscriber task; ends with the store.
     subscriber: tokio::task::JoinHandle<()>,
+    /// What to do about a Redis that may evict keys.
+    eviction_check: EvictionCheck,
+    /// Told the time of every operation (metrics).
+    observer: std::sync::OnceLock<std::sync::Arc<dyn StoreObserver>>,
 }
 
 impl Drop for RedisStore {
@@ -105,6 +123,8 @@ impl RedisStore {
             terminations,
             errors: Default::default(),
             subscriber,
+            observer: std::sync::OnceLock::new(),
+            eviction_check: settings.on_evicting_policy,
         })
     }
 
@@ -136,7 +156,12 @@ impl RedisStore {
                 result => result,
             }
         };
-        let failure = match tokio::time::timeout(self.timeout, attempts).await {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.timeout, attempts).await;
+        if let Some(observer) = self.observer.get() {
+            observer.observe(op, started.elapsed());
+        }
+        let failure = match answer {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(source)) => StoreError::Redis { op, source },
             Err(_) => StoreError::Timeout { op, after: self.timeout },
@@ -171,6 +196,11 @@ impl SessionStore for RedisStore {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn observe_with(&self, observer: std::sync::Arc<dyn StoreObserver>) {
+        // Set once at start; a second observer would be a bug, and is ignored.
+        let _ = self.observer.set(observer);
+    }
+
     async fn consume_token(
         &self,
         sid: Uuid,
@@ -183,7 +213,7 @@ impl SessionStore for RedisStore {
         let Some((replicas, wait)) = self.durability else {
             // SET NX answers OK when it wrote and nil when the key existed.
             let written: Option<String> =
-                self.run("consume token", Purpose::Commands, Request::Cmd(&set)).await?;
+                self.run("consume_token", Purpose::Commands, Request::Cmd(&set)).await?;
             if written.is_some() {
                 return Ok(true);
             }
@@ -196,7 +226,7 @@ impl SessionStore for RedisStore {
         let mut pipe = redis::pipe();
         pipe.add_command(set).cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
         let (written, acked): (Option<String>, u32) =
-            self.run("consume token (durable)", Purpose::Durable, Request::Pipe(&pipe)).await?;
+            self.run("consume_token_durable", Purpose::Durable, Request::Pipe(&pipe)).await?;
         if written.is_none() {
             return self.holds(&key, holder).await;
         }
@@ -209,10 +239,10 @@ impl SessionStore for RedisStore {
     }
 
     async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
-        let mut call = self.scripts.release_token.key(self.keys.token(sid));
-        call.arg(holder);
+        let mut call = self.scripts.release_token_unless_ended.key(self.keys.token(sid));
+        call.key(self.keys.session(sid)).arg(holder);
         let released: i64 =
-            self.run("release token", Purpose::Commands, Request::Script(&call)).await?;
+            self.run("release_token", Purpose::Commands, Request::Script(&call)).await?;
         Ok(released == 1)
     }
 
@@ -230,22 +260,23 @@ impl SessionStore for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic().incr(&key, 1).pexpire(&key, (2 * window_ms) as i64).ignore();
         let (count,): (u64,) =
-            self.run("rate limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
+            self.run("rate_limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(count <= limit)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
         let mut set = redis::cmd("SET");
         set.arg(self.keys.health()).arg(unix_ms()).arg("EX").arg(60);
-        self.run("health write", Purpose::Commands, Request::Cmd(&set)).await
+        self.run("check", Purpose::Commands, Request::Cmd(&set)).await
     }
 
     async fn prepare(&self) -> Result<(), PrepareError> {
+        self.check_eviction_policy().await?;
         let key = self.keys.schema();
         let mut read = redis::cmd("HGETALL");
         read.arg(&key);
         let stored: HashMap<String, u32> =
-            self.run("read schema version", Purpose::Commands, Request::Cmd(&read)).await?;
+            self.run("read_schema", Purpose::Commands, Request::Cmd(&read)).await?;
         let found = stored.get("version").copied().unwrap_or(0);
         let compatible_from = stored.get("compatible_from").copied().unwrap_or(0);
         if found > SCHEMA_VERSION && compatible_from > SCHEMA_VERSION {
@@ -263,14 +294,14 @@ impl SessionStore for RedisStore {
                 .arg(SCHEMA_VERSION)
                 .arg("compatible_from")
                 .arg(COMPATIBLE_FROM);
-            self.run::<()>("write schema version", Purpose::Commands, Request::Cmd(&write)).await?;
+            self.run::<()>("write_schema", Purpose::Commands, Request::Cmd(&write)).await?;
         }
         // Loaded here so the first requests find them; a Redis that loses them later (restart,
         // failover) gets them again through EVALSHA's fallback to EVAL.
         for source in MIGRATIONS {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(source);
-            let _: String = self.run("load script", Purpose::Commands, Request::Cmd(&load)).await?;
+            let _: String = self.run("load_script", Purpose::Commands, Request::Cmd(&load)).await?;
         }
         Ok(())
     }
@@ -288,7 +319,7 @@ impl SessionStore for RedisStore {
             .ignore()
             .pexpire(&key, ttl.as_millis() as i64)
             .ignore();
-        self.run("create session", Purpose::Commands, Request::Pipe(&pipe)).await
+        self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await
     }
 
     async fn update_session(
@@ -308,7 +339,7 @@ impl SessionStore for RedisStore {
             call.arg(name).arg(value);
         }
         let applied: i64 =
-            self.run("update session", Purpose::Commands, Request::Script(&call)).await?;
+            self.run("update_session", Purpose::Commands, Request::Script(&call)).await?;
         Ok(applied == 1)
     }
 
@@ -316,7 +347,7 @@ impl SessionStore for RedisStore {
         let mut get = redis::cmd("HGETALL");
         get.arg(self.keys.session(sid));
         let fields: HashMap<String, String> =
-            self.run("read session", Purpose::Commands, Request::Cmd(&get)).await?;
+            self.run("get_session", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok((!fields.is_empty()).then(|| SessionRecord::from_fields(&fields)))
     }
 
@@ -324,24 +355,21 @@ impl SessionStore for RedisStore {
         &self,
         agent: &str,
         sid: Uuid,
-        cap: Option<u32>,
+        cap: u32,
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let now = unix_ms();
         let mut call = self.scripts.acquire_slot.key(self.keys.live(agent));
-        call.arg(now)
-            .arg(now + lease.as_millis() as u64)
-            .arg(sid.to_string())
-            .arg(cap.unwrap_or(0));
+        call.arg(now).arg(now + lease.as_millis() as u64).arg(sid.to_string()).arg(cap);
         let taken: i64 =
-            self.run("acquire slot", Purpose::Commands, Request::Script(&call)).await?;
+            self.run("acquire_slot", Purpose::Commands, Request::Script(&call)).await?;
         Ok(taken == 1)
     }
 
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(self.keys.live(agent)).arg(sid.to_string());
-        self.run("release slot", Purpose::Commands, Request::Cmd(&zrem)).await
+        self.run("release_slot", Purpose::Commands, Request::Cmd(&zrem)).await
     }
 
     async fn renew_leases(
@@ -356,7 +384,7 @@ impl SessionStore for RedisStore {
             call.arg(sid.to_string());
         }
         let gone: Vec<String> =
-            self.run("renew leases", Purpose::Commands, Request::Script(&call)).await?;
+            self.run("renew_leases", Purpose::Commands, Request::Script(&call)).await?;
         Ok(gone.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
@@ -368,20 +396,20 @@ impl SessionStore for RedisStore {
         let mut call = self.scripts.claim_lapsed_leases.key(self.keys.live(agent));
         call.arg(unix_ms()).arg(limit);
         let claimed: Vec<String> =
-            self.run("claim lapsed leases", Purpose::Commands, Request::Script(&call)).await?;
+            self.run("claim_lapsed_leases", Purpose::Commands, Request::Script(&call)).await?;
         Ok(claimed.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
         let mut count = redis::cmd("ZCOUNT");
         count.arg(self.keys.live(agent)).arg(format!("({}", unix_ms())).arg("+inf");
-        self.run("count live sessions", Purpose::Commands, Request::Cmd(&count)).await
+        self.run("count_live_sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.keys.terminations()).arg(sid.to_string());
-        self.run("publish termination", Purpose::Commands, Request::Cmd(&publish)).await
+        self.run("publish_termination", Purpose::Commands, Request::Cmd(&publish)).await
     }
 
     fn terminations(&self) -> broadcast::Receiver<Uuid> {
@@ -395,7 +423,7 @@ impl RegistryStore for RedisStore {
         let mut get = redis::cmd("GET");
         get.arg(self.keys.registry(RegistryPart::Version));
         let version: Option<u64> =
-            self.run("read registry version", Purpose::Commands, Request::Cmd(&get)).await?;
+            self.run("registry_version", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok(version.unwrap_or(0))
     }
 
@@ -409,7 +437,7 @@ impl RegistryStore for RedisStore {
             Option<u64>,
             HashMap<String, String>,
             HashMap<String, String>,
-        ) = self.run("read registry", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        ) = self.run("registry_load", Purpose::Commands, Request::Pipe(&pipe)).await?;
         let agents = agents
             .into_iter()
             .filter_map(|(host, toml)| Some((host.split_once('.')?.1.to_owned(), toml)))
@@ -448,8 +476,37 @@ impl RedisStore {
             .ignore()
             .incr(self.keys.registry(RegistryPart::Version), 1);
         let (version,): (u64,) =
-            self.run("write registry", Purpose::Commands, Request::Pipe(&pipe)).await?;
+            self.run("registry_put", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(version)
+    }
+
+    /// Refuses (or warns about, per `redis.on_evicting_policy`) a Redis that may evict keys.
+    /// Managed Redis services often forbid `CONFIG`: then the policy cannot be known, and the
+    /// operator is told to check it.
+    async fn check_eviction_policy(&self) -> Result<(), PrepareError> {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        let policy = match self
+            .run::<HashMap<String, String>>("config_get", Purpose::Commands, Request::Cmd(&get))
+            .await
+        {
+            Ok(config) => config.get("maxmemory-policy").cloned().unwrap_or_default(),
+            Err(StoreError::Redis { source, .. }) if source.kind() != redis::ErrorKind::Io => {
+                tracing::warn!(error = %source, "cannot read Redis's maxmemory-policy; make sure it is noeviction");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if policy == "noeviction" || policy.is_empty() {
+            return Ok(());
+        }
+        match self.eviction_check {
+            EvictionCheck::Refuse => Err(PrepareError::EvictingPolicy { policy }),
+            EvictionCheck::Warn => {
+                tracing::warn!(%policy, "Redis may evict keys: an evicted consume mark is a replayable token");
+                Ok(())
+            }
+        }
     }
 
     /// Whether `key` holds `holder`: our own consume, whose answer was lost.
@@ -457,7 +514,7 @@ impl RedisStore {
         let mut get = redis::cmd("GET");
         get.arg(key);
         let mark: Option<String> =
-            self.run("read token", Purpose::Commands, Request::Cmd(&get)).await?;
+            self.run("read_token", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok(mark.as_deref() == Some(holder))
     }
 }

@@ -103,6 +103,10 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
     assert_echo(&mut ws, Message::text("logged")).await;
     ws.close(None).await.unwrap();
     assert!(connect(&broker.ws_url(TOKEN_AGENT, ORG), Some((token, Via::Query))).await.is_err());
+    // A spelling of the path that the router decodes the same way is logged the same way.
+    let spelt = broker.ws_url(TOKEN_AGENT, ORG).replace("/generic/", "/gener%69c/");
+    let replayed = connect(&spelt, Some((token, Via::Path))).await.unwrap_err();
+    assert_eq!(replayed.0, 403, "the percent-encoded path is routed to the gate");
 
     broker.log_line(Duration::from_secs(5), &["session ended"]).await;
     let lines = broker.logs();

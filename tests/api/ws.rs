@@ -261,7 +261,12 @@ on_both_stores!(
 
 #[tokio::test]
 async fn the_bot_learns_the_session_and_never_sees_the_token() {
-    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    // The client's chain is passed on because the peer is a trusted proxy (a load balancer).
+    options.settings.trusted_proxies = vec!["127.0.0.1".into()];
+    let app = TestApp::with(options, bot).await;
     let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
     let body = base64::Engine::encode(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD,

@@ -23,6 +23,7 @@ use crate::{
     agents::WebsocketAuth,
     bridge,
     error::{ApiError, TokenRefusal},
+    routes::peer::Peer,
     sessions::{EndReason, Status},
     state::AppState,
     store::{SessionRecord, unix_ms},
@@ -33,11 +34,11 @@ pub const PREFIX: &str = "/ws/generic";
 
 pub async fn connect(
     req: HttpRequest,
-    query: web::Query<WsQuery>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (service, path_token) = check_request(&req, &state)?;
+    let query = WsQuery::read(req.query_string(), state.max_query_bytes)?;
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
     let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
@@ -86,6 +87,7 @@ fn check_request<'a>(
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
+    state.check_connections()?;
     parse_path(req.match_info().unprocessed()).ok_or(ApiError::RouteNotFound)
 }
 
@@ -158,12 +160,7 @@ async fn dial_bot(
     if let Some(body) = body {
         url.query_pairs_mut().append_pair("body", body);
     }
-    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    let forwarded_for = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(chain) if !peer.is_empty() => format!("{chain}, {peer}"),
-        Some(chain) => chain.to_owned(),
-        None => peer,
-    };
+    let forwarded_for = Peer::of(req, &state.trusted_proxies).forwarded_for;
     let headers = [
         ("x-pipecat-session-id", reservation.session_id.to_string()),
         ("x-pipecat-service-host", agent.service_host.clone()),

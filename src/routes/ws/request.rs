@@ -1,7 +1,7 @@
 //! What a WebSocket connect asks for, read from its request: the service host and token place in
 //! the path, the token from the first place that holds one, and the `?body=` for the bot.
 
-use actix_web::{HttpRequest, http::header};
+use actix_web::{HttpRequest, http::header, web};
 use base64::{
     Engine,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
@@ -28,10 +28,26 @@ pub fn parse_path(rest: &str) -> Option<(&str, Option<&str>)> {
 
 /// The query parameters the gate reads; the rest of the query string is dropped, never passed
 /// to the bot.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct WsQuery {
     pub token: Option<String>,
     pub body: Option<String>,
+}
+
+impl WsQuery {
+    /// Parses the query string, once its length is known to be at most `max_bytes`: a stranger
+    /// controls it, and nothing of it is decoded before that check.
+    pub fn read(query: &str, max_bytes: usize) -> Result<Self, ApiError> {
+        if query.len() > max_bytes {
+            return Err(ApiError::QueryTooLong);
+        }
+        if query.is_empty() {
+            return Ok(Self::default());
+        }
+        web::Query::<Self>::from_query(query)
+            .map(web::Query::into_inner)
+            .map_err(|e| ApiError::BadRequest(format!("Invalid query string: {e}")))
+    }
 }
 
 /// The token, from the first place that holds one: `Authorization: Bearer`, then `?token=`,

@@ -60,12 +60,16 @@ impl Reservation {
         agent: Arc<Agent>,
         token: Option<&str>,
     ) -> Result<Self, ApiError> {
+        // A replica at its own limit refuses before any token is spent: another can take it.
+        if state.live.len() >= state.max_live_sessions {
+            return Err(ApiError::ReplicaBusy);
+        }
         let (session_id, minted_in, consumed) = match token {
             None => (Uuid::new_v4(), state.region.clone(), None),
             Some(token) => consume(state, &agent, token).await?,
         };
         tracing::Span::current().record("session_id", tracing::field::display(session_id));
-        let cap = agent.max_agents;
+        let cap = state.cap_of(&agent);
         let slot = match state
             .store
             .acquire_slot(&agent.service_host, session_id, cap, state.leases.lease)
@@ -167,12 +171,15 @@ async fn consume(
 ) -> Result<(Uuid, String, Option<String>), ApiError> {
     let now = unix_ms();
     let claims = state.signing_keys.verify(token, &agent.service_host, now).map_err(|e| {
-        tracing::info!(agent = %agent.service_host, token = %redact(token), reason = %e, "connect refused");
+        if let Some(suppressed) = state.refusal_log.take() {
+            tracing::info!(agent = %agent.service_host, token = %redact(token), reason = %e, suppressed, "connect refused");
+        }
         ApiError::TokenRefused(TokenRefusal::Invalid(e))
     })?;
     let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
-    // The mark needs to outlive the token only: after expiry the token is refused anyway.
-    let remaining = std::time::Duration::from_millis(claims.exp - now);
+    // The mark needs to outlive the token only: after expiry the token is refused anyway. The
+    // skew margin covers a replica whose clock runs behind this one's.
+    let remaining = std::time::Duration::from_millis(claims.exp - now) + state.clock_skew;
     let consuming = Instant::now();
     let consumed = state.store.consume_token(claims.sid, &holder, remaining).await;
     let outcome = match consumed {
@@ -185,8 +192,17 @@ async fn consume(
     match consumed {
         Ok(true) => Ok((claims.sid, claims.rg, Some(holder))),
         Ok(false) => {
-            tracing::info!(session_id = %claims.sid, agent = %agent.service_host, "connect refused: token already used");
+            if let Some(suppressed) = state.refusal_log.take() {
+                tracing::info!(session_id = %claims.sid, agent = %agent.service_host, suppressed, "connect refused: token already used");
+            }
             Err(ApiError::TokenRefused(TokenRefusal::Replayed))
+        }
+        // A consume that timed out may still have been applied: give it back once Redis
+        // answers, so the client's retry finds the token unspent.
+        Err(e @ crate::store::StoreError::Timeout { .. }) if !state.fail_open => {
+            let (store, sid) = (state.store.clone(), claims.sid);
+            tokio::spawn(async move { store.release_token(sid, &holder).await });
+            Err(e.into())
         }
         Err(e) if state.fail_open => {
             state.metrics.unchecked_accepts.inc();

@@ -24,6 +24,11 @@ impl RedisServer {
         Self::start_on(free_port())
     }
 
+    /// Starts with extra `redis-server` arguments, e.g. `["--maxmemory-policy", "allkeys-lru"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
+        Self::spawn(free_port(), extra, None, "Ready to accept connections")
+    }
+
     /// Starts on a given port, for tests that stop Redis and bring it back.
     pub fn start_on(port: u16) -> Self {
         Self::spawn(port, &[], None, "Ready to accept connections")

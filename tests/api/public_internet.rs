@@ -1,0 +1,254 @@
+//! What a stranger on the internet controls, and the limits on each: no demo unless asked,
+//! forwarded addresses believed only from trusted proxies, rate limits per client address,
+//! per-replica caps, slow and oversized requests, and Redis memory.
+
+use std::{
+    io::{Read, Write},
+    time::Duration,
+};
+
+use secrecy::SecretString;
+use session_broker::{
+    config::{EvictionCheck, RedisSettings, Settings},
+    startup::Application,
+    store::{SessionRecord, SessionStore, Status, redis::RedisStore},
+};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use uuid::Uuid;
+
+use crate::support::*;
+
+async fn app_with(
+    redis: &RedisServer,
+    bot: &TestBot,
+    change: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let mut options = AppOptions::new(Some(redis.url()), bot);
+    change(&mut options.settings);
+    TestApp::with(options, bot.clone()).await
+}
+
+#[tokio::test]
+async fn without_the_opt_in_there_is_no_demo() {
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        internal_listen: "127.0.0.1:0".into(),
+        ..Settings::default()
+    };
+    let app = Application::build(settings).await.unwrap();
+    let port = app.port();
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/public/echo/start"))
+        .bearer_auth("pk_demo")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "pk_demo opens nothing without --demo");
+    handle.stop(false).await;
+}
+
+#[tokio::test]
+async fn a_stranger_s_forwarded_for_never_reaches_the_bot() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    for (trusted, expected) in
+        [(vec![], "127.0.0.1"), (vec!["127.0.0.1".into()], "6.6.6.6, 127.0.0.1")]
+    {
+        let app = app_with(&redis, &bot, |s| s.trusted_proxies = trusted).await;
+        let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+        let mut request = format!("{ws_url}/{token}").into_client_request().unwrap();
+        request.headers_mut().insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        let mut ws = connect_request(request).await.unwrap();
+        assert_echo(&mut ws, Message::text("hi")).await;
+        let seen =
+            bot.handshakes.lock().unwrap().last().unwrap().headers["x-forwarded-for"].clone();
+        assert_eq!(seen, expected);
+    }
+}
+
+#[tokio::test]
+async fn the_per_address_rate_holds_across_replicas() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let mut options = AppOptions::new(Some(redis.url()), &bot);
+        options.key_prefix = "shared".into();
+        options.settings.limits.start_rate_per_address = 3;
+        apps.push(TestApp::with(options, bot.clone()).await);
+    }
+    // Two keys of two orgs, one address: the address's budget is what runs out.
+    let calls = [
+        (&apps[0], TOKEN_AGENT, KEY),
+        (&apps[1], OTHER_ORG_AGENT, OTHER_KEY),
+        (&apps[0], TOKEN_AGENT, KEY),
+    ];
+    for (app, agent, key) in calls {
+        assert_eq!(app.post_start(agent, Some(key), "{}").await.status(), 200);
+    }
+    let refused = apps[1].post_start(OTHER_ORG_AGENT, Some(OTHER_KEY), "{}").await;
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "429");
+}
+
+#[tokio::test]
+async fn a_replica_at_its_session_limit_answers_503_and_spends_no_token() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let app = app_with(&redis, &bot, |s| s.limits.max_live_sessions = 1).await;
+    let (first, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let mut held = connect(&ws_url, Some((&first, Via::Path))).await.unwrap();
+    assert_echo(&mut held, Message::text("one")).await;
+    let (second, _, _) = app.start_session(TOKEN_AGENT).await;
+    let refused = connect(&ws_url, Some((&second, Via::Path))).await.unwrap_err();
+    assert_eq!(refused.0, 503);
+    assert_eq!(refused.2.as_deref(), Some("1"), "Retry-After");
+    held.close(None).await.unwrap();
+    drop(held);
+    let mut later = eventually(Duration::from_secs(5), || async {
+        connect(&ws_url, Some((&second, Via::Path))).await.ok()
+    })
+    .await;
+    assert_echo(&mut later, Message::text("two")).await;
+}
+
+#[tokio::test]
+async fn a_replica_past_its_connection_limit_answers_503() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let app = app_with(&redis, &bot, |s| s.limits.max_connections = 1).await;
+    let idle = std::net::TcpStream::connect(&app.addr).unwrap();
+    let resp = eventually(Duration::from_secs(5), || async {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/public/{TOKEN_AGENT}/start", app.addr))
+            .bearer_auth(KEY)
+            .body("{}")
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 503).then_some(resp)
+    })
+    .await;
+    assert_eq!(resp.headers()["retry-after"], "1");
+    drop(idle);
+    let fine = eventually(Duration::from_secs(5), || async {
+        let resp = app.post_start(TOKEN_AGENT, Some(KEY), "{}").await;
+        (resp.status() == 200).then_some(())
+    });
+    fine.await;
+}
+
+#[tokio::test]
+async fn a_trickled_start_body_gets_408() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let app =
+        app_with(&redis, &bot, |s| s.limits.start_body_timeout = Duration::from_millis(300)).await;
+    let answer = tokio::task::spawn_blocking({
+        let addr = app.addr.clone();
+        move || {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                stream,
+                "POST /v1/public/{TOKEN_AGENT}/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"bo"
+            )
+            .unwrap();
+            let mut answer = vec![0; 2048];
+            let n = stream.read(&mut answer).unwrap();
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        }
+    });
+    let answer = answer.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"408\""), "a JSON error: {answer}");
+}
+
+#[tokio::test]
+async fn an_oversized_query_is_refused_before_it_is_read() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let app = app_with(&redis, &bot, |_| {}).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let body = "A".repeat(9 * 1024);
+    let refused = connect(&format!("{ws_url}?body={body}&token={token}"), None).await.unwrap_err();
+    assert_eq!(refused.0, 414);
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("the token was not spent")).await;
+}
+
+#[tokio::test]
+async fn agents_without_a_cap_get_the_default_one() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let app = app_with(&redis, &bot, |s| s.agents.default_max_agents = 1).await;
+    let mut held = connect(&app.ws_url(OPEN_AGENT, ORG), None).await.unwrap();
+    assert_echo(&mut held, Message::text("one")).await;
+    let refused = connect(&app.ws_url(OPEN_AGENT, ORG), None).await.unwrap_err();
+    assert_eq!(refused.0, 429, "open agents are capped by default too");
+}
+
+#[tokio::test]
+async fn pending_records_and_consume_marks_live_as_long_as_their_token() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.key_prefix = "ttl".into();
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pttl = |key: String| {
+        let mut conn = conn.clone();
+        async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
+    };
+    let lifetime_and_skew = (300 + 30) * 1000;
+    let record = pttl(format!("ttl:{{{sid}}}:session")).await;
+    assert!(record > 0 && record <= lifetime_and_skew, "pending record ttl {record}");
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("hi")).await;
+    let mark = pttl(format!("ttl:{{{sid}}}:token")).await;
+    assert!(mark > 300_000 && mark <= lifetime_and_skew, "the mark outlives the token: {mark}");
+}
+
+#[tokio::test]
+async fn a_terminated_session_s_token_is_never_given_back() {
+    let redis = RedisServer::start();
+    let settings =
+        RedisSettings { url: Some(SecretString::from(redis.url())), ..RedisSettings::default() };
+    let store = RedisStore::new(&settings).unwrap();
+    store.prepare().await.unwrap();
+    let sid = Uuid::new_v4();
+    let record = SessionRecord::pending("a.o", 0, u64::MAX / 2, "r");
+    store.create_session(sid, &record, Duration::from_secs(60)).await.unwrap();
+    // A connect holds the token while it dials; meanwhile DELETE ends the session.
+    assert!(store.consume_token(sid, "connect", Duration::from_secs(60)).await.unwrap());
+    let ended = SessionRecord { status: Some(Status::Ended), ..SessionRecord::default() };
+    assert!(store.update_session(sid, &[Some(Status::Pending)], &ended, None).await.unwrap());
+    assert!(!store.consume_token(sid, "terminated", Duration::from_secs(60)).await.unwrap());
+    // The dial fails: the connect would give the token back, which would undo the DELETE.
+    assert!(!store.release_token(sid, "connect").await.unwrap());
+    assert!(!store.consume_token(sid, "replay", Duration::from_secs(60)).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_redis_that_may_evict_is_refused_unless_accepted() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let bot = TestBot::start().await;
+    let error = TestApp::try_with(AppOptions::new(Some(redis.url()), &bot), bot.clone())
+        .await
+        .err()
+        .expect("the broker refuses an evicting Redis");
+    let message = format!("{error:#}");
+    assert!(message.contains("allkeys-lru") && message.contains("noeviction"), "{message}");
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.redis.on_evicting_policy = EvictionCheck::Warn;
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    assert!(connect(&ws_url, Some((&token, Via::Path))).await.is_ok());
+}
