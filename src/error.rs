@@ -13,6 +13,9 @@ use crate::{api_keys::ApiKeyRejection, store::StoreError, token::TokenError};
 
 /// Seconds a client is told to wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
+/// Seconds a rate-limited client is told to wait: windows are a minute by default, and a client
+/// that retries sooner is likely refused again.
+pub const RATE_LIMIT_RETRY_AFTER_SECS: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -58,6 +61,8 @@ pub enum TokenRefusal {
     Replayed,
     /// The token's session was ended through the session API.
     Terminated,
+    /// A `?body=` other than the one minted with the token.
+    BodyMismatch,
 }
 
 impl TokenRefusal {
@@ -72,6 +77,7 @@ impl TokenRefusal {
             Self::Invalid(TokenError::LifetimeTooLong) => "token_lifetime_too_long",
             Self::Replayed => "token_already_used",
             Self::Terminated => "session_terminated",
+            Self::BodyMismatch => "body_mismatch",
         }
     }
 
@@ -87,6 +93,10 @@ impl TokenRefusal {
             }
             Self::Replayed => "Session token has already been used",
             Self::Terminated => "Session was terminated",
+            Self::BodyMismatch => {
+                "The body differs from the one minted with the token; connect without ?body= or \
+                 with the body /start returned"
+            }
         }
     }
 }
@@ -131,8 +141,17 @@ impl ApiError {
             Self::AgentNotFound => row(S::NOT_FOUND, "404", "agent_not_found"),
             Self::BadRequest(_) => row(S::BAD_REQUEST, "400", "bad_request"),
             Self::PayloadTooLarge(_) => row(S::PAYLOAD_TOO_LARGE, "413", "payload_too_large"),
-            Self::RateLimited => row(S::TOO_MANY_REQUESTS, "429", "rate_limited"),
-            Self::AtCapacity => row(S::TOO_MANY_REQUESTS, "PCC-AGENT-AT-CAPACITY", "at_capacity"),
+            // Both 429s carry code "429", which the SDK's documented example tests for;
+            // `reason` tells them apart.
+            Self::RateLimited => Row {
+                reason: Some("rate_limited"),
+                retry_after: Some(RATE_LIMIT_RETRY_AFTER_SECS),
+                ..row(S::TOO_MANY_REQUESTS, "429", "rate_limited")
+            },
+            Self::AtCapacity => Row {
+                reason: Some("agent_at_capacity"),
+                ..row(S::TOO_MANY_REQUESTS, "429", "at_capacity")
+            },
             Self::SessionNotFound => row(S::NOT_FOUND, "404", "session_not_found"),
             Self::TokenRefused(refusal) => {
                 Row { reason: Some(refusal.reason()), ..row(S::FORBIDDEN, "403", refusal.reason()) }

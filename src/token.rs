@@ -39,6 +39,16 @@ pub struct Claims {
     pub kid: String,
     /// Region that minted the token.
     pub rg: String,
+    /// Digest of the body minted with the token ([`body_digest`]); absent when none was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bd: Option<String>,
+}
+
+/// The digest a token carries of the body it was minted with: base64url of the first 16 bytes
+/// of its SHA-256. A client cannot swap the body a trusted back end chose without breaking it.
+pub fn body_digest(body: &[u8]) -> String {
+    use sha2::Digest;
+    URL_SAFE_NO_PAD.encode(&Sha256::digest(body)[..16])
 }
 
 /// Why a token was refused. Each maps to a 403 with its own reason.
@@ -126,13 +136,21 @@ impl SigningKeys {
     }
 
     /// Mints a token for `service_host` (`agent.org`) that expires at `exp_ms`.
-    pub fn mint(&self, service_host: &str, sid: Uuid, region: &str, exp_ms: u64) -> String {
+    pub fn mint(
+        &self,
+        service_host: &str,
+        sid: Uuid,
+        region: &str,
+        exp_ms: u64,
+        body: Option<&[u8]>,
+    ) -> String {
         let claims = Claims {
             sh: service_host.to_owned(),
             sid,
             exp: exp_ms,
             kid: self.signing_kid.clone(),
             rg: region.to_owned(),
+            bd: body.map(body_digest),
         };
         // Serializing a struct of strings and integers cannot fail.
         let payload = serde_json::to_vec(&claims).expect("claims serialize");
@@ -219,7 +237,7 @@ mod tests {
     fn round_trip_and_payload_starts_with_service_host() {
         let ring = default_ring();
         let sid = Uuid::new_v4();
-        let token = ring.mint(HOST, sid, "us-west", NOW + 1000);
+        let token = ring.mint(HOST, sid, "us-west", NOW + 1000, None);
         assert!(token.starts_with("eyJzaCI6"), "payload must begin with the sh claim: {token}");
         assert!(!token.contains('=') && !token.contains('/') && !token.contains('+'));
         let claims = ring.verify(&token, HOST, NOW).unwrap();
@@ -232,7 +250,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_rejected() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None);
         for i in 0..token.len() {
             for flip in [0x01u8, 0x20, 0x80] {
                 let mut bytes = token.clone().into_bytes();
@@ -249,9 +267,9 @@ mod tests {
     #[test]
     fn a_lifetime_beyond_the_configured_one_is_refused() {
         let ring = default_ring().with_max_lifetime(std::time::Duration::from_secs(330));
-        let fine = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_000);
+        let fine = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_000, None);
         assert!(ring.verify(&fine, HOST, NOW).is_ok());
-        let forever = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_001);
+        let forever = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_001, None);
         assert_eq!(ring.verify(&forever, HOST, NOW), Err(TokenError::LifetimeTooLong));
     }
 
@@ -267,6 +285,7 @@ mod tests {
             exp: NOW + 1000,
             kid: "k1".into(),
             rg: "x".into(),
+            bd: None,
         };
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
         let mut mac = both.keys["k2"].clone();
@@ -278,7 +297,7 @@ mod tests {
     #[test]
     fn expiry_is_exclusive() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW, None);
         assert_eq!(ring.verify(&token, HOST, NOW - 1).map(|_| ()), Ok(()));
         assert_eq!(ring.verify(&token, HOST, NOW), Err(TokenError::Expired));
     }
@@ -286,7 +305,7 @@ mod tests {
     #[test]
     fn scope_is_the_exact_service_host() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None);
         assert_eq!(ring.verify(&token, "other.my-org", NOW), Err(TokenError::WrongScope));
         assert_eq!(ring.verify(&token, "my-agent.other", NOW), Err(TokenError::WrongScope));
     }
@@ -297,20 +316,20 @@ mod tests {
         let b = "b".repeat(32);
         let old = ring(&[("k1", &a)], "k1");
         let both = ring(&[("k1", &a), ("k2", &b)], "k2");
-        let old_token = old.mint(HOST, Uuid::new_v4(), "x", NOW + 1000);
-        let new_token = both.mint(HOST, Uuid::new_v4(), "x", NOW + 1000);
+        let old_token = old.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
+        let new_token = both.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
         assert!(both.verify(&old_token, HOST, NOW).is_ok());
         assert_eq!(old.verify(&new_token, HOST, NOW), Err(TokenError::BadSignature));
         // Same key id, different secret: a token from another deployment.
         let impostor = ring(&[("k1", &b)], "k1");
-        let forged = impostor.mint(HOST, Uuid::new_v4(), "x", NOW + 1000);
+        let forged = impostor.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
         assert_eq!(old.verify(&forged, HOST, NOW), Err(TokenError::BadSignature));
     }
 
     #[test]
     fn malformed_inputs() {
         let ring = default_ring();
-        let good = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 1000);
+        let good = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
         let oversized = format!("{good}{}", "A".repeat(MAX_TOKEN_BYTES));
         for bad in ["", ".", "abc", "a.b.c", "!!!.???", &format!("{good}="), &oversized] {
             assert_eq!(ring.verify(bad, HOST, NOW), Err(TokenError::Malformed), "{bad:.40}");
@@ -334,7 +353,7 @@ mod tests {
 
     #[test]
     fn redact_never_shows_the_whole_secret() {
-        let token = default_ring().mint(HOST, Uuid::new_v4(), "x", NOW);
+        let token = default_ring().mint(HOST, Uuid::new_v4(), "x", NOW, None);
         let shown = redact(&token);
         assert!(!shown.contains(&token[8..]));
     }

@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, value::RawValue};
 use uuid::Uuid;
 
 use super::{agent_of, authenticate};
@@ -49,9 +49,9 @@ impl Transport {
 #[serde(rename_all = "camelCase")]
 struct StartRequest {
     transport: Option<Transport>,
-    body: Option<Map<String, Value>>,
-    #[serde(rename = "createDailyRoom")]
-    _create_daily_room: Option<bool>,
+    /// Kept as the client wrote it: the bot receives these exact bytes.
+    body: Option<Box<RawValue>>,
+    create_daily_room: Option<bool>,
     #[serde(rename = "dailyRoomProperties")]
     _daily_room_properties: Option<Map<String, Value>>,
     #[serde(rename = "dailyMeetingTokenProperties")]
@@ -90,8 +90,9 @@ pub async fn start(
     let token = match agent.websocket_auth {
         // Without a token nothing ties a connect to this id: the connect makes its own record.
         WebsocketAuth::None => None,
-        WebsocketAuth::Token => Some(mint(state, &agent, session_id).await?),
+        WebsocketAuth::Token => Some(mint(state, &agent, session_id, body.as_deref()).await?),
     };
+    let body = body.map(|bytes| STANDARD.encode(bytes));
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     tracing::info!(agent = %agent.service_host, "session started");
     Ok(HttpResponse::Ok().json(StartResponse {
@@ -129,9 +130,15 @@ async fn check_rate(state: &AppState, key: &str, peer: &Peer) -> Result<(), ApiE
 
 /// The transport must be websocket, the only one served here (the official Python SDK never
 /// sends `transport`; the agent's default applies, which is websocket for every agent of this
-/// broker). Returns the `body` to hand back, as base64 of its JSON.
-fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<String>, ApiError> {
+/// broker). Returns the `body`: the exact bytes of its JSON as the client sent them.
+fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<Vec<u8>>, ApiError> {
     let transport = request.transport.unwrap_or(Transport::Websocket);
+    if request.create_daily_room == Some(true) {
+        return Err(ApiError::BadRequest(format!(
+            "createDailyRoom is not served by agent {}: this broker serves websocket transport",
+            agent.name
+        )));
+    }
     if transport != Transport::Websocket {
         return Err(ApiError::BadRequest(format!(
             "Transport \"{}\" is not served by agent {}; use \"websocket\"",
@@ -147,15 +154,19 @@ fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<String>
                 .into(),
         ));
     }
-    // Serializing a JSON map cannot fail.
-    let json = serde_json::to_string(&body).expect("JSON map serializes");
+    let json = body.get();
+    if !json.starts_with('{') {
+        return Err(ApiError::BadRequest(
+            "Invalid request body: body must be a JSON object".into(),
+        ));
+    }
     if json.len() > MAX_WEBSOCKET_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge(format!(
             "body is {} bytes of JSON; websocket transport allows at most {MAX_WEBSOCKET_BODY_BYTES}",
             json.len()
         )));
     }
-    Ok(Some(STANDARD.encode(json)))
+    Ok(Some(json.as_bytes().to_vec()))
 }
 
 /// The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
@@ -166,18 +177,24 @@ async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError>
     Ok(())
 }
 
-/// Records the session as pending, then mints its token: a token never exists without its
-/// record.
-async fn mint(state: &AppState, agent: &Agent, session_id: Uuid) -> Result<String, ApiError> {
+/// Records the session as pending, with its body, then mints its token, which carries the body's
+/// digest: a token never exists without its record.
+async fn mint(
+    state: &AppState,
+    agent: &Agent,
+    session_id: Uuid,
+    body: Option<&[u8]>,
+) -> Result<String, ApiError> {
     let now = unix_ms();
     let expires = now + state.token_lifetime.as_millis() as u64;
-    let record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
+    let mut record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
+    record.body = body.map(|bytes| STANDARD.encode(bytes));
     // A pending record lives as long as its token (and the skew margin): an unused token
     // leaves nothing behind in Redis.
     let ttl = state.token_lifetime + state.clock_skew;
     state.store.create_session(session_id, &record, ttl).await?;
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
-    Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires))
+    Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires, body))
 }
 
 /// Reads and parses the request body, refusing it as soon as it passes the size limit.

@@ -34,6 +34,9 @@ pub enum StoreError {
     },
     #[error("{op}: no answer within {after:?}")]
     Timeout { op: &'static str, after: Duration },
+    /// Something the store must hold is not there: written, then lost with the store's data.
+    #[error("{what} is missing from the store")]
+    Missing { what: &'static str },
     /// A durable consume was written but too few replicas acknowledged it (`redis.wait_replicas`).
     #[error("consume token: {acked} of {wanted} replicas acknowledged within {within:?}")]
     NotReplicated { acked: u32, wanted: u32, within: Duration },

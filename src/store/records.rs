@@ -110,6 +110,9 @@ pub struct SessionRecord {
     pub detail: Option<String>,
     /// Why the last connect attempt failed while the token is still usable.
     pub last_error: Option<EndReason>,
+    /// The body minted with the token, standard base64 of the exact JSON bytes: what the bot
+    /// receives when the client connects without `?body=`.
+    pub body: Option<String>,
 }
 
 /// Hash field names, each written by [`SessionRecord::to_fields`] and read by
@@ -128,6 +131,7 @@ mod field {
     pub const DURATION_MS: &str = "duration_ms";
     pub const DETAIL: &str = "detail";
     pub const LAST_ERROR: &str = "last_error";
+    pub const BODY: &str = "body";
 }
 
 impl SessionRecord {
@@ -176,6 +180,7 @@ impl SessionRecord {
         text(field::END_REASON, self.end_reason.map(EndReason::as_str));
         text(field::DETAIL, self.detail.as_deref());
         text(field::LAST_ERROR, self.last_error.map(EndReason::as_str));
+        text(field::BODY, self.body.as_deref());
         for (name, value) in [
             (field::CREATED_MS, self.created_ms),
             (field::TOKEN_EXPIRES_MS, self.token_expires_ms),
@@ -209,6 +214,7 @@ impl SessionRecord {
             duration_ms: number(field::DURATION_MS),
             detail: text(field::DETAIL),
             last_error: reason(field::LAST_ERROR),
+            body: text(field::BODY),
         }
     }
 

@@ -4,6 +4,7 @@
 mod bridge;
 mod migrations;
 mod operations;
+mod pipecat;
 mod public_internet;
 mod regions;
 mod registry;

@@ -178,9 +178,15 @@ async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
         let resp = app.post_start(CAPPED_AGENT, Some(KEY), "{}").await;
         assert_eq!(resp.status(), 429);
         let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["code"], "PCC-AGENT-AT-CAPACITY");
+        assert_eq!(
+            (body["code"].as_str(), body["reason"].as_str()),
+            (Some("429"), Some("agent_at_capacity"))
+        );
         match connect(&app.ws_url(CAPPED_AGENT, ORG), Some((&late_token, Via::Query))).await {
-            Err((429, body, _)) => assert_eq!(body["code"], "PCC-AGENT-AT-CAPACITY"),
+            Err((429, body, _)) => assert_eq!(
+                (body["code"].as_str(), body["reason"].as_str()),
+                (Some("429"), Some("agent_at_capacity"))
+            ),
             other => panic!("expected 429, got {:?}", other.map(|_| "upgrade")),
         }
     }

@@ -16,7 +16,7 @@ use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use tracing::Instrument;
 
 use self::{
-    request::{WsQuery, decode_body, find_token, parse_path},
+    request::{WsQuery, decode_body, encode_body, find_token, parse_path},
     reservation::{Activated, Reservation, TokenFate, release_slot},
 };
 use crate::{
@@ -37,8 +37,12 @@ pub async fn connect(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (service, path_token) = check_request(&req, &state)?;
+    let (path_service, path_token) = check_request(&req, &state)?;
     let query = WsQuery::read(req.query_string(), state.max_query_bytes)?;
+    let service = match path_service {
+        "" => query.service_host.as_deref().ok_or(ApiError::RouteNotFound)?,
+        named => named,
+    };
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
     let (response, client, stream) = actix_ws::handle(&req, payload)
         .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
@@ -53,8 +57,8 @@ pub async fn connect(
         ),
     };
 
-    let reservation = Reservation::take(&state, agent, token).await?;
-    let bot = match dial_bot(&req, &state, &reservation, body.as_deref()).await {
+    let reservation = Reservation::take(&state, agent, token, body).await?;
+    let bot = match dial_bot(&req, &state, &reservation).await {
         Ok(bot) => bot,
         Err(e) => {
             let (sid, agent) = (reservation.session_id, &reservation.agent.service_host);
@@ -153,15 +157,16 @@ async fn dial_bot(
     req: &HttpRequest,
     state: &AppState,
     reservation: &Reservation,
-    body: Option<&str>,
 ) -> Result<bridge::BotSocket, bridge::DialError> {
     let agent = &reservation.agent;
     let mut url = agent.bot_for(&state.region).clone();
-    if let Some(body) = body {
-        url.query_pairs_mut().append_pair("body", body);
+    if let Some(body) = &reservation.body {
+        url.query_pairs_mut().append_pair("body", &encode_body(body));
     }
     let forwarded_for = Peer::of(req, &state.trusted_proxies).forwarded_for;
     let headers = [
+        // What Pipecat Cloud's base image reads the session id from.
+        ("x-daily-session-id", reservation.session_id.to_string()),
         ("x-pipecat-session-id", reservation.session_id.to_string()),
         ("x-pipecat-service-host", agent.service_host.clone()),
         ("x-pipecat-region", reservation.minted_in.clone()),

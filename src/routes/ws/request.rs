@@ -17,7 +17,12 @@ const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::
 const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
 
 /// The rest of the path after the WebSocket prefix: the service host and, maybe, the token.
+/// An empty rest (`/ws/generic?serviceHost=agent.org`, the documented query form) names no
+/// service here; the query does.
 pub fn parse_path(rest: &str) -> Option<(&str, Option<&str>)> {
+    if rest.is_empty() {
+        return Some(("", None));
+    }
     let rest = rest.strip_prefix('/')?;
     match rest.split_once('/') {
         None => Some((rest, None)),
@@ -32,6 +37,9 @@ pub fn parse_path(rest: &str) -> Option<(&str, Option<&str>)> {
 pub struct WsQuery {
     pub token: Option<String>,
     pub body: Option<String>,
+    /// `agent.org`, for the query form of the URL.
+    #[serde(rename = "serviceHost")]
+    pub service_host: Option<String>,
 }
 
 impl WsQuery {
@@ -51,26 +59,38 @@ impl WsQuery {
 }
 
 /// The token, from the first place that holds one: `Authorization: Bearer`, then `?token=`,
-/// then the last path segment (telephony providers such as Twilio drop query strings).
+/// then the last path segment (telephony providers such as Twilio drop query strings). A public
+/// key left in the header (a server client reusing its HTTP headers) is not a session token and
+/// does not count.
 pub fn find_token<'a>(
     req: &'a HttpRequest,
     query: Option<&'a str>,
     path: Option<&'a str>,
 ) -> Option<&'a str> {
     api_keys::bearer(req.headers().get(header::AUTHORIZATION))
+        .filter(|credential| !credential.starts_with(api_keys::PUBLIC_KEY_PREFIX))
         .or(query.filter(|t| !t.is_empty()))
         .or(path.filter(|t| !t.is_empty()))
 }
 
-/// Decodes `?body=` and re-encodes it canonically (standard alphabet, padded) for the bot.
-pub fn decode_body(raw: &str) -> Result<String, ApiError> {
+/// Decodes `?body=` to the JSON bytes it carries. Clients append `/start`'s base64 verbatim, so
+/// a `+` may have reached us as a space (a query parser's reading of `+`): spaces are read back
+/// as `+`. Either alphabet, padded or not.
+pub fn decode_body(raw: &str) -> Result<Vec<u8>, ApiError> {
+    let raw = raw.replace(' ', "+");
     let bytes = STANDARD_LENIENT
-        .decode(raw)
-        .or_else(|_| URL_SAFE_LENIENT.decode(raw))
+        .decode(&raw)
+        .or_else(|_| URL_SAFE_LENIENT.decode(&raw))
         .map_err(|_| ApiError::BadRequest("body must be base64-encoded JSON".into()))?;
-    serde_json::from_slice::<serde_json::Value>(&bytes)
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
         .map_err(|_| ApiError::BadRequest("body must be base64-encoded JSON".into()))?;
-    Ok(STANDARD.encode(bytes))
+    Ok(bytes)
+}
+
+/// The body as the bot receives it in `?body=`: standard base64, padded, which Pipecat's base
+/// image decodes with `base64.b64decode`.
+pub fn encode_body(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
 }
 
 #[cfg(test)]
@@ -83,6 +103,7 @@ mod tests {
         assert_eq!(parse_path("/a.o/tok"), Some(("a.o", Some("tok"))));
         assert_eq!(parse_path("/a.o/"), Some(("a.o", Some(""))));
         assert_eq!(parse_path("/a.o/tok/more"), None);
-        assert_eq!(parse_path(""), None);
+        assert_eq!(parse_path(""), Some(("", None)), "the query form names the service");
+        assert_eq!(parse_path("x"), None);
     }
 }

@@ -13,8 +13,9 @@ use crate::{
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
+    store::StoreError,
     store::{SessionRecord, unix_ms},
-    token::redact,
+    token::{body_digest, redact},
 };
 
 pub struct Reservation {
@@ -22,6 +23,8 @@ pub struct Reservation {
     pub session_id: Uuid,
     /// Region that minted the token (this replica's for agents without tokens).
     pub minted_in: String,
+    /// The body for the bot: the client's `?body=`, or the one minted with the token.
+    pub body: Option<Vec<u8>>,
     /// The value this connect wrote to consume the token, to give it back by; `None` for agents
     /// without tokens and for connects let through unchecked (fail-open).
     consumed: Option<String>,
@@ -59,16 +62,27 @@ impl Reservation {
         state: &AppState,
         agent: Arc<Agent>,
         token: Option<&str>,
+        body: Option<Vec<u8>>,
     ) -> Result<Self, ApiError> {
         // A replica at its own limit refuses before any token is spent: another can take it.
         if state.live.len() >= state.max_live_sessions {
             return Err(ApiError::ReplicaBusy);
         }
-        let (session_id, minted_in, consumed) = match token {
-            None => (Uuid::new_v4(), state.region.clone(), None),
-            Some(token) => consume(state, &agent, token).await?,
+        let (session_id, minted_in, consumed, minted_body) = match token {
+            None => (Uuid::new_v4(), state.region.clone(), None, false),
+            Some(token) => consume(state, &agent, token, body.as_deref()).await?,
         };
         tracing::Span::current().record("session_id", tracing::field::display(session_id));
+        let body = match minted_body && body.is_none() {
+            false => body,
+            true => match read_minted_body(state, session_id).await {
+                Ok(body) => Some(body),
+                Err(e) => {
+                    give_back(state, session_id, consumed.as_deref()).await;
+                    return Err(e);
+                }
+            },
+        };
         let cap = state.cap_of(&agent);
         let slot = match state
             .store
@@ -93,7 +107,7 @@ impl Reservation {
         };
         // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
         let (registration, stop) = state.live.register(session_id, &agent.service_host);
-        Ok(Self { agent, session_id, minted_in, consumed, slot, registration, stop })
+        Ok(Self { agent, session_id, minted_in, body, consumed, slot, registration, stop })
     }
 
     /// Marks the session active on this replica. A token session must still be pending (or
@@ -161,21 +175,35 @@ pub async fn release_slot(state: &AppState, agent: &Agent, sid: Uuid) {
     }
 }
 
-/// Verifies the token and consumes it, exactly once across all replicas. Returns the session
-/// id, the minting region and the value written to consume it (`None` when fail-open let the
-/// connect through unchecked).
+/// Verifies the token, checks that a `?body=` is the one minted with it, and consumes it,
+/// exactly once across all replicas. Returns the session id, the minting region, the value
+/// written to consume it (`None` when fail-open let the connect through unchecked), and whether
+/// a body was minted with the token.
 async fn consume(
     state: &AppState,
     agent: &Agent,
     token: &str,
-) -> Result<(Uuid, String, Option<String>), ApiError> {
+    body: Option<&[u8]>,
+) -> Result<(Uuid, String, Option<String>, bool), ApiError> {
     let now = unix_ms();
-    let claims = state.signing_keys.verify(token, &agent.service_host, now).map_err(|e| {
+    let refuse = |refusal: TokenRefusal| {
         if let Some(suppressed) = state.refusal_log.take() {
-            tracing::info!(agent = %agent.service_host, token = %redact(token), reason = %e, suppressed, "connect refused");
+            let reason = refusal.reason();
+            tracing::info!(agent = %agent.service_host, token = %redact(token), reason, suppressed, "connect refused");
         }
-        ApiError::TokenRefused(TokenRefusal::Invalid(e))
-    })?;
+        ApiError::TokenRefused(refusal)
+    };
+    let claims = state
+        .signing_keys
+        .verify(token, &agent.service_host, now)
+        .map_err(|e| refuse(TokenRefusal::Invalid(e)))?;
+    // Before anything is spent: a client cannot change what a trusted back end minted.
+    if let Some(body) = body
+        && claims.bd.as_deref() != Some(&*body_digest(body))
+    {
+        return Err(refuse(TokenRefusal::BodyMismatch));
+    }
+    let minted_body = claims.bd.is_some();
     let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
     // The mark needs to outlive the token only: after expiry the token is refused anyway. The
     // skew margin covers a replica whose clock runs behind this one's.
@@ -190,7 +218,7 @@ async fn consume(
     let histogram = state.metrics.token_consume_seconds.with_label_values(&[outcome]);
     histogram.observe(consuming.elapsed().as_secs_f64());
     match consumed {
-        Ok(true) => Ok((claims.sid, claims.rg, Some(holder))),
+        Ok(true) => Ok((claims.sid, claims.rg, Some(holder), minted_body)),
         Ok(false) => {
             if let Some(suppressed) = state.refusal_log.take() {
                 tracing::info!(session_id = %claims.sid, agent = %agent.service_host, suppressed, "connect refused: token already used");
@@ -213,10 +241,21 @@ async fn consume(
                 "UNCHECKED ACCEPT: Redis unreachable and on_unavailable = open; the token's \
                  one-time use is not enforced for this connect"
             );
-            Ok((claims.sid, claims.rg, None))
+            Ok((claims.sid, claims.rg, None, minted_body))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The body minted with the token of `sid`, from its record.
+async fn read_minted_body(state: &AppState, sid: Uuid) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    let record = state.store.get_session(sid).await?;
+    let body = record.and_then(|r| r.body).ok_or(StoreError::Missing { what: "minted body" })?;
+    // Written by /start as standard base64.
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| StoreError::Missing { what: "minted body" }.into())
 }
 
 /// Gives a consumed token back, so the client can connect again within its lifetime.
