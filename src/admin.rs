@@ -8,9 +8,10 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 
 use crate::{
-    agents::{Agent, is_valid_name},
+    agents::{BotDefaults, BotUrls, is_valid_name},
     api_keys::{PUBLIC_KEY_PREFIX, hash_api_key},
-    store::{ApiKeyRecord, RegistryStore, unix_ms},
+    registry::deployed_agent,
+    store::{ApiKeyRecord, DeployedAgent, RegistryStore, unix_ms},
 };
 
 /// Random bytes in a new public key: 192 bits.
@@ -18,17 +19,32 @@ const KEY_RANDOM_BYTES: usize = 24;
 /// Hex digits of a key's hash used as its public id.
 const KEY_ID_HEX: usize = 12;
 
-/// Validates `pcc-deploy.toml` at `path` for `org` and stores it. Returns `agent.org` and the
-/// registry version that includes it.
+/// Validates `pcc-deploy.toml` at `path` for `org`, with the bot URLs given (`URL` for every
+/// region, `region=URL` for one; none: the settings' `[bots]` templates), and stores it. Returns
+/// `agent.org` and the registry version that includes it.
 pub async fn deploy(
     store: &dyn RegistryStore,
     org: &str,
     path: &Path,
+    bot_urls: &[String],
+    defaults: &BotDefaults,
 ) -> anyhow::Result<(String, u64)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {origin}"))?;
-    let agent = Agent::from_toml_for(&text, &origin, Some(org))?;
-    let version = store.registry_put_agent(org, &agent.name, &text).await?;
+    let bots = BotUrls::from_args(bot_urls).map_err(|e| anyhow::anyhow!("--bot-url: {e}"))?;
+    let deployed = DeployedAgent {
+        toml: text,
+        bot_url: bots.any_region.map(String::from),
+        bot_urls: bots.by_region.into_iter().map(|(r, u)| (r, u.into())).collect(),
+    };
+    let agent = deployed_agent(&deployed, org, defaults).map_err(anyhow::Error::msg)?;
+    if agent.legacy_section {
+        eprintln!(
+            "warning: {origin} has a [broker] section, which pcc deploy rejects; remove it and \
+             pass --bot-url (or set [bots] in the settings)"
+        );
+    }
+    let version = store.registry_put_agent(org, &agent.name, &deployed).await?;
     Ok((agent.service_host, version))
 }
 

@@ -1,22 +1,18 @@
-//! Agents, read from Pipecat Cloud's `pcc-deploy.toml` format so the same file deploys an agent
-//! here and there. Keys this broker does not use are accepted and ignored; unknown keys are an
-//! error, as they are for the Pipecat CLI. The broker's own needs live in a `[broker]` section:
+//! Agents, read from Pipecat Cloud's `pcc-deploy.toml` format as it is, so the same file deploys
+//! an agent there and here. Keys this broker does not use are accepted (and kept by the shared
+//! registry); unknown keys are an error, as they are for the Pipecat CLI.
 //!
-//! ```toml
-//! agent_name = "my-agent"
-//! websocket_auth = "token"
-//! region = "us-west"                  # the primary region
+//! The file holds nothing of the broker's own. Where an agent's bots listen comes from the
+//! broker's settings ([`BotDefaults`]: a URL template for every region, one per region, a URL
+//! per agent) or from `session-broker deploy --bot-url`; its org from where it is deployed
+//! (`session-broker deploy --org`, `agents.org`, or the `agents.dir/<org>/` it lies in).
 //!
-//! [broker]
-//! org = "my-org"
-//! bot_url = "ws://bot.us-west.internal:7860/ws"
+//! Files written for earlier releases carry a `[broker]` section (`org`, `bot_url`,
+//! `[broker.bot_urls]`); it still works for this release, with a warning, but `pcc deploy`
+//! rejects such files.
 //!
-//! [broker.bot_urls]                   # more regions, each with its own bot
-//! eu-central = "ws://bot.eu-central.internal:7860/ws"
-//! ```
-//!
-//! An agent serves the regions that have a bot: its primary region (`region`, through
-//! `bot_url`) and those in `bot_urls`. Without `region`, `bot_url` serves every region.
+//! An agent serves the regions that have a bot for it; `/start` sends clients of other regions
+//! to its primary region (`region`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 /// Longest agent name Pipecat Cloud accepts.
@@ -69,17 +65,94 @@ pub struct Agent {
     pub max_agents: Option<u32>,
     /// Primary region: where `/start` sends clients of regions the agent does not serve.
     pub region: Option<String>,
-    /// Bot of the primary region, or of every region when `region` is unset.
-    pub bot_url: Option<Url>,
-    /// Bots of further regions.
-    pub bot_urls: BTreeMap<String, Url>,
+    pub bots: BotUrls,
+    /// Whether the file carried the deprecated `[broker]` section.
+    pub legacy_section: bool,
+}
+
+/// Where an agent's bots listen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotUrls {
+    /// The bot of every region that has none of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any_region: Option<Url>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_region: BTreeMap<String, Url>,
+}
+
+impl BotUrls {
+    pub fn is_empty(&self) -> bool {
+        self.any_region.is_none() && self.by_region.is_empty()
+    }
+
+    /// Parses `URL` (every region) and `region=URL` arguments, as `deploy --bot-url` takes them.
+    pub fn from_args(args: &[String]) -> Result<Self, String> {
+        let mut bots = Self::default();
+        for arg in args {
+            match arg.split_once('=').filter(|(region, _)| is_valid_name(region)) {
+                Some((region, url)) => {
+                    bots.by_region.insert(region.to_owned(), parse_bot_url(url)?);
+                }
+                None => bots.any_region = Some(parse_bot_url(arg)?),
+            }
+        }
+        Ok(bots)
+    }
+}
+
+/// A bot URL: `ws://` or `wss://` with a host.
+pub fn parse_bot_url(text: &str) -> Result<Url, String> {
+    Url::parse(text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
+        .ok_or_else(|| format!("`{text}` is not a ws:// or wss:// URL"))
+}
+
+/// The bot URLs the broker's settings give agents that bring none (`[bots]`).
+#[derive(Debug, Clone, Default)]
+pub struct BotDefaults {
+    /// For every region: `{agent}` and `{org}` are replaced.
+    pub url_template: Option<String>,
+    /// Per region, over `url_template`.
+    pub region_templates: BTreeMap<String, String>,
+    /// Per agent (`agent.org`), over every template.
+    pub agents: BTreeMap<String, Url>,
+}
+
+impl BotDefaults {
+    /// Gives `agent` its bots from the settings when it brings none of its own (from
+    /// `deploy --bot-url`, or a legacy `[broker]` section). Fails when it then has none.
+    pub fn apply(&self, agent: &mut Agent) -> Result<(), String> {
+        if agent.bots.is_empty() {
+            let fill = |template: &str| {
+                parse_bot_url(
+                    &template.replace("{agent}", &agent.name).replace("{org}", &agent.org),
+                )
+            };
+            if let Some(url) = self.agents.get(&agent.service_host) {
+                agent.bots.any_region = Some(url.clone());
+            } else {
+                agent.bots.any_region = self.url_template.as_deref().map(fill).transpose()?;
+                for (region, template) in &self.region_templates {
+                    agent.bots.by_region.insert(region.clone(), fill(template)?);
+                }
+            }
+        }
+        if agent.bots.is_empty() {
+            return Err(format!(
+                "agent {} has no bot URL: set bots.url_template (or bots.regions / bots.agents) in \
+                 the broker's settings, or deploy it with --bot-url",
+                agent.service_host
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Agent {
     /// Whether the agent has a bot in `region`.
     pub fn serves(&self, region: &str) -> bool {
-        self.bot_urls.contains_key(region)
-            || (self.bot_url.is_some() && self.region.as_deref().is_none_or(|r| r == region))
+        self.bots.by_region.contains_key(region) || self.bots.any_region.is_some()
     }
 
     /// The region whose WebSocket URL `/start` answers on a replica of `region`: that region if
@@ -90,18 +163,21 @@ impl Agent {
         }
         self.region
             .as_deref()
-            .or_else(|| self.bot_urls.keys().next().map(String::as_str))
+            .or_else(|| self.bots.by_region.keys().next().map(String::as_str))
             .unwrap_or(region)
     }
 
     /// The bot a replica of `region` dials: the region's own, else the primary region's (a
     /// token minted elsewhere may be presented anywhere).
     pub fn bot_for(&self, region: &str) -> &Url {
-        self.bot_urls
+        let bots = &self.bots;
+        let primary = self.region.as_ref().and_then(|r| bots.by_region.get(r));
+        bots.by_region
             .get(region)
-            .or(self.bot_url.as_ref())
-            .or_else(|| self.bot_urls.values().next())
-            .expect("from_toml ensures at least one bot URL")
+            .or(bots.any_region.as_ref())
+            .or(primary)
+            .or_else(|| bots.by_region.values().next())
+            .expect("BotDefaults::apply leaves every agent in a registry a bot URL")
     }
 }
 
@@ -134,7 +210,8 @@ struct DeployFile {
     max_session_duration: Option<u64>,
     #[serde(default)]
     scaling: Scaling,
-    broker: BrokerSection,
+    /// Deprecated: the broker's own section of earlier releases.
+    broker: Option<BrokerSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,14 +264,20 @@ impl Agent {
                 file.agent_name
             )));
         }
-        let org = match (org, file.broker.org.as_deref()) {
+        let legacy = file.broker.as_ref();
+        let org = match (org, legacy.and_then(|b| b.org.as_deref())) {
             (Some(given), Some(written)) if given != written => {
                 return Err(fail(format!(
                     "broker.org is `{written}` but the org given is `{given}`"
                 )));
             }
             (Some(org), _) | (None, Some(org)) => org.to_owned(),
-            (None, None) => return Err(fail("broker.org is required".into())),
+            (None, None) => {
+                return Err(fail(
+                    "no org: deploy it with --org, put it in agents.dir/<org>/, or set agents.org"
+                        .into(),
+                ));
+            }
         };
         if !is_valid_name(&org) {
             return Err(fail(format!("broker.org `{org}` is not a valid org name")));
@@ -220,25 +303,29 @@ impl Agent {
         if file.scaling.max_agents == Some(0) {
             return Err(fail("scaling.max_agents must be above 0".into()));
         }
-        let parse_bot = |setting: &str, url: &str| {
-            Url::parse(url)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
-                .ok_or_else(|| fail(format!("{setting} must be a ws:// or wss:// URL")))
-        };
-        let bot_url =
-            file.broker.bot_url.as_deref().map(|u| parse_bot("broker.bot_url", u)).transpose()?;
-        let mut bot_urls = BTreeMap::new();
-        for (region, url) in &file.broker.bot_urls {
-            if !is_valid_name(region) {
-                return Err(fail(format!(
-                    "broker.bot_urls: `{region}` is not a valid region name"
-                )));
+        let mut bots = BotUrls::default();
+        if let Some(legacy) = legacy {
+            let parse = |setting: &str, url: &str| {
+                parse_bot_url(url).map_err(|e| fail(format!("{setting}: {e}")))
+            };
+            if let Some(url) = &legacy.bot_url {
+                let url = parse("broker.bot_url", url)?;
+                // Then as now: with a primary region, bot_url is that region's bot; without one,
+                // every region's.
+                match &file.region {
+                    Some(region) => bots.by_region.insert(region.clone(), url),
+                    None => bots.any_region.replace(url),
+                };
             }
-            bot_urls.insert(region.clone(), parse_bot(&format!("broker.bot_urls.{region}"), url)?);
-        }
-        if bot_url.is_none() && bot_urls.is_empty() {
-            return Err(fail("broker.bot_url or broker.bot_urls is required".into()));
+            for (region, url) in &legacy.bot_urls {
+                if !is_valid_name(region) {
+                    return Err(fail(format!(
+                        "broker.bot_urls: `{region}` is not a valid region name"
+                    )));
+                }
+                bots.by_region
+                    .insert(region.clone(), parse(&format!("broker.bot_urls.{region}"), url)?);
+            }
         }
         Ok(Self {
             service_host: format!("{}.{}", file.agent_name, org),
@@ -248,16 +335,17 @@ impl Agent {
             max_session_duration: Duration::from_secs(duration),
             max_agents: file.scaling.max_agents,
             region: file.region,
-            bot_url,
-            bot_urls,
+            bots,
+            legacy_section: legacy.is_some(),
         })
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, AgentFileError> {
+    /// Reads an agent file of `org` (a legacy file may name its org itself).
+    pub fn from_file(path: &Path, org: Option<&str>) -> Result<Self, AgentFileError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| AgentFileError { file: origin.clone(), message: e.to_string() })?;
-        Self::from_toml(&text, &origin)
+        Self::from_toml_for(&text, &origin, org)
     }
 }
 
@@ -381,10 +469,48 @@ bot_url = "ws://127.0.0.1:7860/ws"
     }
 
     #[test]
-    fn the_example_file_is_valid() {
+    fn the_example_file_is_valid_and_has_nothing_of_the_broker() {
         let text = include_str!("../examples/agents/pcc-deploy.toml");
-        let agent = Agent::from_toml(text, "example").unwrap();
+        let mut agent = Agent::from_toml_for(text, "example", Some("my-org")).unwrap();
         assert_eq!(agent.service_host, "my-agent.my-org");
+        assert!(!agent.legacy_section && agent.bots.is_empty());
+        let defaults = BotDefaults {
+            url_template: Some("ws://{agent}.{org}.bots:8080/ws".into()),
+            ..BotDefaults::default()
+        };
+        defaults.apply(&mut agent).unwrap();
+        assert_eq!(agent.bot_for("anywhere").as_str(), "ws://my-agent.my-org.bots:8080/ws");
+        assert!(
+            BotDefaults::default()
+                .apply(&mut Agent::from_toml_for(text, "e", Some("o")).unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn per_region_and_per_agent_bots_win_over_the_template() {
+        let text = "agent_name = \"a\"\nregion = \"us-west\"\n";
+        let defaults = BotDefaults {
+            url_template: Some("ws://{agent}.{org}.any/".into()),
+            region_templates: BTreeMap::from([("eu".into(), "ws://{agent}.eu/".into())]),
+            agents: BTreeMap::new(),
+        };
+        let mut agent = Agent::from_toml_for(text, "f", Some("o")).unwrap();
+        defaults.apply(&mut agent).unwrap();
+        assert_eq!(agent.bot_for("eu").as_str(), "ws://a.eu/");
+        assert_eq!(agent.bot_for("us-west").as_str(), "ws://a.o.any/");
+        let pinned = BotDefaults {
+            agents: BTreeMap::from([("a.o".into(), Url::parse("ws://pinned/").unwrap())]),
+            ..defaults
+        };
+        let mut agent = Agent::from_toml_for(text, "f", Some("o")).unwrap();
+        pinned.apply(&mut agent).unwrap();
+        assert_eq!(agent.bot_for("eu").as_str(), "ws://pinned/");
+        let args = ["ws://all/".to_owned(), "eu=wss://eu/".to_owned()];
+        let given = BotUrls::from_args(&args).unwrap();
+        assert_eq!(given.any_region.unwrap().as_str(), "ws://all/");
+        assert_eq!(given.by_region["eu"].as_str(), "wss://eu/");
+        assert!(BotUrls::from_args(&["http://x/".to_owned()]).is_err());
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub token: TokenSettings,
     pub agents: AgentSettings,
+    /// Where agents' bots listen, for agents whose deploy brought no bot URL.
+    pub bots: BotSettings,
     /// Organizations and the SHA-256 hashes of their public keys.
     pub orgs: BTreeMap<String, OrgSettings>,
     pub limits: LimitSettings,
@@ -155,8 +157,11 @@ pub struct AgentSettings {
     /// `pcc-deploy.toml` files, each describing one agent.
     #[serde(deserialize_with = "string_or_list")]
     pub files: Vec<PathBuf>,
-    /// A directory whose `*.toml` files are all agent files.
+    /// A directory of agent files: `*.toml` directly in it belong to `org`; those in a
+    /// subdirectory belong to the org the subdirectory is named after (`dir/<org>/*.toml`).
     pub dir: Option<PathBuf>,
+    /// The org of agent files that name none (Pipecat Cloud's files never do).
+    pub org: Option<String>,
     /// Concurrent sessions of an agent whose file sets no `scaling.max_agents`, across all
     /// replicas. Agents without tokens are open to anyone: this keeps them capped too.
     pub default_max_agents: u32,
@@ -164,7 +169,37 @@ pub struct AgentSettings {
 
 impl Default for AgentSettings {
     fn default() -> Self {
-        Self { files: Vec::new(), dir: None, default_max_agents: DEFAULT_MAX_AGENTS }
+        Self { files: Vec::new(), dir: None, org: None, default_max_agents: DEFAULT_MAX_AGENTS }
+    }
+}
+
+/// `[bots]`: an agent's bot URL, when its deploy brought none. `{agent}` and `{org}` in a
+/// template are replaced by the agent's name and org.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BotSettings {
+    /// For every region, e.g. `ws://{agent}.{org}.bots.internal:8080/ws`.
+    pub url_template: Option<String>,
+    /// Per region, over `url_template`.
+    pub regions: BTreeMap<String, String>,
+    /// Per agent (`"agent.org" = "ws://…"`), over every template.
+    pub agents: BTreeMap<String, String>,
+}
+
+impl BotSettings {
+    /// The defaults agents get their bots from (validation checked every URL).
+    pub fn defaults(&self) -> crate::agents::BotDefaults {
+        crate::agents::BotDefaults {
+            url_template: self.url_template.clone(),
+            region_templates: self.regions.clone(),
+            agents: self
+                .agents
+                .iter()
+                .filter_map(|(host, url)| {
+                    Some((host.clone(), crate::agents::parse_bot_url(url).ok()?))
+                })
+                .collect(),
+        }
     }
 }
 
@@ -270,6 +305,7 @@ impl Default for Settings {
             redis: RedisSettings::default(),
             token: TokenSettings::default(),
             agents: AgentSettings::default(),
+            bots: BotSettings::default(),
             orgs: BTreeMap::new(),
             limits: LimitSettings::default(),
             sessions: SessionSettings::default(),
@@ -531,6 +567,30 @@ impl Settings {
             if value.is_zero() {
                 return bad(setting, "must be above 0".into());
             }
+        }
+        let template_ok = |t: &str| {
+            crate::agents::parse_bot_url(&t.replace("{agent}", "a").replace("{org}", "o"))
+        };
+        if let Some(Err(e)) = self.bots.url_template.as_deref().map(template_ok) {
+            return bad("bots.url_template", e);
+        }
+        for (region, template) in &self.bots.regions {
+            if !crate::agents::is_valid_name(region) {
+                return bad(&format!("bots.regions.{region}"), "not a valid region name".into());
+            }
+            if let Err(e) = template_ok(template) {
+                return bad(&format!("bots.regions.{region}"), e);
+            }
+        }
+        for (host, url) in &self.bots.agents {
+            if let Err(e) = crate::agents::parse_bot_url(url) {
+                return bad(&format!("bots.agents.\"{host}\""), e);
+            }
+        }
+        if let Some(org) = &self.agents.org
+            && !crate::agents::is_valid_name(org)
+        {
+            return bad("agents.org", format!("`{org}` is not a valid organization name"));
         }
         if self.agents.default_max_agents == 0 {
             return bad("agents.default_max_agents", "must be above 0".into());

@@ -46,6 +46,10 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         org: String,
+        /// Where the agent's bots listen: `ws://…` for every region, `region=ws://…` for one
+        /// (repeat it). Without it, the settings' `[bots]` templates apply.
+        #[arg(long = "bot-url")]
+        bot_urls: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -127,13 +131,15 @@ fn main() -> ExitCode {
             println!("sha256:{}", hex::encode(api_keys::hash_api_key(&key)));
             ExitCode::SUCCESS
         }
-        Command::Deploy { file, org, store } => admin(store, async move |s| {
-            let (service, version) = session_broker::admin::deploy(s, &org, &file).await?;
+        Command::Deploy { file, org, bot_urls, store } => admin(store, async move |s, settings| {
+            let defaults = settings.bots.defaults();
+            let (service, version) =
+                session_broker::admin::deploy(s, &org, &file, &bot_urls, &defaults).await?;
             println!("deployed {service} (registry version {version})");
             Ok(())
         }),
         Command::Keys { command: KeysCommand::Create { org, store } } => {
-            admin(store, async move |s| {
+            admin(store, async move |s, _| {
                 let (key, record) = session_broker::admin::create_key(s, &org).await?;
                 println!("{key}");
                 eprintln!(
@@ -144,7 +150,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Keys { command: KeysCommand::List { org, store } } => {
-            admin(store, async move |s| {
+            admin(store, async move |s, _| {
                 for key in session_broker::admin::list_keys(s, &org).await? {
                     let state = match key.revoked_ms {
                         Some(at) => format!("revoked at {at}"),
@@ -156,7 +162,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Keys { command: KeysCommand::Revoke { id, org, store } } => {
-            admin(store, async move |s| {
+            admin(store, async move |s, _| {
                 let key = session_broker::admin::revoke_key(s, &org, &id).await?;
                 println!("key {} of {org} revoked", key.id);
                 Ok(())
@@ -233,7 +239,7 @@ fn healthcheck(url: &str) -> anyhow::Result<()> {
 /// Runs an operator command against the configured Redis.
 fn admin(
     args: StoreArgs,
-    work: impl AsyncFnOnce(&dyn session_broker::store::RegistryStore) -> anyhow::Result<()>,
+    work: impl AsyncFnOnce(&dyn session_broker::store::RegistryStore, &Settings) -> anyhow::Result<()>,
 ) -> ExitCode {
     let mut overrides = Vec::new();
     if let Some(url) = args.redis_url {
@@ -254,7 +260,7 @@ fn admin(
     };
     run(async move {
         let store = RedisStore::new(&settings.redis)?;
-        work(&store).await
+        work(&store, &settings).await
     })
 }
 

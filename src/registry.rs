@@ -11,9 +11,9 @@ use std::{sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 
 use crate::{
-    agents::{Agent, AgentRegistry},
+    agents::{Agent, AgentRegistry, BotDefaults, parse_bot_url},
     api_keys::{ApiKeyHash, ApiKeyIndex, parse_api_key_hash},
-    store::{RegistryEntries, RegistryStore, StoreError},
+    store::{DeployedAgent, RegistryEntries, RegistryStore, StoreError},
 };
 
 /// One consistent view of agents and keys.
@@ -30,11 +30,17 @@ pub struct LiveRegistry {
     current: ArcSwap<Registry>,
     static_agents: Vec<Agent>,
     static_keys: Vec<(ApiKeyHash, String)>,
+    /// Bots for deployed agents that brought none.
+    bots: BotDefaults,
 }
 
 impl LiveRegistry {
-    pub fn new(static_agents: Vec<Agent>, static_keys: Vec<(ApiKeyHash, String)>) -> Self {
-        let live = Self { current: ArcSwap::default(), static_agents, static_keys };
+    pub fn new(
+        static_agents: Vec<Agent>,
+        static_keys: Vec<(ApiKeyHash, String)>,
+        bots: BotDefaults,
+    ) -> Self {
+        let live = Self { current: ArcSwap::default(), static_agents, static_keys, bots };
         live.current.store(Arc::new(live.build(&RegistryEntries::default())));
         live
     }
@@ -61,10 +67,11 @@ impl LiveRegistry {
         for agent in &self.static_agents {
             agents.replace(agent.clone());
         }
-        for (org, text) in &entries.agents {
-            match Agent::from_toml_for(text, "shared registry", Some(org)) {
+        for (org, deployed) in &entries.agents {
+            match deployed_agent(deployed, org, &self.bots) {
                 Ok(agent) => agents.replace(agent),
-                // Written by `deploy`, which validates; a file from a newer broker may not parse.
+                // Written by `deploy`, which validates; a file from a newer broker may not
+                // parse, and a replica may lack the bot settings another one has.
                 Err(e) => tracing::warn!(error = %e, "skipping a registry agent"),
             }
         }
@@ -79,6 +86,25 @@ impl LiveRegistry {
         }
         Registry { agents, keys, version: entries.version }
     }
+}
+
+/// The agent a registry entry describes, with its bots: those its deploy gave, else the
+/// settings' defaults.
+pub fn deployed_agent(
+    deployed: &DeployedAgent,
+    org: &str,
+    defaults: &BotDefaults,
+) -> Result<Agent, String> {
+    let mut agent = Agent::from_toml_for(&deployed.toml, "shared registry", Some(org))
+        .map_err(|e| e.to_string())?;
+    if let Some(url) = &deployed.bot_url {
+        agent.bots.any_region = Some(parse_bot_url(url)?);
+    }
+    for (region, url) in &deployed.bot_urls {
+        agent.bots.by_region.insert(region.clone(), parse_bot_url(url)?);
+    }
+    defaults.apply(&mut agent)?;
+    Ok(agent)
 }
 
 /// Keeps `live` in step with the store's registry.

@@ -4,6 +4,7 @@
 
 use std::{
     net::TcpListener,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -329,7 +330,7 @@ async fn start_registry(
     background: &mut Background,
 ) -> Arc<LiveRegistry> {
     let agents = catalog.agents.iter().map(|a| (**a).clone()).collect();
-    let registry = Arc::new(LiveRegistry::new(agents, catalog.api_keys));
+    let registry = Arc::new(LiveRegistry::new(agents, catalog.api_keys, settings.bots.defaults()));
     if settings.redis.is_configured() {
         if let Err(e) = registry.refresh(&**store).await {
             tracing::warn!(error = %e, "shared registry not loaded yet; retrying in the background");
@@ -411,31 +412,60 @@ fn internal_server(listener: TcpListener, state: web::Data<AppState>) -> anyhow:
 
 fn demo_agent(bot_url: &str) -> anyhow::Result<Agent> {
     let text = format!(
-        "agent_name = \"{DEMO_AGENT}\"\nwebsocket_auth = \"token\"\n\n[scaling]\nmax_agents = {DEMO_MAX_SESSIONS}\n\n[broker]\norg = \"{DEMO_ORG}\"\nbot_url = \"{bot_url}\"\n"
+        "agent_name = \"{DEMO_AGENT}\"\nwebsocket_auth = \"token\"\n\n[scaling]\nmax_agents = {DEMO_MAX_SESSIONS}\n"
     );
-    let agent = Agent::from_toml(&text, "built-in demo agent")?;
+    let mut agent = Agent::from_toml_for(&text, "built-in demo agent", Some(DEMO_ORG))?;
+    agent.bots.any_region =
+        Some(crate::agents::parse_bot_url(bot_url).map_err(anyhow::Error::msg)?);
     debug_assert_eq!(agent.websocket_auth, WebsocketAuth::Token);
     Ok(agent)
 }
 
+/// Agents from `agents.files` and `agents.dir` (files in its subdirectories belong to the org
+/// the subdirectory is named after), each given its bots from `[bots]` unless it brings its own.
 fn load_agents(settings: &Settings, agents: &mut AgentRegistry) -> anyhow::Result<()> {
-    let mut files = settings.agents.files.clone();
+    let default_org = settings.agents.org.clone();
+    let mut files: Vec<(PathBuf, Option<String>)> =
+        settings.agents.files.iter().map(|f| (f.clone(), default_org.clone())).collect();
     if let Some(dir) = &settings.agents.dir {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("agents.dir: cannot read {}", dir.display()))?;
-        let mut found: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        found.sort();
-        files.extend(found);
+        for path in sorted_entries(dir)? {
+            if path.is_dir() {
+                let org = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                let tomls = sorted_entries(&path)?.into_iter().filter(|p| is_toml(p));
+                files.extend(tomls.map(|p| (p, org.clone())));
+            } else if is_toml(&path) {
+                files.push((path, default_org.clone()));
+            }
+        }
     }
-    for file in files {
-        let agent = Agent::from_file(&file)?;
+    let defaults = settings.bots.defaults();
+    for (file, org) in files {
+        let mut agent = Agent::from_file(&file, org.as_deref())?;
+        if agent.legacy_section {
+            tracing::warn!(
+                file = %file.display(),
+                "the [broker] section is deprecated (pcc deploy rejects such files): remove it, \
+                 give bot URLs in the settings' [bots] (or deploy --bot-url) and the org by \
+                 agents.org or an agents.dir/<org>/ directory"
+            );
+        }
+        defaults.apply(&mut agent).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         agents.insert(agent).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     }
     Ok(())
+}
+
+fn is_toml(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "toml")
+}
+
+/// The entries of `dir`, sorted, so that agents load in the same order everywhere.
+fn sorted_entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("agents.dir: cannot read {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+    paths.sort();
+    Ok(paths)
 }
 
 /// The configured signing keys, or, with none configured (validation allows that only without

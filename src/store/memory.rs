@@ -11,8 +11,8 @@ use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRecord, RegistryEntries, RegistryStore, SessionRecord, SessionStore, Status, StoreError,
-    TERMINATION_BACKLOG,
+    ApiKeyRecord, DeployedAgent, RegistryEntries, RegistryStore, SessionRecord, SessionStore,
+    Status, StoreError, TERMINATION_BACKLOG,
 };
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
@@ -40,7 +40,7 @@ struct Inner {
     /// agent -> session id -> lease expiry
     leases: HashMap<String, HashMap<Uuid, Instant>>,
     /// The shared registry: agents by `agent.org` as (org, TOML), keys by id, and the version.
-    registry_agents: HashMap<String, (String, String)>,
+    registry_agents: HashMap<String, (String, DeployedAgent)>,
     registry_keys: HashMap<String, ApiKeyRecord>,
     registry_version: u64,
     next_sweep: Instant,
@@ -283,10 +283,10 @@ impl RegistryStore for MemoryStore {
         &self,
         org: &str,
         name: &str,
-        toml: &str,
+        agent: &DeployedAgent,
     ) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        inner.registry_agents.insert(format!("{name}.{org}"), (org.to_owned(), toml.to_owned()));
+        inner.registry_agents.insert(format!("{name}.{org}"), (org.to_owned(), agent.clone()));
         inner.registry_version += 1;
         Ok(inner.registry_version)
     }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-pub use records::{ApiKeyRecord, EndReason, RegistryEntries, SessionRecord, Status};
+pub use records::{ApiKeyRecord, DeployedAgent, EndReason, RegistryEntries, SessionRecord, Status};
 
 /// Session ids announced for termination that a slow listener may lag behind before it misses
 /// some; a missed one is still ended at the holder's next lease renewal.
@@ -193,7 +193,7 @@ pub trait RegistryStore: Send + Sync + 'static {
         &self,
         org: &str,
         name: &str,
-        toml: &str,
+        agent: &DeployedAgent,
     ) -> Result<u64, StoreError>;
 
     /// Adds a key, or replaces the record with its id (to revoke it).

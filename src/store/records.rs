@@ -2,7 +2,7 @@
 //! embedded store); [`SessionRecord::to_fields`] and [`SessionRecord::from_fields`] are the one
 //! place that knows its field names. Registry entries are stored as the JSON of their types.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -240,12 +240,40 @@ pub struct ApiKeyRecord {
     pub revoked_ms: Option<u64>,
 }
 
+/// An agent as the shared registry keeps it: its `pcc-deploy.toml` exactly as deployed (keys
+/// the broker does not use included, to be shown back), and the bot URLs its deploy gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedAgent {
+    pub toml: String,
+    /// The bot of every region that has none of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_url: Option<String>,
+    /// Bots by region.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bot_urls: BTreeMap<String, String>,
+}
+
+impl DeployedAgent {
+    /// Reads a stored entry: JSON of this type, or, as releases before it stored, the bare TOML.
+    pub fn from_stored(text: &str) -> Self {
+        match serde_json::from_str(text) {
+            Ok(agent) => agent,
+            Err(_) => Self { toml: text.to_owned(), ..Self::default() },
+        }
+    }
+
+    pub fn to_stored(&self) -> String {
+        // A struct of strings serializes.
+        serde_json::to_string(self).expect("deployed agent serializes")
+    }
+}
+
 /// Everything the shared registry holds, at one version.
 #[derive(Debug, Default)]
 pub struct RegistryEntries {
     pub version: u64,
-    /// (org, pcc-deploy.toml text) per deployed agent.
-    pub agents: Vec<(String, String)>,
+    /// (org, agent) per deployed agent.
+    pub agents: Vec<(String, DeployedAgent)>,
     pub keys: Vec<ApiKeyRecord>,
 }
 

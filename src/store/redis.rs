@@ -17,8 +17,8 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRecord, PrepareError, RegistryEntries, RegistryStore, SessionRecord, SessionStore,
-    Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
+    ApiKeyRecord, DeployedAgent, PrepareError, RegistryEntries, RegistryStore, SessionRecord,
+    SessionStore, Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
@@ -440,7 +440,9 @@ impl RegistryStore for RedisStore {
         ) = self.run("registry_load", Purpose::Commands, Request::Pipe(&pipe)).await?;
         let agents = agents
             .into_iter()
-            .filter_map(|(host, toml)| Some((host.split_once('.')?.1.to_owned(), toml)))
+            .filter_map(|(host, stored)| {
+                Some((host.split_once('.')?.1.to_owned(), DeployedAgent::from_stored(&stored)))
+            })
             .collect();
         let keys = keys.values().filter_map(|json| serde_json::from_str(json).ok()).collect();
         Ok(RegistryEntries { version: version.unwrap_or(0), agents, keys })
@@ -450,9 +452,9 @@ impl RegistryStore for RedisStore {
         &self,
         org: &str,
         name: &str,
-        toml: &str,
+        agent: &DeployedAgent,
     ) -> Result<u64, StoreError> {
-        self.registry_put(RegistryPart::Agents, &format!("{name}.{org}"), toml).await
+        self.registry_put(RegistryPart::Agents, &format!("{name}.{org}"), &agent.to_stored()).await
     }
 
     async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {

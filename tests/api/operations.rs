@@ -82,13 +82,9 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
     let agents = TestApp::with(AppOptions::new(Some(redis.url()), &bot), bot.clone()).await;
-    let broker = BrokerProcess::spawn(
-        &redis.url(),
-        "logs",
-        agents.agent_dir.path(),
-        &[("BROKER__LOG__FORMAT", "json")],
-    )
-    .await;
+    let broker =
+        BrokerProcess::spawn(&redis.url(), "logs", &agents, &[("BROKER__LOG__FORMAT", "json")])
+            .await;
     let http = reqwest::Client::new();
     let resp = http
         .post(broker.http(&format!("/v1/public/{TOKEN_AGENT}/start")))
@@ -132,7 +128,7 @@ async fn sigterm_drains_live_sessions_then_exits_cleanly() {
     let mut broker = BrokerProcess::spawn(
         &redis.url(),
         "drain",
-        agents.agent_dir.path(),
+        &agents,
         &[("BROKER__LIMITS__DRAIN_DEADLINE_SECS", "3")],
     )
     .await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use session_broker::{admin, config::RedisSettings, store::redis::RedisStore};
+use session_broker::{admin, agents::BotDefaults, config::RedisSettings, store::redis::RedisStore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -75,7 +75,8 @@ async fn a_deployed_agent_reaches_every_replica_and_a_redeploy_updates_it() {
     assert_eq!(status_of_start(&apps[0], "deployed", KEY).await, 404);
 
     std::fs::write(&file, deploy("none")).unwrap();
-    let (service, _) = admin::deploy(&store, ORG, &file).await.unwrap();
+    let (service, _) =
+        admin::deploy(&store, ORG, &file, &[], &BotDefaults::default()).await.unwrap();
     assert_eq!(service, format!("deployed.{ORG}"));
     for app in &apps {
         eventually(WITHIN, || async {
@@ -88,7 +89,7 @@ async fn a_deployed_agent_reaches_every_replica_and_a_redeploy_updates_it() {
 
     // Redeployed with token auth: connects without a token are refused everywhere.
     std::fs::write(&file, deploy("token")).unwrap();
-    admin::deploy(&store, ORG, &file).await.unwrap();
+    admin::deploy(&store, ORG, &file, &[], &BotDefaults::default()).await.unwrap();
     for app in &apps {
         eventually(WITHIN, || async {
             matches!(connect(&app.ws_url("deployed", ORG), None).await, Err((403, _, _)))
@@ -100,9 +101,15 @@ async fn a_deployed_agent_reaches_every_replica_and_a_redeploy_updates_it() {
     // A file that names another org, or is invalid, is refused and changes nothing.
     std::fs::write(&file, deploy("token").replace("[broker]\n", "[broker]\norg = \"other\"\n"))
         .unwrap();
-    assert!(admin::deploy(&store, ORG, &file).await.unwrap_err().to_string().contains("org"));
+    assert!(
+        admin::deploy(&store, ORG, &file, &[], &BotDefaults::default())
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("org")
+    );
     std::fs::write(&file, "agent_name = \"Bad Name\"\n").unwrap();
-    assert!(admin::deploy(&store, ORG, &file).await.is_err());
+    assert!(admin::deploy(&store, ORG, &file, &[], &BotDefaults::default()).await.is_err());
 }
 
 #[tokio::test]
@@ -136,4 +143,44 @@ async fn the_cli_manages_keys_and_deploys() {
     .unwrap();
     let out = cli(&["deploy", file.to_str().unwrap(), "--org", ORG]);
     assert!(out.contains(&format!("deployed cli-agent.{ORG}")), "{out}");
+}
+
+/// Pipecat Cloud's deploy file as it is, with nothing of the broker's own: the bot URL comes
+/// from `deploy --bot-url`, or from the replicas' `[bots]` template.
+#[tokio::test]
+async fn a_pipecat_cloud_deploy_file_deploys_unchanged() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let apps = replicas(&redis.url(), &bot, 2).await;
+    let store = store(&redis);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pcc-deploy.toml");
+    std::fs::write(
+        &file,
+        "agent_name = \"as-is\"\nimage = \"reg/as-is:1\"\nsecret_set = \"s\"\nregion = \"local\"\n\
+         agent_profile = \"agent-1x\"\n\n[scaling]\nmin_agents = 0\nmax_agents = 3\n",
+    )
+    .unwrap();
+    // Without a template or a --bot-url there is nowhere to send its sessions: refused.
+    let nowhere = admin::deploy(&store, ORG, &file, &[], &BotDefaults::default()).await;
+    assert!(nowhere.unwrap_err().to_string().contains("no bot URL"));
+    // With --bot-url.
+    let url = vec![bot.url()];
+    admin::deploy(&store, ORG, &file, &url, &BotDefaults::default()).await.unwrap();
+    for app in &apps {
+        let mut ws =
+            eventually(WITHIN, || async { connect(&app.ws_url("as-is", ORG), None).await.ok() })
+                .await;
+        assert_echo(&mut ws, Message::text("no [broker] section")).await;
+    }
+    // Through the binary, relying on the template the replicas have (`[bots] url_template`).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-broker"))
+        .args(["deploy", file.to_str().unwrap(), "--org", ORG, "--redis-url", &redis.url()])
+        .env_clear()
+        .env("BROKER__REDIS__KEY_PREFIX", PREFIX)
+        .env("BROKER__BOTS__URL_TEMPLATE", bot.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("as-is.{ORG}")));
 }

@@ -137,7 +137,7 @@ async fn delete_on_one_replica_ends_a_session_held_by_another() {
     options.key_prefix = "shared".into();
     let a = TestApp::with(options, bot.clone()).await;
     // B runs as a process of its own: its log tells when it has finished ending the session.
-    let b = BrokerProcess::spawn(&redis.url(), "shared", a.agent_dir.path(), &[]).await;
+    let b = BrokerProcess::spawn(&redis.url(), "shared", &a, &[]).await;
     let (token, _, sid) = a.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&b.ws_url(TOKEN_AGENT, ORG), Some((&token, Via::Path))).await.unwrap();
     assert_echo(&mut ws, Message::text("held by B")).await;
@@ -215,8 +215,7 @@ async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let survivor = TestApp::with(options, bot.clone()).await;
     let lease =
         [("BROKER__SESSIONS__LEASE_TTL_MS", "300"), ("BROKER__SESSIONS__SWEEP_INTERVAL_MS", "100")];
-    let doomed =
-        BrokerProcess::spawn(&redis.url(), "shared", survivor.agent_dir.path(), &lease).await;
+    let doomed = BrokerProcess::spawn(&redis.url(), "shared", &survivor, &lease).await;
 
     let mut sessions = Vec::new();
     for _ in 0..CAP {

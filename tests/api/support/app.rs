@@ -78,20 +78,24 @@ impl TestApp {
             (OTHER_ORG_AGENT, OTHER_ORG, "token", 0),
             (CAPPED_AGENT, ORG, "token", CAP),
         ];
+        // Pipecat Cloud's deploy files as they are: the org is the directory they lie in, and
+        // the bot URL comes from the settings.
         for (name, org, auth, cap) in agents {
-            let bot_url = &options.bot_url;
             let max_agents = if cap > 0 { format!("max_agents = {cap}\n") } else { String::new() };
             let text = format!(
                 "agent_name = \"{name}\"\nwebsocket_auth = \"{auth}\"\nimage = \"x/y:1\"\n\n\
-                 [scaling]\nmin_agents = 0\n{max_agents}\n[broker]\norg = \"{org}\"\nbot_url = \"{bot_url}\"\n"
+                 [scaling]\nmin_agents = 0\n{max_agents}"
             );
-            std::fs::write(agent_dir.path().join(format!("{name}.toml")), text).unwrap();
+            let org_dir = agent_dir.path().join(org);
+            std::fs::create_dir_all(&org_dir).unwrap();
+            std::fs::write(org_dir.join(format!("{name}.toml")), text).unwrap();
         }
         for (name, text) in &options.extra_agents {
             std::fs::write(agent_dir.path().join(format!("{name}.toml")), text).unwrap();
         }
         let mut settings = options.settings;
         settings.agents.dir = Some(agent_dir.path().to_owned());
+        settings.bots.url_template.get_or_insert(options.bot_url);
         if let Some(url) = options.redis_url {
             settings.redis.url = Some(SecretString::from(url));
         }

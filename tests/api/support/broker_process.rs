@@ -5,7 +5,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -13,6 +12,7 @@ use std::{
 use session_broker::api_keys::hash_api_key;
 
 use super::{
+    app::TestApp,
     app::{KEY, ORG, SIGNING_KEY},
     logs,
     output::{Missing, Output},
@@ -43,9 +43,10 @@ impl BrokerProcess {
     pub async fn spawn(
         redis_url: &str,
         key_prefix: &str,
-        agent_dir: &Path,
+        agents_of: &TestApp,
         env: &[(&str, &str)],
     ) -> Self {
+        let agent_dir = agents_of.agent_dir.path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_session-broker"))
             .args(["serve", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"])
             .env_clear()
@@ -56,6 +57,7 @@ impl BrokerProcess {
             .env("BROKER__TOKEN__SIGNING_KEY_ID", "k1")
             .env("BROKER__TOKEN__KEYS__K1", SIGNING_KEY)
             .env("BROKER__AGENTS__DIR", agent_dir)
+            .env("BROKER__BOTS__URL_TEMPLATE", agents_of.bot.url())
             .env(format!("BROKER__ORGS__{ORG}__PUBLIC_KEY_HASHES"), hex::encode(hash_api_key(KEY)))
             .env("BROKER__WORKERS", "1")
             .env("BROKER__AGENTS__DEFAULT_MAX_AGENTS", "100000")
