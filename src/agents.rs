@@ -396,6 +396,14 @@ impl AgentRegistry {
         }
     }
 
+    /// The orgs that have an agent named `name`.
+    pub fn orgs_with<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.by_org
+            .iter()
+            .filter(move |(_, agents)| agents.contains_key(name))
+            .map(|(org, _)| org.as_str())
+    }
+
     /// Resolves a service host, `agent.org`.
     pub fn by_service_host(&self, service_host: &str) -> Option<&Arc<Agent>> {
         let (name, org) = service_host.split_once('.')?;

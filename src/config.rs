@@ -213,6 +213,10 @@ pub struct OrgSettings {
     /// prefixed `sha256:`.
     #[serde(deserialize_with = "string_or_list")]
     pub public_key_hashes: Vec<String>,
+    /// Browser origins (`https://app.example.com`) allowed to call this org's public session
+    /// API directly (CORS); none by default.
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -534,6 +538,21 @@ impl Settings {
         for (org, settings) in &self.orgs {
             if !crate::agents::is_valid_name(org) {
                 return bad(&format!("orgs.{org}"), "not a valid organization name".into());
+            }
+            for origin in &settings.allowed_origins {
+                let parsed = url::Url::parse(origin).ok();
+                let is_origin = parsed.is_some_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.path() == "/"
+                        && !origin.ends_with('/')
+                });
+                if !is_origin {
+                    return bad(
+                        &format!("orgs.{org}.allowed_origins"),
+                        format!("`{origin}` is not an origin like https://app.example.com"),
+                    );
+                }
             }
             for hash in &settings.public_key_hashes {
                 if crate::api_keys::parse_api_key_hash(hash).is_none() {

@@ -62,6 +62,8 @@ pub struct AppState {
     pub max_live_sessions: usize,
     /// See `token.clock_skew_ms`.
     pub clock_skew: Duration,
+    /// Browser origins each org allows (CORS).
+    pub allowed_origins: std::collections::HashMap<String, Vec<String>>,
     /// Ceiling on every agent's `max_session_duration`.
     pub max_session: Duration,
     /// The cap of agents whose file sets none.
@@ -125,6 +127,11 @@ impl AppState {
             max_connections: limits.max_connections,
             max_live_sessions: limits.max_live_sessions,
             clock_skew: settings.token.clock_skew,
+            allowed_origins: settings
+                .orgs
+                .iter()
+                .map(|(org, o)| (org.clone(), o.allowed_origins.clone()))
+                .collect(),
             max_session: limits.max_session,
             default_max_agents: settings.agents.default_max_agents,
             leases: LeaseTiming {

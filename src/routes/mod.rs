@@ -1,5 +1,6 @@
 //! HTTP routes, one file per endpoint family. Every answer, errors included, is JSON.
 
+pub mod cors;
 pub mod health;
 pub mod middleware;
 pub mod peer;
@@ -11,7 +12,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use actix_web::{
-    HttpRequest, HttpResponse,
+    HttpRequest, HttpResponse, ResponseError,
     http::{Method, header},
     web,
 };
@@ -55,18 +56,29 @@ async fn public_api(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.check_connections()?;
     let rest = req.match_info().unprocessed().strip_prefix('/').unwrap_or_default();
     let segments: Vec<&str> = rest.split('/').collect();
-    match (req.method(), segments.as_slice()) {
-        (&Method::POST, [agent, "start"]) => start::start(&req, agent, payload, &state).await,
-        (&Method::GET, [agent, "sessions", id]) => sessions::get(&req, agent, id, &state).await,
-        (&Method::DELETE, [agent, "sessions", id]) => {
-            sessions::delete(&req, agent, id, &state).await
-        }
-        (_, [_, "start"] | [_, "sessions", _]) => Err(ApiError::MethodNotAllowed),
-        _ => Err(ApiError::RouteNotFound),
+    let agent = segments.first().copied().unwrap_or_default();
+    if req.method() == Method::OPTIONS
+        && matches!(segments.as_slice(), [_, "start"] | [_, "sessions", _])
+    {
+        return Ok(cors::preflight(&req, &state, agent));
     }
+    let answer = async {
+        state.check_connections()?;
+        match (req.method(), segments.as_slice()) {
+            (&Method::POST, [agent, "start"]) => start::start(&req, agent, payload, &state).await,
+            (&Method::GET, [agent, "sessions", id]) => sessions::get(&req, agent, id, &state).await,
+            (&Method::DELETE, [agent, "sessions", id]) => {
+                sessions::delete(&req, agent, id, &state).await
+            }
+            (_, [_, "start"] | [_, "sessions", _]) => Err(ApiError::MethodNotAllowed),
+            _ => Err(ApiError::RouteNotFound),
+        }
+    };
+    let mut response = answer.await.unwrap_or_else(|e| e.error_response());
+    cors::expose(&req, &state, agent, &mut response);
+    Ok(response)
 }
 
 /// The org whose public key authorizes this request (`Authorization: Bearer pk_…`), and the key.

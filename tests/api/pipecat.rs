@@ -162,3 +162,57 @@ async fn a_base_image_bot_gets_its_session_id_and_body() {
     let body: Value = serde_json::from_slice(&body_seen_by_bot(&app.bot)).unwrap();
     assert_eq!(body["lang"], "en");
 }
+
+/// A browser on an origin the org allows calls `/start` directly; any other origin gets no
+/// CORS headers, and the WebSocket and other routes answer none.
+#[tokio::test]
+async fn browsers_of_allowed_origins_may_call_start() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    let allowed = "https://app.example.com";
+    options.settings.orgs.get_mut(ORG).unwrap().allowed_origins = vec![allowed.into()];
+    let app = TestApp::with(options, bot).await;
+    let url = format!("http://{}/v1/public/{TOKEN_AGENT}/start", app.addr);
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+    let ok = preflight(allowed).await.unwrap();
+    assert!(ok.status().is_success());
+    assert_eq!(ok.headers()["access-control-allow-origin"], allowed);
+    assert!(
+        ok.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization")
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    let start = |origin: &'static str, key: &'static str| {
+        app.http.post(&url).header("origin", origin).bearer_auth(key).body("{}").send()
+    };
+    let minted = start(allowed, KEY).await.unwrap();
+    assert_eq!(minted.status(), 200);
+    assert_eq!(minted.headers()["access-control-allow-origin"], allowed);
+    let refused = start(allowed, "pk_wrong").await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["access-control-allow-origin"], allowed, "errors are readable");
+    let foreign = start("https://evil.example", KEY).await.unwrap();
+    assert!(foreign.headers().get("access-control-allow-origin").is_none());
+    // Another org's agent does not inherit this org's origins.
+    let rival = app
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("http://{}/v1/public/{OTHER_ORG_AGENT}/start", app.addr),
+        )
+        .header("origin", allowed)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(rival.headers().get("access-control-allow-origin").is_none());
+}

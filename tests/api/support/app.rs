@@ -180,7 +180,10 @@ impl AppOptions {
         for (org, key) in [(ORG, KEY), (OTHER_ORG, OTHER_KEY)] {
             settings.orgs.insert(
                 org.into(),
-                OrgSettings { public_key_hashes: vec![hex::encode(hash_api_key(key))] },
+                OrgSettings {
+                    public_key_hashes: vec![hex::encode(hash_api_key(key))],
+                    ..OrgSettings::default()
+                },
             );
         }
         Self {
