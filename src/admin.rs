@@ -1,5 +1,6 @@
 //! Operator commands on the shared registry: deploy an agent, create, list and revoke public
-//! keys. Every replica picks a change up within `registry.refresh_ms`.
+//! keys and private tokens. The CLI and the private API both use them. Every replica picks a
+//! change up within `registry.refresh_ms`.
 
 use std::path::Path;
 
@@ -10,8 +11,9 @@ use rand::RngCore;
 use crate::{
     agents::{BotDefaults, BotUrls, is_valid_name},
     api_keys::{PUBLIC_KEY_PREFIX, hash_api_key},
+    private_tokens::PRIVATE_TOKEN_PREFIX,
     registry::deployed_agent,
-    store::{ApiKeyRecord, DeployedAgent, RegistryStore, unix_ms},
+    store::{CredentialKind, CredentialRecord, DeployedAgent, RegistryStore, unix_ms},
 };
 
 /// Random bytes in a new public key: 192 bits.
@@ -36,6 +38,7 @@ pub async fn deploy(
         toml: text,
         bot_url: bots.any_region.map(String::from),
         bot_urls: bots.by_region.into_iter().map(|(r, u)| (r, u.into())).collect(),
+        ..DeployedAgent::default()
     };
     let agent = deployed_agent(&deployed, org, defaults).map_err(anyhow::Error::msg)?;
     if agent.legacy_section {
@@ -44,55 +47,95 @@ pub async fn deploy(
              pass --bot-url (or set [bots] in the settings)"
         );
     }
-    let version = store.registry_put_agent(org, &agent.name, &deployed).await?;
+    let (_, version) = store_deployment(store, org, &agent.name, deployed).await?;
     Ok((agent.service_host, version))
 }
 
-/// Creates a public key for `org`. The key is returned once and stored only as its hash.
-pub async fn create_key(
+/// Stores `deployed` as the agent `name` of `org`, with a new deployment id, keeping the
+/// creation time of the agent it replaces.
+pub async fn store_deployment(
     store: &dyn RegistryStore,
     org: &str,
-) -> anyhow::Result<(String, ApiKeyRecord)> {
+    name: &str,
+    mut deployed: DeployedAgent,
+) -> anyhow::Result<(DeployedAgent, u64)> {
+    let now = unix_ms();
+    let host = format!("{name}.{org}");
+    let previous = store.registry_load().await?.agents.into_iter().find(|(o, agent)| {
+        o == org && toml_agent_name(&agent.toml).is_some_and(|n| format!("{n}.{o}") == host)
+    });
+    deployed.created_ms = previous.map_or(now, |(_, agent)| agent.created_ms);
+    deployed.updated_ms = now;
+    deployed.deployment_id = Some(uuid::Uuid::new_v4().to_string());
+    let version = store.registry_put_agent(org, name, &deployed).await?;
+    Ok((deployed, version))
+}
+
+fn toml_agent_name(text: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    table.get("agent_name")?.as_str().map(str::to_owned)
+}
+
+/// Creates a credential of `kind` for `org`. The secret is returned once and stored only as
+/// its hash.
+pub async fn create_credential(
+    store: &dyn RegistryStore,
+    kind: CredentialKind,
+    org: &str,
+    name: Option<&str>,
+) -> anyhow::Result<(String, CredentialRecord)> {
     if !is_valid_name(org) {
         bail!("`{org}` is not a valid organization name");
     }
     let mut random = [0u8; KEY_RANDOM_BYTES];
     rand::rng().fill_bytes(&mut random);
-    let key = format!("{PUBLIC_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(random));
-    let hash = hex::encode(hash_api_key(&key));
-    let record = ApiKeyRecord {
+    let prefix = match kind {
+        CredentialKind::ApiKey => PUBLIC_KEY_PREFIX,
+        CredentialKind::PrivateToken => PRIVATE_TOKEN_PREFIX,
+    };
+    let secret = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(random));
+    let hash = hex::encode(hash_api_key(&secret));
+    let record = CredentialRecord {
         id: hash[..KEY_ID_HEX].to_owned(),
         org: org.to_owned(),
         hash,
         created_ms: unix_ms(),
         revoked_ms: None,
+        name: name.map(str::to_owned),
     };
-    store.registry_put_key(&record).await?;
-    Ok((key, record))
+    store.registry_put_credential(kind, &record).await?;
+    Ok((secret, record))
 }
 
-/// The keys of `org`, revoked ones included, oldest first.
-pub async fn list_keys(store: &dyn RegistryStore, org: &str) -> anyhow::Result<Vec<ApiKeyRecord>> {
-    let mut keys: Vec<ApiKeyRecord> =
-        store.registry_load().await?.keys.into_iter().filter(|k| k.org == org).collect();
-    keys.sort_by_key(|k| k.created_ms);
-    Ok(keys)
-}
-
-/// Revokes the key `id` of `org`. Revoking a revoked key changes nothing.
-pub async fn revoke_key(
+/// The credentials of `kind` of `org`, revoked ones included, oldest first.
+pub async fn list_credentials(
     store: &dyn RegistryStore,
+    kind: CredentialKind,
+    org: &str,
+) -> anyhow::Result<Vec<CredentialRecord>> {
+    let entries = store.registry_load().await?;
+    let all = match kind {
+        CredentialKind::ApiKey => entries.keys,
+        CredentialKind::PrivateToken => entries.tokens,
+    };
+    let mut mine: Vec<CredentialRecord> = all.into_iter().filter(|k| k.org == org).collect();
+    mine.sort_by_key(|k| k.created_ms);
+    Ok(mine)
+}
+
+/// Revokes the credential `id` of `org`; `None` when it has none by that id. Revoking a
+/// revoked credential changes nothing.
+pub async fn revoke_credential(
+    store: &dyn RegistryStore,
+    kind: CredentialKind,
     org: &str,
     id: &str,
-) -> anyhow::Result<ApiKeyRecord> {
-    let mut key = list_keys(store, org)
-        .await?
-        .into_iter()
-        .find(|k| k.id == id)
-        .with_context(|| format!("org {org} has no key {id}"))?;
-    if key.revoked_ms.is_none() {
-        key.revoked_ms = Some(unix_ms());
-        store.registry_put_key(&key).await?;
+) -> anyhow::Result<Option<CredentialRecord>> {
+    let found = list_credentials(store, kind, org).await?.into_iter().find(|k| k.id == id);
+    let Some(mut record) = found else { return Ok(None) };
+    if record.revoked_ms.is_none() {
+        record.revoked_ms = Some(unix_ms());
+        store.registry_put_credential(kind, &record).await?;
     }
-    Ok(key)
+    Ok(Some(record))
 }

@@ -31,6 +31,7 @@ pub mod echo_bot;
 pub mod error;
 pub mod log_budget;
 pub mod metrics;
+pub mod private_tokens;
 pub mod registry;
 pub mod routes;
 pub mod sessions;

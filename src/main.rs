@@ -7,7 +7,7 @@ use session_broker::{
     api_keys,
     config::{Settings, Sources},
     startup::Application,
-    store::redis::RedisStore,
+    store::{CredentialKind, redis::RedisStore},
     telemetry,
 };
 
@@ -53,8 +53,14 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Manage an org's public API keys in the shared registry (Redis).
+    /// Manage an org's public API keys (`pk_…`, for /start) in the shared registry (Redis).
     Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage an org's private tokens (`pcc_pat_…`, for the private API the `pipecat cloud`
+    /// CLI calls) in the shared registry (Redis).
+    Tokens {
         #[command(subcommand)]
         command: KeysCommand,
     },
@@ -62,21 +68,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Create a key; it is shown once and stored only as its hash.
+    /// Create one; it is shown once and stored only as its hash.
     Create {
         #[arg(long)]
         org: String,
+        /// A name to tell it by in lists.
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// List an org's keys (ids and dates, never the keys).
+    /// List an org's (ids, names and dates, never the secrets).
     List {
         #[arg(long)]
         org: String,
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Revoke a key by its id; every replica refuses it within registry.refresh_ms.
+    /// Revoke one by its id; every replica refuses it within registry.refresh_ms.
     Revoke {
         id: String,
         #[arg(long)]
@@ -138,36 +147,8 @@ fn main() -> ExitCode {
             println!("deployed {service} (registry version {version})");
             Ok(())
         }),
-        Command::Keys { command: KeysCommand::Create { org, store } } => {
-            admin(store, async move |s, _| {
-                let (key, record) = session_broker::admin::create_key(s, &org).await?;
-                println!("{key}");
-                eprintln!(
-                    "key {} created for {org}; it is shown this once and stored only as a hash",
-                    record.id
-                );
-                Ok(())
-            })
-        }
-        Command::Keys { command: KeysCommand::List { org, store } } => {
-            admin(store, async move |s, _| {
-                for key in session_broker::admin::list_keys(s, &org).await? {
-                    let state = match key.revoked_ms {
-                        Some(at) => format!("revoked at {at}"),
-                        None => "active".to_owned(),
-                    };
-                    println!("{}\tcreated at {}\t{state}", key.id, key.created_ms);
-                }
-                Ok(())
-            })
-        }
-        Command::Keys { command: KeysCommand::Revoke { id, org, store } } => {
-            admin(store, async move |s, _| {
-                let key = session_broker::admin::revoke_key(s, &org, &id).await?;
-                println!("key {} of {org} revoked", key.id);
-                Ok(())
-            })
-        }
+        Command::Keys { command } => credentials(CredentialKind::ApiKey, command),
+        Command::Tokens { command } => credentials(CredentialKind::PrivateToken, command),
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -233,6 +214,44 @@ fn healthcheck(url: &str) -> anyhow::Result<()> {
     match &head[9..12] {
         b"200" => Ok(()),
         status => anyhow::bail!("status {}", String::from_utf8_lossy(status)),
+    }
+}
+
+/// `keys` and `tokens`: the same commands on public keys and on private tokens.
+fn credentials(kind: CredentialKind, command: KeysCommand) -> ExitCode {
+    use session_broker::admin;
+    let what = match kind {
+        CredentialKind::ApiKey => "key",
+        CredentialKind::PrivateToken => "token",
+    };
+    match command {
+        KeysCommand::Create { org, name, store } => admin(store, async move |s, _| {
+            let (secret, record) = admin::create_credential(s, kind, &org, name.as_deref()).await?;
+            println!("{secret}");
+            eprintln!(
+                "{what} {} created for {org}; it is shown this once and stored only as a hash",
+                record.id
+            );
+            Ok(())
+        }),
+        KeysCommand::List { org, store } => admin(store, async move |s, _| {
+            for record in admin::list_credentials(s, kind, &org).await? {
+                let state = match record.revoked_ms {
+                    Some(at) => format!("revoked at {at}"),
+                    None => "active".to_owned(),
+                };
+                let name = record.name.as_deref().unwrap_or("-");
+                println!("{}\t{name}\tcreated at {}\t{state}", record.id, record.created_ms);
+            }
+            Ok(())
+        }),
+        KeysCommand::Revoke { id, org, store } => admin(store, async move |s, _| {
+            match admin::revoke_credential(s, kind, &org, &id).await? {
+                Some(record) => println!("{what} {} of {org} revoked", record.id),
+                None => anyhow::bail!("org {org} has no {what} {id}"),
+            }
+            Ok(())
+        }),
     }
 }
 

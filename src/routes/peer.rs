@@ -21,8 +21,15 @@ pub struct Peer {
 impl Peer {
     pub fn of(req: &HttpRequest, trusted: &[IpNet]) -> Self {
         let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let chain = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        Self::resolve(peer, chain, trusted)
+        // Several header lines form one list, in order (RFC 9110 §5.3): reading only the first
+        // would let a client pick its address past a proxy that appends a line of its own.
+        let lines: Vec<&str> = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect();
+        let chain = (!lines.is_empty()).then(|| lines.join(", "));
+        Self::resolve(peer, chain.as_deref(), trusted)
     }
 
     fn resolve(peer: IpAddr, chain: Option<&str>, trusted: &[IpNet]) -> Self {

@@ -33,6 +33,18 @@ impl Keyspace {
         format!("{}:agent:{{{service_host}}}:live", self.prefix)
     }
 
+    /// `{prefix}:agent:{<agent.org>}:sessions`: the agent's sessions, a sorted set of session
+    /// ids scored by creation time (Unix ms), for listing; trimmed to the retention period.
+    pub fn sessions_of(&self, service_host: &str) -> String {
+        format!("{}:agent:{{{service_host}}}:sessions", self.prefix)
+    }
+
+    /// `{prefix}:agent:{<agent.org>}:events`: the agent's session events, newest first, a list
+    /// of JSON `SessionEvent`s capped in length.
+    pub fn events_of(&self, service_host: &str) -> String {
+        format!("{}:agent:{{{service_host}}}:events", self.prefix)
+    }
+
     /// `{prefix}:rate:{<bucket>}:<window>`: calls counted against `bucket` in fixed window
     /// number `window`; expires two windows later.
     pub fn rate(&self, bucket: &str, window: u64) -> String {
@@ -64,10 +76,12 @@ impl Keyspace {
 /// The parts of the shared registry.
 #[derive(Debug, Clone, Copy)]
 pub enum RegistryPart {
-    /// Hash of `agent.org` to its `pcc-deploy.toml` text.
+    /// Hash of `agent.org` to the JSON of its `DeployedAgent`.
     Agents,
-    /// Hash of key id to the JSON of its `ApiKeyRecord`.
+    /// Hash of key id to the JSON of its `CredentialRecord`: public API keys.
     Keys,
+    /// Hash of token id to the JSON of its `CredentialRecord`: private tokens.
+    Tokens,
     /// Counter bumped by every change; replicas poll it.
     Version,
 }
@@ -77,6 +91,7 @@ impl RegistryPart {
         match self {
             Self::Agents => "agents",
             Self::Keys => "keys",
+            Self::Tokens => "tokens",
             Self::Version => "version",
         }
     }

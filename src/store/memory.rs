@@ -11,8 +11,8 @@ use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRecord, DeployedAgent, RegistryEntries, RegistryStore, SessionRecord, SessionStore,
-    Status, StoreError, TERMINATION_BACKLOG,
+    CredentialKind, CredentialRecord, DeployedAgent, RegistryEntries, RegistryStore, SessionEvent,
+    SessionRecord, SessionStore, Status, StoreError, TERMINATION_BACKLOG,
 };
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
@@ -41,7 +41,12 @@ struct Inner {
     leases: HashMap<String, HashMap<Uuid, Instant>>,
     /// The shared registry: agents by `agent.org` as (org, TOML), keys by id, and the version.
     registry_agents: HashMap<String, (String, DeployedAgent)>,
-    registry_keys: HashMap<String, ApiKeyRecord>,
+    registry_keys: HashMap<String, CredentialRecord>,
+    registry_tokens: HashMap<String, CredentialRecord>,
+    /// agent -> (created ms, session id), oldest first
+    session_index: HashMap<String, Vec<(u64, Uuid)>>,
+    /// agent -> events, newest first
+    events: HashMap<String, std::collections::VecDeque<SessionEvent>>,
     registry_version: u64,
     next_sweep: Instant,
 }
@@ -64,6 +69,9 @@ impl Default for MemoryStore {
                 leases: HashMap::new(),
                 registry_agents: HashMap::new(),
                 registry_keys: HashMap::new(),
+                registry_tokens: HashMap::new(),
+                session_index: HashMap::new(),
+                events: HashMap::new(),
                 registry_version: 0,
                 next_sweep: now + SWEEP_INTERVAL,
             }),
@@ -253,6 +261,60 @@ impl SessionStore for MemoryStore {
         Ok(live as u64)
     }
 
+    async fn index_session(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        created_ms: u64,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let oldest = created_ms.saturating_sub(retention.as_millis() as u64);
+        let mut inner = self.lock();
+        let index = inner.session_index.entry(agent.to_owned()).or_default();
+        index.retain(|(at, _)| *at >= oldest);
+        index.push((created_ms, sid));
+        Ok(())
+    }
+
+    async fn list_sessions(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let Some(index) = inner.session_index.get(agent) else { return Ok(Vec::new()) };
+        Ok(index
+            .iter()
+            .rev()
+            .take(limit)
+            .filter_map(|(_, sid)| {
+                let record =
+                    inner.sessions.get(sid).filter(|r| r.expires.is_none_or(|at| at > now))?;
+                Some((*sid, record.record.clone()))
+            })
+            .collect())
+    }
+
+    async fn log_event(
+        &self,
+        agent: &str,
+        event: &SessionEvent,
+        cap: usize,
+        _retention: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let events = inner.events.entry(agent.to_owned()).or_default();
+        events.push_front(event.clone());
+        events.truncate(cap);
+        Ok(())
+    }
+
+    async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.events.get(agent).map(|e| e.iter().cloned().collect()).unwrap_or_default())
+    }
+
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
         // No receiver (no live session anywhere) is not an error.
         let _ = self.terminations.send(sid);
@@ -276,6 +338,7 @@ impl RegistryStore for MemoryStore {
             version: inner.registry_version,
             agents: inner.registry_agents.values().cloned().collect(),
             keys: inner.registry_keys.values().cloned().collect(),
+            tokens: inner.registry_tokens.values().cloned().collect(),
         })
     }
 
@@ -291,9 +354,24 @@ impl RegistryStore for MemoryStore {
         Ok(inner.registry_version)
     }
 
-    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
+    async fn registry_delete_agent(&self, org: &str, name: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        inner.registry_keys.insert(key.id.clone(), key.clone());
+        let removed = inner.registry_agents.remove(&format!("{name}.{org}")).is_some();
+        inner.registry_version += 1;
+        Ok(removed)
+    }
+
+    async fn registry_put_credential(
+        &self,
+        kind: CredentialKind,
+        record: &CredentialRecord,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let records = match kind {
+            CredentialKind::ApiKey => &mut inner.registry_keys,
+            CredentialKind::PrivateToken => &mut inner.registry_tokens,
+        };
+        records.insert(record.id.clone(), record.clone());
         inner.registry_version += 1;
         Ok(inner.registry_version)
     }

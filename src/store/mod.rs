@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-pub use records::{ApiKeyRecord, DeployedAgent, EndReason, RegistryEntries, SessionRecord, Status};
+pub use records::{
+    CredentialKind, CredentialRecord, DeployedAgent, EndReason, RegistryEntries, SessionEvent,
+    SessionRecord, Status,
+};
 
 /// Session ids announced for termination that a slow listener may lag behind before it misses
 /// some; a missed one is still ended at the holder's next lease renewal.
@@ -172,6 +175,35 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Live sessions of `agent` (unlapsed leases).
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError>;
 
+    /// Adds session `sid` of `agent`, created at `created_ms`, to the agent's list, which keeps
+    /// `retention` of sessions.
+    async fn index_session(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        created_ms: u64,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The newest `limit` sessions of `agent` that still have records, newest first.
+    async fn list_sessions(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError>;
+
+    /// Appends an event to `agent`'s log, which keeps the newest `cap` events for `retention`.
+    async fn log_event(
+        &self,
+        agent: &str,
+        event: &SessionEvent,
+        cap: usize,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// `agent`'s events, newest first.
+    async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError>;
+
     /// Tells every replica that session `sid` must end.
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError>;
 
@@ -196,8 +228,15 @@ pub trait RegistryStore: Send + Sync + 'static {
         agent: &DeployedAgent,
     ) -> Result<u64, StoreError>;
 
-    /// Adds a key, or replaces the record with its id (to revoke it).
-    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError>;
+    /// Removes the agent `name` of `org`. Returns whether there was one.
+    async fn registry_delete_agent(&self, org: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Adds a credential, or replaces the record with its id (to revoke it).
+    async fn registry_put_credential(
+        &self,
+        kind: CredentialKind,
+        record: &CredentialRecord,
+    ) -> Result<u64, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, the time base of token expiry.

@@ -228,29 +228,63 @@ impl SessionRecord {
     }
 }
 
-/// A public API key as the shared registry keeps it: its hash, never the key.
+/// A public API key or a private token as the shared registry keeps it: its hash, never the
+/// secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiKeyRecord {
-    /// Short public id, to name the key in `keys list` and `keys revoke`.
+pub struct CredentialRecord {
+    /// Short public id, to name the credential in lists and revocations.
     pub id: String,
     pub org: String,
-    /// Hex SHA-256 of the key.
+    /// Hex SHA-256 of the secret.
     pub hash: String,
     pub created_ms: u64,
     pub revoked_ms: Option<u64>,
+    /// A name its creator gave it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// An agent as the shared registry keeps it: its `pcc-deploy.toml` exactly as deployed (keys
 /// the broker does not use included, to be shown back), and the bot URLs its deploy gave.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployedAgent {
+    /// The deploy file, as deployed by `session-broker deploy` or rebuilt from the CLI's payload.
     pub toml: String,
+    /// The `pipecat cloud deploy` payload as sent, fields the broker does not use included, to
+    /// be shown back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// Changes with every deploy; the CLI waits until the reconciled id equals it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    #[serde(default)]
+    pub created_ms: u64,
+    #[serde(default)]
+    pub updated_ms: u64,
     /// The bot of every region that has none of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bot_url: Option<String>,
     /// Bots by region.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub bot_urls: BTreeMap<String, String>,
+}
+
+/// One event of a session's life, as `agent logs` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    pub at_ms: u64,
+    pub session_id: uuid::Uuid,
+    /// What happened, in words: `session … started`, `… connected`, `… ended: completed`.
+    pub text: String,
+}
+
+/// Which kind of credential a registry change is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A public API key (`pk_…`), for `/start` and the public session API.
+    ApiKey,
+    /// A private token, for the private API (the `pipecat cloud` CLI).
+    PrivateToken,
 }
 
 impl DeployedAgent {
@@ -274,7 +308,10 @@ pub struct RegistryEntries {
     pub version: u64,
     /// (org, agent) per deployed agent.
     pub agents: Vec<(String, DeployedAgent)>,
-    pub keys: Vec<ApiKeyRecord>,
+    /// Public API keys.
+    pub keys: Vec<CredentialRecord>,
+    /// Private tokens, for the private API.
+    pub tokens: Vec<CredentialRecord>,
 }
 
 #[cfg(test)]

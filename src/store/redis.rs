@@ -17,8 +17,9 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRecord, DeployedAgent, PrepareError, RegistryEntries, RegistryStore, SessionRecord,
-    SessionStore, Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
+    CredentialKind, CredentialRecord, DeployedAgent, PrepareError, RegistryEntries, RegistryStore,
+    SessionEvent, SessionRecord, SessionStore, Status, StoreError, StoreObserver,
+    TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
@@ -406,6 +407,84 @@ impl SessionStore for RedisStore {
         self.run("count_live_sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
+    async fn index_session(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        created_ms: u64,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.sessions_of(agent);
+        let oldest = created_ms.saturating_sub(retention.as_millis() as u64);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd(&key, sid.to_string(), created_ms)
+            .ignore()
+            .zrembyscore(&key, "-inf", format!("({oldest}"))
+            .ignore()
+            .pexpire(&key, retention.as_millis() as i64)
+            .ignore();
+        self.run("index_session", Purpose::Commands, Request::Pipe(&pipe)).await
+    }
+
+    async fn list_sessions(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError> {
+        let mut range = redis::cmd("ZRANGE");
+        range.arg(self.keys.sessions_of(agent)).arg(0).arg(limit.saturating_sub(1)).arg("REV");
+        let ids: Vec<String> =
+            self.run("list_sessions", Purpose::Commands, Request::Cmd(&range)).await?;
+        let ids: Vec<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The records live under other hash tags: a non-atomic pipeline, which a cluster
+        // connection splits by node.
+        let mut pipe = redis::pipe();
+        for sid in &ids {
+            pipe.hgetall(self.keys.session(*sid));
+        }
+        let records: Vec<HashMap<String, String>> =
+            self.run("read_sessions", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        Ok(ids
+            .into_iter()
+            .zip(records)
+            .filter(|(_, fields)| !fields.is_empty())
+            .map(|(sid, fields)| (sid, SessionRecord::from_fields(&fields)))
+            .collect())
+    }
+
+    async fn log_event(
+        &self,
+        agent: &str,
+        event: &SessionEvent,
+        cap: usize,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.events_of(agent);
+        // A struct of numbers and strings serializes.
+        let json = serde_json::to_string(event).expect("event serializes");
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .lpush(&key, json)
+            .ignore()
+            .ltrim(&key, 0, cap.saturating_sub(1) as isize)
+            .ignore()
+            .pexpire(&key, retention.as_millis() as i64)
+            .ignore();
+        self.run("log_event", Purpose::Commands, Request::Pipe(&pipe)).await
+    }
+
+    async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError> {
+        let mut range = redis::cmd("LRANGE");
+        range.arg(self.keys.events_of(agent)).arg(0).arg(-1);
+        let events: Vec<String> =
+            self.run("events", Purpose::Commands, Request::Cmd(&range)).await?;
+        Ok(events.iter().filter_map(|json| serde_json::from_str(json).ok()).collect())
+    }
+
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.keys.terminations()).arg(sid.to_string());
@@ -432,9 +511,11 @@ impl RegistryStore for RedisStore {
         pipe.atomic()
             .get(self.keys.registry(RegistryPart::Version))
             .hgetall(self.keys.registry(RegistryPart::Agents))
-            .hgetall(self.keys.registry(RegistryPart::Keys));
-        let (version, agents, keys): (
+            .hgetall(self.keys.registry(RegistryPart::Keys))
+            .hgetall(self.keys.registry(RegistryPart::Tokens));
+        let (version, agents, keys, tokens): (
             Option<u64>,
+            HashMap<String, String>,
             HashMap<String, String>,
             HashMap<String, String>,
         ) = self.run("registry_load", Purpose::Commands, Request::Pipe(&pipe)).await?;
@@ -444,8 +525,11 @@ impl RegistryStore for RedisStore {
                 Some((host.split_once('.')?.1.to_owned(), DeployedAgent::from_stored(&stored)))
             })
             .collect();
-        let keys = keys.values().filter_map(|json| serde_json::from_str(json).ok()).collect();
-        Ok(RegistryEntries { version: version.unwrap_or(0), agents, keys })
+        let records = |stored: HashMap<String, String>| -> Vec<CredentialRecord> {
+            stored.values().filter_map(|json| serde_json::from_str(json).ok()).collect()
+        };
+        let (keys, tokens) = (records(keys), records(tokens));
+        Ok(RegistryEntries { version: version.unwrap_or(0), agents, keys, tokens })
     }
 
     async fn registry_put_agent(
@@ -457,10 +541,29 @@ impl RegistryStore for RedisStore {
         self.registry_put(RegistryPart::Agents, &format!("{name}.{org}"), &agent.to_stored()).await
     }
 
-    async fn registry_put_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
+    async fn registry_delete_agent(&self, org: &str, name: &str) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hdel(self.keys.registry(RegistryPart::Agents), format!("{name}.{org}"))
+            .incr(self.keys.registry(RegistryPart::Version), 1)
+            .ignore();
+        let (removed,): (u64,) =
+            self.run("registry_delete", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn registry_put_credential(
+        &self,
+        kind: CredentialKind,
+        record: &CredentialRecord,
+    ) -> Result<u64, StoreError> {
         // Serializing a struct of strings and integers cannot fail.
-        let json = serde_json::to_string(key).expect("key record serializes");
-        self.registry_put(RegistryPart::Keys, &key.id, &json).await
+        let json = serde_json::to_string(record).expect("credential record serializes");
+        let part = match kind {
+            CredentialKind::ApiKey => RegistryPart::Keys,
+            CredentialKind::PrivateToken => RegistryPart::Tokens,
+        };
+        self.registry_put(part, &record.id, &json).await
     }
 }
 

@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use session_broker::{admin, agents::BotDefaults, config::RedisSettings, store::redis::RedisStore};
+use session_broker::{
+    admin,
+    agents::BotDefaults,
+    config::RedisSettings,
+    store::{CredentialKind, redis::RedisStore},
+};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -34,7 +39,8 @@ async fn keys_created_and_revoked_reach_every_replica() {
     let apps = replicas(&redis.url(), &bot, 2).await;
     let store = store(&redis);
 
-    let (key, record) = admin::create_key(&store, ORG).await.unwrap();
+    let (key, record) =
+        admin::create_credential(&store, CredentialKind::ApiKey, ORG, None).await.unwrap();
     assert!(key.starts_with("pk_") && !record.hash.contains(&key));
     for app in &apps {
         eventually(WITHIN, || async {
@@ -42,18 +48,25 @@ async fn keys_created_and_revoked_reach_every_replica() {
         })
         .await;
     }
-    let listed = admin::list_keys(&store, ORG).await.unwrap();
+    let listed = admin::list_credentials(&store, CredentialKind::ApiKey, ORG).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, record.id);
 
-    admin::revoke_key(&store, ORG, &record.id).await.unwrap();
+    admin::revoke_credential(&store, CredentialKind::ApiKey, ORG, &record.id)
+        .await
+        .unwrap()
+        .unwrap();
     for app in &apps {
         eventually(WITHIN, || async {
             (status_of_start(app, TOKEN_AGENT, &key).await == 401).then_some(())
         })
         .await;
     }
-    assert!(admin::list_keys(&store, ORG).await.unwrap()[0].revoked_ms.is_some());
+    assert!(
+        admin::list_credentials(&store, CredentialKind::ApiKey, ORG).await.unwrap()[0]
+            .revoked_ms
+            .is_some()
+    );
     // Keys from the settings are untouched.
     assert_eq!(status_of_start(&apps[0], TOKEN_AGENT, KEY).await, 200);
 }
