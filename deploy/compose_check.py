@@ -75,9 +75,24 @@ def compose_container(service):
     raise AssertionError(f"no container for {service}")
 
 
+def inspect(container, template):
+    return subprocess.run(["docker", "inspect", "-f", template, container],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def brokers_healthy():
+    """Docker's health checks (docker-compose.yml) ask each replica's /readyz on its internal
+    port: all four ready means each region balances over two."""
+    return all(inspect(compose_container(s), "{{.State.Health.Status}}") == "healthy"
+               for s in ("west-1", "west-2", "east-1", "east-2"))
+
+
 async def main():
+    wait_until("every replica healthy", brokers_healthy)
+    # HAProxy's own checks (1 s apart) mark them up by now; its 503 page, not JSON, until then.
     for base in (WEST, EAST):
-        wait_until(f"{base} ready", lambda: http("GET", f"{base}/readyz")[0] == 200)
+        wait_until(f"{base} routes to a replica", lambda: isinstance(
+            http("GET", f"{base}/v1/public/echo/sessions/none")[1], dict), within=10)
 
     # Each region answers its own wsUrl and serves the session.
     for base, port in ((WEST, 8080), (EAST, 8081)):
@@ -86,8 +101,9 @@ async def main():
         async with websockets.connect(f"{body['wsUrl']}/{body['token']}") as ws:
             await echo(ws, f"hello from {port}")
     print("each region: /start and connect ok")
-    status, _ = http("GET", f"{WEST}/metrics")
-    assert status == 404, f"/metrics is public through the load balancer: {status}"
+    for path in ("/metrics", "/readyz"):
+        status, _ = http("GET", f"{WEST}{path}")
+        assert status == 404, f"{path} answers {status} through the load balancer"
 
     # A token minted through us-west, used through eu-central, then replayed through us-west.
     body = start(WEST)
