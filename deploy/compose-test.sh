@@ -2,6 +2,7 @@
 # Runs the real docker-compose.yml on a machine that cannot pull images: builds each image it
 # names from what is installed here (FROM scratch with the binary and the libraries it links),
 # starts the cluster and checks it end to end through the load balancer (compose_check.py).
+# Its secrets come from .env, created by deploy/compose/init-secrets.sh when missing, as a user's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,7 @@ python3 -c 'import websockets' 2>/dev/null || pip install -q websockets
 
 cargo build --release --locked --bin session-broker
 broker=${CARGO_TARGET_DIR:-target}/release/session-broker
+deploy/compose/init-secrets.sh
 
 export BROKER_IMAGE=session-broker:local
 export REDIS_IMAGE=session-broker-redis:local

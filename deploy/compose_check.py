@@ -1,6 +1,7 @@
 """End-to-end checks of the local cluster (docker-compose.yml) through its load balancer:
 /start and connect in each region, a token minted in one region used in the other, replay
-refused, and a replica killed while sessions continue on the others and new ones start."""
+refused, and a replica killed while sessions continue on the others and new ones start. And what
+it keeps closed: metrics and probes not public, Redis refusing clients without its password."""
 
 import asyncio
 import json
@@ -87,12 +88,30 @@ def brokers_healthy():
                for s in ("west-1", "west-2", "east-1", "east-2"))
 
 
+def check_closed_doors():
+    for path in ("/metrics", "/readyz"):
+        status, _ = http("GET", f"{WEST}{path}")
+        assert status == 404, f"{path} answers {status} through the load balancer"
+    # From the compose network, as any container there: the bot's has the broker's binary and
+    # none of its secrets.
+    out = subprocess.run(
+        ["docker", "exec", compose_container("bot"), "/usr/local/bin/session-broker", "keys",
+         "list", "--org", "demo", "--redis-url", "redis://redis:6379"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode != 0 and "NOAUTH" in out.stderr, (
+        f"Redis without its password: exit {out.returncode}, {out.stderr.strip()}"
+    )
+
+
 async def main():
     wait_until("every replica healthy", brokers_healthy)
     # HAProxy's own checks (1 s apart) mark them up by now; its 503 page, not JSON, until then.
     for base in (WEST, EAST):
         wait_until(f"{base} routes to a replica", lambda: isinstance(
             http("GET", f"{base}/v1/public/echo/sessions/none")[1], dict), within=10)
+    check_closed_doors()
+    print("metrics and probes not public, Redis wants its password")
 
     # Each region answers its own wsUrl and serves the session.
     for base, port in ((WEST, 8080), (EAST, 8081)):
@@ -101,9 +120,6 @@ async def main():
         async with websockets.connect(f"{body['wsUrl']}/{body['token']}") as ws:
             await echo(ws, f"hello from {port}")
     print("each region: /start and connect ok")
-    for path in ("/metrics", "/readyz"):
-        status, _ = http("GET", f"{WEST}{path}")
-        assert status == 404, f"{path} answers {status} through the load balancer"
 
     # A token minted through us-west, used through eu-central, then replayed through us-west.
     body = start(WEST)
