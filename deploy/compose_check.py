@@ -1,7 +1,8 @@
 """End-to-end checks of the local cluster (docker-compose.yml) through its load balancer:
 /start and connect in each region, a token minted in one region used in the other, replay
 refused, and a replica killed while sessions continue on the others and new ones start. And what
-it keeps closed: metrics and probes not public, Redis refusing clients without its password."""
+it keeps closed: the load balancer on loopback only, metrics and probes not public, Redis
+refusing clients without its password."""
 
 import asyncio
 import json
@@ -89,7 +90,12 @@ def brokers_healthy():
 
 
 def check_closed_doors():
-    for path in ("/metrics", "/readyz"):
+    ports = json.loads(inspect(compose_container("lb"), "{{json .NetworkSettings.Ports}}"))
+    published = {f"{b['HostIp']}:{b['HostPort']}" for bs in ports.values() for b in bs or []}
+    assert published == {"127.0.0.1:8080", "127.0.0.1:8081"}, (
+        f"the load balancer is published on {published}, not loopback only (is LB_BIND set?)"
+    )
+    for path in ("/metrics", "/%6Detrics", "/healthz", "/readyz"):
         status, _ = http("GET", f"{WEST}{path}")
         assert status == 404, f"{path} answers {status} through the load balancer"
     # From the compose network, as any container there: the bot's has the broker's binary and
@@ -111,7 +117,7 @@ async def main():
         wait_until(f"{base} routes to a replica", lambda: isinstance(
             http("GET", f"{base}/v1/public/echo/sessions/none")[1], dict), within=10)
     check_closed_doors()
-    print("metrics and probes not public, Redis wants its password")
+    print("load balancer on loopback, metrics and probes not public, Redis wants its password")
 
     # Each region answers its own wsUrl and serves the session.
     for base, port in ((WEST, 8080), (EAST, 8081)):
