@@ -2,15 +2,18 @@
 features used here (resources, namespace, labels, strategic-merge patches of named list items)
 and validates every object against the Kubernetes schemas bundled in kubernetes-validate. Also
 checks that the Prometheus scrape example (base/prometheus-scrape.yml) finds and labels the pods
-the overlays render.
+the overlays render, and what keeps the pods shut: no secret in the manifests, no service
+account token, the internal port off the Service.
 
     pip install kubernetes-validate pyyaml && python3 deploy/kubernetes/validate.py
 """
 
 import copy
+import ipaddress
 import pathlib
 import re
 import sys
+import tomllib
 
 import kubernetes_validate
 import yaml
@@ -22,6 +25,8 @@ SCRAPE = ROOT / "base" / "prometheus-scrape.yml"
 REGION_LABEL = "broker.example.net/region"
 # The container port that serves /metrics, /healthz and /readyz (the broker's internal_listen).
 METRICS_PORT_NAME = "internal"
+# Environment variables whose names say they hold a secret: from a Secret, never inline.
+SECRET_ENV = re.compile(r"KEYS__|PASSWORD|SECRET|TOKEN")
 
 
 def merge(base, patch):
@@ -83,6 +88,7 @@ def render(directory):
     return copy.deepcopy(objects)
 
 
+
 def check(overlay, objects):
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -95,17 +101,48 @@ def check(overlay, objects):
     assert region == overlay.name, f"{overlay}: BROKER__REGION is {region}"
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]["broker.toml"]
-    drain = int(config.split("drain_deadline_secs = ")[1].split()[0])
+    configmap = next(o for o in objects if o["kind"] == "ConfigMap")
+    config = tomllib.loads(configmap["data"]["broker.toml"])
+    drain = config["limits"]["drain_deadline_secs"]
     assert grace > pause + drain, f"{overlay}: the grace period ends before the drain"
-    for env in container["env"]:
-        assert "value" not in env or "KEY" not in env["name"], f"{overlay}: a secret value inline"
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["labels"].get(REGION_LABEL) == region, (
         f"{overlay}: pods lack {REGION_LABEL}={region}, which the scrape job makes `region`"
     )
+    assert pod["spec"].get("automountServiceAccountToken") is False, (
+        f"{overlay}: pods get a service account token (automountServiceAccountToken: false)"
+    )
+    check_secrets(overlay, container, config)
+    check_trusted_proxies(overlay, config)
     check_metrics_port(overlay, objects, pod, container, config)
     check_scrape_job(overlay, objects, pod)
+
+
+def check_secrets(overlay, container, config):
+    """Signing keys and passwords come from the Secret: neither the environment nor the ConfigMap
+    holds one."""
+    for env in container["env"]:
+        if SECRET_ENV.search(env["name"]):
+            assert "secretKeyRef" in env.get("valueFrom", {}), (
+                f"{overlay}: {env['name']} is not from a Secret"
+            )
+    assert not config.get("token", {}).get("keys"), f"{overlay}: signing keys in the ConfigMap"
+    redis = config.get("redis", {})
+    assert "master_password" not in redis, f"{overlay}: the Redis password in the ConfigMap"
+    urls = [redis.get("url", "")] + redis.get("sentinels", []) + redis.get("cluster_nodes", [])
+    for url in urls:
+        assert not re.match(r"^[a-z]+://[^/@]*:[^/@]*@", url), (
+            f"{overlay}: a Redis password in the ConfigMap ({url.split('@')[-1]})"
+        )
+
+
+def check_trusted_proxies(overlay, config):
+    """Behind an ingress, without trusted proxies every client is the ingress to the per-address
+    rate limit."""
+    proxies = config.get("trusted_proxies")
+    assert proxies, f"{overlay}: no trusted_proxies: the ingress is every client's address"
+    for proxy in proxies:
+        ipaddress.ip_network(proxy, strict=False)
 
 
 def check_metrics_port(overlay, objects, pod, container, config):
@@ -126,18 +163,20 @@ def check_metrics_port(overlay, objects, pod, container, config):
             assert p.get("targetPort") not in (METRICS_PORT_NAME, ports[METRICS_PORT_NAME]), (
                 f"{overlay}: Service {service['metadata']['name']} exposes the metrics port"
             )
-    # Once the settings give the internal listener an address, it must be that port and
-    # reachable from the scraper and the kubelet, which then probe it too.
-    listen = re.search(r'^internal_listen\s*=\s*"([^"]+)"', config, re.MULTILINE)
-    if listen:
-        host, _, number = listen.group(1).rpartition(":")
-        assert int(number) == ports[METRICS_PORT_NAME], f"{overlay}: internal_listen port"
-        assert host not in ("127.0.0.1", "localhost", "[::1]"), (
-            f"{overlay}: internal_listen on loopback cannot be scraped or probed"
-        )
-        for probe in ("livenessProbe", "readinessProbe"):
-            target = container[probe]["httpGet"]["port"]
-            assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
+    # The internal listener is on loopback unless the settings say otherwise: it must be on that
+    # port, reachable from the scraper and the kubelet, which probe it (the public port answers
+    # 404 to probes).
+    listen = config.get("internal_listen")
+    assert listen, f"{overlay}: no internal_listen: on loopback, it cannot be scraped or probed"
+    host, _, number = listen.rpartition(":")
+    assert int(number) == ports[METRICS_PORT_NAME], f"{overlay}: internal_listen port"
+    assert host not in ("127.0.0.1", "localhost", "[::1]"), (
+        f"{overlay}: internal_listen on loopback cannot be scraped or probed"
+    )
+    for probe in ("livenessProbe", "readinessProbe"):
+        target = container[probe]["httpGet"]["port"]
+        assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
+
 
 
 def check_scrape_job(overlay, objects, pod):
