@@ -3,7 +3,8 @@ features used here (resources, namespace, labels, strategic-merge patches of nam
 and validates every object against the Kubernetes schemas bundled in kubernetes-validate. Also
 checks that the Prometheus scrape example (base/prometheus-scrape.yml) finds and labels the pods
 the overlays render, and what keeps the pods shut: no secret in the manifests, no service
-account token, the internal port off the Service.
+account token, the internal port off the Service and open to Prometheus only, a NetworkPolicy
+that selects the pods and limits their egress.
 
     pip install kubernetes-validate pyyaml && python3 deploy/kubernetes/validate.py
 """
@@ -69,6 +70,11 @@ def render(directory):
                         spec.setdefault("selector", {}).update(entry["pairs"])
                     elif "matchLabels" in selector:
                         selector["matchLabels"].update(entry["pairs"])
+                if obj["kind"] == "NetworkPolicy":
+                    # kustomize adds them to the peers' pod selectors too, not only the policy's.
+                    for selector in network_policy_pod_selectors(obj):
+                        if "matchLabels" in selector:
+                            selector["matchLabels"].update(entry["pairs"])
             if entry.get("includeSelectors") or entry.get("includeTemplates"):
                 template = obj.get("spec", {}).get("template", {}).get("metadata")
                 if template is not None:
@@ -87,6 +93,15 @@ def render(directory):
             obj["metadata"]["namespace"] = kustomization["namespace"]
     return copy.deepcopy(objects)
 
+
+def network_policy_pod_selectors(policy):
+    """The policy's own pod selector, then its peers'."""
+    spec = policy["spec"]
+    yield spec["podSelector"]
+    for rule in spec.get("ingress", []):
+        yield from (peer["podSelector"] for peer in rule.get("from", []) if "podSelector" in peer)
+    for rule in spec.get("egress", []):
+        yield from (peer["podSelector"] for peer in rule.get("to", []) if "podSelector" in peer)
 
 
 def check(overlay, objects):
@@ -115,6 +130,7 @@ def check(overlay, objects):
     check_secrets(overlay, container, config)
     check_trusted_proxies(overlay, config)
     check_metrics_port(overlay, objects, pod, container, config)
+    check_network_policy(overlay, objects, pod, container)
     check_scrape_job(overlay, objects, pod)
 
 
@@ -177,6 +193,41 @@ def check_metrics_port(overlay, objects, pod, container, config):
         target = container[probe]["httpGet"]["port"]
         assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
 
+
+def check_network_policy(overlay, objects, pod, container):
+    """A NetworkPolicy selects the pods, admits the internal port from named peers only, and
+    lets them reach named ports only."""
+    labels = pod["metadata"]["labels"]
+    policies = [
+        o for o in objects if o["kind"] == "NetworkPolicy"
+        and o["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        and not o["spec"]["podSelector"].get("matchExpressions")
+    ]
+    assert policies, f"{overlay}: no NetworkPolicy selects the broker pods"
+    internal = {METRICS_PORT_NAME, next(
+        p["containerPort"] for p in container["ports"] if p["name"] == METRICS_PORT_NAME)}
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        spec = policy["spec"]
+        assert {"Ingress", "Egress"} <= set(spec.get("policyTypes", [])), (
+            f"{overlay}: NetworkPolicy {name} does not restrict both ingress and egress"
+        )
+        for rule in spec.get("ingress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            admits_internal = not rule.get("ports") or ports & internal
+            assert not admits_internal or rule.get("from"), (
+                f"{overlay}: NetworkPolicy {name} admits the {METRICS_PORT_NAME} port from anywhere"
+            )
+        for rule in spec.get("egress", []):
+            assert rule.get("ports"), f"{overlay}: NetworkPolicy {name} allows egress to any port"
+        # A peer whose selector carries the pods' own labels (kustomize's includeSelectors adds
+        # them to matchLabels) is a broker pod, never the Redis, DNS server or bot it names.
+        for selector in list(network_policy_pod_selectors(policy))[1:]:
+            shared = selector.get("matchLabels", {}).items() & labels.items()
+            assert not shared, (
+                f"{overlay}: NetworkPolicy {name} has a peer selected by the brokers' own labels "
+                f"{dict(shared)}: use matchExpressions for peers"
+            )
 
 
 def check_scrape_job(overlay, objects, pod):
