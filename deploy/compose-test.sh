@@ -2,6 +2,7 @@
 # Runs the real docker-compose.yml on a machine that cannot pull images: builds each image it
 # names from what is installed here (FROM scratch with the binary and the libraries it links),
 # starts the cluster and checks it end to end through the load balancer (compose_check.py).
+# Its secrets come from .env, created by deploy/compose/init-secrets.sh when missing, as a user's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,8 @@ done
 python3 -c 'import websockets' 2>/dev/null || pip install -q websockets
 
 cargo build --release --locked --bin session-broker
+broker=${CARGO_TARGET_DIR:-target}/release/session-broker
+deploy/compose/init-secrets.sh
 
 export BROKER_IMAGE=session-broker:local
 export REDIS_IMAGE=session-broker-redis:local
@@ -55,9 +58,9 @@ DOCKERFILE
 
 image "$BROKER_IMAGE" 'USER 65532
 ENV BROKER__LISTEN=0.0.0.0:8080
-HEALTHCHECK --interval=5s --timeout=3s CMD ["session-broker", "healthcheck"]
+HEALTHCHECK --interval=5s --timeout=3s CMD ["session-broker", "healthcheck", "--url", "http://127.0.0.1:9090/healthz"]
 ENTRYPOINT ["session-broker"]
-CMD ["serve"]' target/release/session-broker
+CMD ["serve"]' "$broker"
 image "$REDIS_IMAGE" 'CMD ["redis-server"]' "$(command -v redis-server)"
 image "$LB_IMAGE" 'CMD ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]' "$(command -v haproxy)"
 

@@ -1,6 +1,8 @@
 """End-to-end checks of the local cluster (docker-compose.yml) through its load balancer:
 /start and connect in each region, a token minted in one region used in the other, replay
-refused, and a replica killed while sessions continue on the others and new ones start."""
+refused, and a replica killed while sessions continue on the others and new ones start. And what
+it keeps closed: the load balancer on loopback only, metrics and probes not public, Redis
+refusing clients without its password."""
 
 import asyncio
 import json
@@ -75,9 +77,47 @@ def compose_container(service):
     raise AssertionError(f"no container for {service}")
 
 
+def inspect(container, template):
+    return subprocess.run(["docker", "inspect", "-f", template, container],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def brokers_healthy():
+    """Docker's health checks (docker-compose.yml) ask each replica's /readyz on its internal
+    port: all four ready means each region balances over two."""
+    return all(inspect(compose_container(s), "{{.State.Health.Status}}") == "healthy"
+               for s in ("west-1", "west-2", "east-1", "east-2"))
+
+
+def check_closed_doors():
+    ports = json.loads(inspect(compose_container("lb"), "{{json .NetworkSettings.Ports}}"))
+    published = {f"{b['HostIp']}:{b['HostPort']}" for bs in ports.values() for b in bs or []}
+    assert published == {"127.0.0.1:8080", "127.0.0.1:8081"}, (
+        f"the load balancer is published on {published}, not loopback only (is LB_BIND set?)"
+    )
+    for path in ("/metrics", "/%6Detrics", "/healthz", "/readyz"):
+        status, _ = http("GET", f"{WEST}{path}")
+        assert status == 404, f"{path} answers {status} through the load balancer"
+    # From the compose network, as any container there: the bot's has the broker's binary and
+    # none of its secrets.
+    out = subprocess.run(
+        ["docker", "exec", compose_container("bot"), "/usr/local/bin/session-broker", "keys",
+         "list", "--org", "demo", "--redis-url", "redis://redis:6379"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode != 0 and "NOAUTH" in out.stderr, (
+        f"Redis without its password: exit {out.returncode}, {out.stderr.strip()}"
+    )
+
+
 async def main():
+    wait_until("every replica healthy", brokers_healthy)
+    # HAProxy's own checks (1 s apart) mark them up by now; its 503 page, not JSON, until then.
     for base in (WEST, EAST):
-        wait_until(f"{base} ready", lambda: http("GET", f"{base}/readyz")[0] == 200)
+        wait_until(f"{base} routes to a replica", lambda: isinstance(
+            http("GET", f"{base}/v1/public/echo/sessions/none")[1], dict), within=10)
+    check_closed_doors()
+    print("load balancer on loopback, metrics and probes not public, Redis wants its password")
 
     # Each region answers its own wsUrl and serves the session.
     for base, port in ((WEST, 8080), (EAST, 8081)):
@@ -86,8 +126,6 @@ async def main():
         async with websockets.connect(f"{body['wsUrl']}/{body['token']}") as ws:
             await echo(ws, f"hello from {port}")
     print("each region: /start and connect ok")
-    status, _ = http("GET", f"{WEST}/metrics")
-    assert status == 404, f"/metrics is public through the load balancer: {status}"
 
     # A token minted through us-west, used through eu-central, then replayed through us-west.
     body = start(WEST)

@@ -2,15 +2,19 @@
 features used here (resources, namespace, labels, strategic-merge patches of named list items)
 and validates every object against the Kubernetes schemas bundled in kubernetes-validate. Also
 checks that the Prometheus scrape example (base/prometheus-scrape.yml) finds and labels the pods
-the overlays render.
+the overlays render, and what keeps the pods shut: no secret in the manifests, no service
+account token, the internal port off the Service and open to Prometheus only, a NetworkPolicy
+that selects the pods and limits their egress.
 
     pip install kubernetes-validate pyyaml && python3 deploy/kubernetes/validate.py
 """
 
 import copy
+import ipaddress
 import pathlib
 import re
 import sys
+import tomllib
 
 import kubernetes_validate
 import yaml
@@ -22,6 +26,8 @@ SCRAPE = ROOT / "base" / "prometheus-scrape.yml"
 REGION_LABEL = "broker.example.net/region"
 # The container port that serves /metrics, /healthz and /readyz (the broker's internal_listen).
 METRICS_PORT_NAME = "internal"
+# Environment variables whose names say they hold a secret: from a Secret, never inline.
+SECRET_ENV = re.compile(r"KEYS__|PASSWORD|SECRET|TOKEN")
 
 
 def merge(base, patch):
@@ -64,6 +70,11 @@ def render(directory):
                         spec.setdefault("selector", {}).update(entry["pairs"])
                     elif "matchLabels" in selector:
                         selector["matchLabels"].update(entry["pairs"])
+                if obj["kind"] == "NetworkPolicy":
+                    # kustomize adds them to the peers' pod selectors too, not only the policy's.
+                    for selector in network_policy_pod_selectors(obj):
+                        if "matchLabels" in selector:
+                            selector["matchLabels"].update(entry["pairs"])
             if entry.get("includeSelectors") or entry.get("includeTemplates"):
                 template = obj.get("spec", {}).get("template", {}).get("metadata")
                 if template is not None:
@@ -83,6 +94,16 @@ def render(directory):
     return copy.deepcopy(objects)
 
 
+def network_policy_pod_selectors(policy):
+    """The policy's own pod selector, then its peers'."""
+    spec = policy["spec"]
+    yield spec["podSelector"]
+    for rule in spec.get("ingress", []):
+        yield from (peer["podSelector"] for peer in rule.get("from", []) if "podSelector" in peer)
+    for rule in spec.get("egress", []):
+        yield from (peer["podSelector"] for peer in rule.get("to", []) if "podSelector" in peer)
+
+
 def check(overlay, objects):
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -95,17 +116,49 @@ def check(overlay, objects):
     assert region == overlay.name, f"{overlay}: BROKER__REGION is {region}"
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]["broker.toml"]
-    drain = int(config.split("drain_deadline_secs = ")[1].split()[0])
+    configmap = next(o for o in objects if o["kind"] == "ConfigMap")
+    config = tomllib.loads(configmap["data"]["broker.toml"])
+    drain = config["limits"]["drain_deadline_secs"]
     assert grace > pause + drain, f"{overlay}: the grace period ends before the drain"
-    for env in container["env"]:
-        assert "value" not in env or "KEY" not in env["name"], f"{overlay}: a secret value inline"
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["labels"].get(REGION_LABEL) == region, (
         f"{overlay}: pods lack {REGION_LABEL}={region}, which the scrape job makes `region`"
     )
+    assert pod["spec"].get("automountServiceAccountToken") is False, (
+        f"{overlay}: pods get a service account token (automountServiceAccountToken: false)"
+    )
+    check_secrets(overlay, container, config)
+    check_trusted_proxies(overlay, config)
     check_metrics_port(overlay, objects, pod, container, config)
+    check_network_policy(overlay, objects, pod, container)
     check_scrape_job(overlay, objects, pod)
+
+
+def check_secrets(overlay, container, config):
+    """Signing keys and passwords come from the Secret: neither the environment nor the ConfigMap
+    holds one."""
+    for env in container["env"]:
+        if SECRET_ENV.search(env["name"]):
+            assert "secretKeyRef" in env.get("valueFrom", {}), (
+                f"{overlay}: {env['name']} is not from a Secret"
+            )
+    assert not config.get("token", {}).get("keys"), f"{overlay}: signing keys in the ConfigMap"
+    redis = config.get("redis", {})
+    assert "master_password" not in redis, f"{overlay}: the Redis password in the ConfigMap"
+    urls = [redis.get("url", "")] + redis.get("sentinels", []) + redis.get("cluster_nodes", [])
+    for url in urls:
+        assert not re.match(r"^[a-z]+://[^/@]*:[^/@]*@", url), (
+            f"{overlay}: a Redis password in the ConfigMap ({url.split('@')[-1]})"
+        )
+
+
+def check_trusted_proxies(overlay, config):
+    """Behind an ingress, without trusted proxies every client is the ingress to the per-address
+    rate limit."""
+    proxies = config.get("trusted_proxies")
+    assert proxies, f"{overlay}: no trusted_proxies: the ingress is every client's address"
+    for proxy in proxies:
+        ipaddress.ip_network(proxy, strict=False)
 
 
 def check_metrics_port(overlay, objects, pod, container, config):
@@ -126,18 +179,55 @@ def check_metrics_port(overlay, objects, pod, container, config):
             assert p.get("targetPort") not in (METRICS_PORT_NAME, ports[METRICS_PORT_NAME]), (
                 f"{overlay}: Service {service['metadata']['name']} exposes the metrics port"
             )
-    # Once the settings give the internal listener an address, it must be that port and
-    # reachable from the scraper and the kubelet, which then probe it too.
-    listen = re.search(r'^internal_listen\s*=\s*"([^"]+)"', config, re.MULTILINE)
-    if listen:
-        host, _, number = listen.group(1).rpartition(":")
-        assert int(number) == ports[METRICS_PORT_NAME], f"{overlay}: internal_listen port"
-        assert host not in ("127.0.0.1", "localhost", "[::1]"), (
-            f"{overlay}: internal_listen on loopback cannot be scraped or probed"
+    # The internal listener is on loopback unless the settings say otherwise: it must be on that
+    # port, reachable from the scraper and the kubelet, which probe it (the public port answers
+    # 404 to probes).
+    listen = config.get("internal_listen")
+    assert listen, f"{overlay}: no internal_listen: on loopback, it cannot be scraped or probed"
+    host, _, number = listen.rpartition(":")
+    assert int(number) == ports[METRICS_PORT_NAME], f"{overlay}: internal_listen port"
+    assert host not in ("127.0.0.1", "localhost", "[::1]"), (
+        f"{overlay}: internal_listen on loopback cannot be scraped or probed"
+    )
+    for probe in ("livenessProbe", "readinessProbe"):
+        target = container[probe]["httpGet"]["port"]
+        assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
+
+
+def check_network_policy(overlay, objects, pod, container):
+    """A NetworkPolicy selects the pods, admits the internal port from named peers only, and
+    lets them reach named ports only."""
+    labels = pod["metadata"]["labels"]
+    policies = [
+        o for o in objects if o["kind"] == "NetworkPolicy"
+        and o["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        and not o["spec"]["podSelector"].get("matchExpressions")
+    ]
+    assert policies, f"{overlay}: no NetworkPolicy selects the broker pods"
+    internal = {METRICS_PORT_NAME, next(
+        p["containerPort"] for p in container["ports"] if p["name"] == METRICS_PORT_NAME)}
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        spec = policy["spec"]
+        assert {"Ingress", "Egress"} <= set(spec.get("policyTypes", [])), (
+            f"{overlay}: NetworkPolicy {name} does not restrict both ingress and egress"
         )
-        for probe in ("livenessProbe", "readinessProbe"):
-            target = container[probe]["httpGet"]["port"]
-            assert target == METRICS_PORT_NAME, f"{overlay}: {probe} not on {METRICS_PORT_NAME}"
+        for rule in spec.get("ingress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            admits_internal = not rule.get("ports") or ports & internal
+            assert not admits_internal or rule.get("from"), (
+                f"{overlay}: NetworkPolicy {name} admits the {METRICS_PORT_NAME} port from anywhere"
+            )
+        for rule in spec.get("egress", []):
+            assert rule.get("ports"), f"{overlay}: NetworkPolicy {name} allows egress to any port"
+        # A peer whose selector carries the pods' own labels (kustomize's includeSelectors adds
+        # them to matchLabels) is a broker pod, never the Redis, DNS server or bot it names.
+        for selector in list(network_policy_pod_selectors(policy))[1:]:
+            shared = selector.get("matchLabels", {}).items() & labels.items()
+            assert not shared, (
+                f"{overlay}: NetworkPolicy {name} has a peer selected by the brokers' own labels "
+                f"{dict(shared)}: use matchExpressions for peers"
+            )
 
 
 def check_scrape_job(overlay, objects, pod):
