@@ -524,7 +524,11 @@ bot_url = "ws://127.0.0.1:7860/ws"
     #[test]
     fn the_compose_agent_is_valid() {
         let text = include_str!("../deploy/compose/agents/echo.toml");
-        let agent = Agent::from_toml(text, "compose").unwrap();
+        let mut agent = Agent::from_toml_for(text, "compose", Some("demo")).unwrap();
+        assert!(!agent.legacy_section);
+        let defaults =
+            BotDefaults { url_template: Some("ws://bot:7860/".into()), ..BotDefaults::default() };
+        defaults.apply(&mut agent).unwrap();
         assert!(agent.serves("us-west") && agent.serves("eu-central"));
     }
 
