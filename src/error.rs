@@ -9,7 +9,9 @@ use actix_web::{
 };
 use serde::Serialize;
 
-use crate::{api_keys::ApiKeyRejection, store::StoreError, token::TokenError};
+use crate::{
+    api_keys::ApiKeyRejection, private_tokens::TokenRejection, store::StoreError, token::TokenError,
+};
 
 /// Seconds a client is told to wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
@@ -49,6 +51,15 @@ pub enum ApiError {
     QueryTooLong,
     #[error("Not found")]
     RouteNotFound,
+    #[error("{0}")]
+    PrivateUnauthorized(TokenRejection),
+    #[error("API key not found")]
+    KeyNotFound,
+    #[error("{0}")]
+    Conflict(String),
+    /// What Pipecat Cloud does and this broker does not (image builds, Daily rooms, …).
+    #[error("{0}")]
+    NotServed(&'static str),
     #[error("Method not allowed")]
     MethodNotAllowed,
 }
@@ -163,6 +174,13 @@ impl ApiError {
             Self::RequestTimeout => row(S::REQUEST_TIMEOUT, "408", "request_timeout"),
             Self::QueryTooLong => row(S::URI_TOO_LONG, "414", "query_too_long"),
             Self::RouteNotFound => row(S::NOT_FOUND, "404", "route_not_found"),
+            Self::PrivateUnauthorized(TokenRejection::OtherOrg) => {
+                row(S::FORBIDDEN, "403", "private_token_other_org")
+            }
+            Self::PrivateUnauthorized(_) => row(S::UNAUTHORIZED, "401", "private_unauthorized"),
+            Self::KeyNotFound => row(S::NOT_FOUND, "404", "key_not_found"),
+            Self::Conflict(_) => row(S::CONFLICT, "409", "conflict"),
+            Self::NotServed(_) => row(S::NOT_IMPLEMENTED, "501", "not_served"),
             Self::MethodNotAllowed => row(S::METHOD_NOT_ALLOWED, "405", "method_not_allowed"),
         }
     }

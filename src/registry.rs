@@ -6,13 +6,14 @@
 //! counter in Redis every `registry.refresh_ms` and reloads when it moved, so a deploy or a key
 //! revocation reaches every replica within that interval.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 
 use crate::{
     agents::{Agent, AgentRegistry, BotDefaults, parse_bot_url},
     api_keys::{ApiKeyHash, ApiKeyIndex, parse_api_key_hash},
+    private_tokens::PrivateTokenIndex,
     store::{DeployedAgent, RegistryEntries, RegistryStore, StoreError},
 };
 
@@ -21,6 +22,10 @@ use crate::{
 pub struct Registry {
     pub agents: AgentRegistry,
     pub keys: ApiKeyIndex,
+    /// Private tokens of the private API.
+    pub tokens: PrivateTokenIndex,
+    /// What the shared registry keeps of deployed agents, by `agent.org` (file agents have none).
+    pub deployments: HashMap<String, DeployedAgent>,
     /// Version of the shared part this view includes; 0 before any was read.
     pub version: u64,
 }
@@ -67,9 +72,13 @@ impl LiveRegistry {
         for agent in &self.static_agents {
             agents.replace(agent.clone());
         }
+        let mut deployments = HashMap::new();
         for (org, deployed) in &entries.agents {
             match deployed_agent(deployed, org, &self.bots) {
-                Ok(agent) => agents.replace(agent),
+                Ok(agent) => {
+                    deployments.insert(agent.service_host.clone(), deployed.clone());
+                    agents.replace(agent);
+                }
                 // Written by `deploy`, which validates; a file from a newer broker may not
                 // parse, and a replica may lack the bot settings another one has.
                 Err(e) => tracing::warn!(error = %e, "skipping a registry agent"),
@@ -84,7 +93,13 @@ impl LiveRegistry {
                 keys.insert(hash, &key.org);
             }
         }
-        Registry { agents, keys, version: entries.version }
+        let mut tokens = PrivateTokenIndex::default();
+        for token in entries.tokens.iter().filter(|k| k.revoked_ms.is_none()) {
+            if let Some(hash) = parse_api_key_hash(&token.hash) {
+                tokens.insert(hash, &token.org);
+            }
+        }
+        Registry { agents, keys, tokens, deployments, version: entries.version }
     }
 }
 

@@ -19,13 +19,16 @@ use crate::{
     metrics::Metrics,
     registry::LiveRegistry,
     sessions::{LeaseTiming, LiveSessions},
-    store::Store,
+    store::{SessionEvent, Store, unix_ms},
     token::SigningKeys,
 };
 
 /// How long a readiness answer is reused. Each fresh answer writes to the store; a flood of
 /// probes must not become a flood of Redis writes.
 pub const READINESS_CACHE: Duration = Duration::from_secs(1);
+
+/// Session events kept per agent for `agent logs`: the newest ones.
+pub const EVENTS_PER_AGENT: usize = 1_000;
 
 /// The last answer of the store's readiness check, and when it was found.
 #[derive(Default)]
@@ -62,6 +65,8 @@ pub struct AppState {
     pub max_live_sessions: usize,
     /// See `token.clock_skew_ms`.
     pub clock_skew: Duration,
+    /// Bot URLs for deployed agents that bring none.
+    bots: crate::agents::BotDefaults,
     /// Browser origins each org allows (CORS).
     pub allowed_origins: std::collections::HashMap<String, Vec<String>>,
     /// Ceiling on every agent's `max_session_duration`.
@@ -127,6 +132,7 @@ impl AppState {
             max_connections: limits.max_connections,
             max_live_sessions: limits.max_live_sessions,
             clock_skew: settings.token.clock_skew,
+            bots: settings.bots.defaults(),
             allowed_origins: settings
                 .orgs
                 .iter()
@@ -170,9 +176,32 @@ impl AppState {
         Ok(())
     }
 
+    /// Adds `text` about session `sid` to the agent's event log (`pipecat cloud agent logs`),
+    /// in the background: no request waits for it, and a failure is only logged.
+    pub fn log_event(&self, service_host: &str, sid: uuid::Uuid, text: String) {
+        let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
+        let (store, agent, retention) =
+            (self.store.clone(), service_host.to_owned(), self.leases.retention);
+        tokio::spawn(async move {
+            if let Err(e) = store.log_event(&agent, &event, EVENTS_PER_AGENT, retention).await {
+                tracing::debug!(%agent, error = %e, "could not log a session event");
+            }
+        });
+    }
+
     /// An agent's concurrent-session cap across all replicas.
     pub fn cap_of(&self, agent: &Agent) -> u32 {
         agent.max_agents.unwrap_or(self.default_max_agents)
+    }
+
+    /// The bot URLs of `[bots]`, for deployed agents that bring none.
+    pub fn bot_defaults(&self) -> crate::agents::BotDefaults {
+        self.bots.clone()
+    }
+
+    /// Every region replicas serve (those with a public WebSocket URL), this one's included.
+    pub fn regions(&self) -> impl Iterator<Item = &str> {
+        self.ws_base_urls.keys().map(String::as_str)
     }
 
     pub fn is_draining(&self) -> bool {

@@ -4,7 +4,7 @@ pub mod cors;
 pub mod health;
 pub mod middleware;
 pub mod peer;
-pub mod services;
+pub mod private;
 pub mod sessions;
 pub mod start;
 pub mod ws;
@@ -38,11 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // Static prefixes, parsed by hand below them: actix matches dynamic segments with a regex,
     // a measurable share of the broker's CPU per request (BENCHMARKS.md).
     .service(web::scope(PUBLIC_PREFIX).default_service(web::to(public_api)))
-    .service(
-        web::resource("/v1/organizations/{org}/services/{agent}")
-            .route(web::get().to(services::service))
-            .default_service(web::to(method_not_allowed)),
-    )
+    .service(web::scope(private::PREFIX).default_service(web::to(private::dispatch)))
     .service(web::scope(ws::PREFIX).default_service(web::to(ws::connect)))
     .default_service(web::to(not_found));
 }
@@ -106,6 +102,26 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::RouteNotFound)
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// Reads a request body of at most `max` bytes, refusing it as soon as it passes the limit, and
+/// within `within`: a client that trickles its body gets 408, not a worker's attention forever.
+pub async fn read_body(
+    mut payload: web::Payload,
+    max: usize,
+    within: std::time::Duration,
+) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let read = async {
+        let mut bytes = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::BadRequest(format!("Could not read the request body: {e}"))
+            })?;
+            if bytes.len() + chunk.len() > max {
+                return Err(ApiError::PayloadTooLarge(format!("Request body exceeds {max} bytes")));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes.freeze())
+    };
+    tokio::time::timeout(within, read).await.map_err(|_| ApiError::RequestTimeout)?
 }

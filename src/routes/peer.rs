@@ -23,11 +23,8 @@ impl Peer {
         let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         // Several header lines form one list, in order (RFC 9110 §5.3): reading only the first
         // would let a client pick its address past a proxy that appends a line of its own.
-        let lines: Vec<&str> = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .map(|v| v.to_str().unwrap_or("?"))
-            .collect();
+        let lines: Vec<&str> =
+            req.headers().get_all("x-forwarded-for").map(|v| v.to_str().unwrap_or("?")).collect();
         let chain = (!lines.is_empty()).then(|| lines.join(", "));
         Self::resolve(peer, chain.as_deref(), trusted)
     }

@@ -20,8 +20,17 @@ pub async fn get(
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
     let (agent, sid) = target(req, state, agent_name, session_id)?;
-    let record = load(state, &agent, sid).await?;
-    Ok(HttpResponse::Ok().json(record))
+    Ok(HttpResponse::Ok().json(view(state, &agent, sid).await?))
+}
+
+pub async fn delete(
+    req: &HttpRequest,
+    agent_name: &str,
+    session_id: &str,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let (agent, sid) = target(req, state, agent_name, session_id)?;
+    Ok(HttpResponse::Ok().json(terminate(state, &agent, sid).await?))
 }
 
 /// Ends the session. A pending session's token is spent so it can no longer connect; a live
@@ -31,16 +40,14 @@ pub async fn get(
 /// Every step is idempotent, and a session already ended as `terminated` repeats them, so a
 /// retry after a failure part-way (503) completes the termination. A session that ended for
 /// another reason is left as it is.
-pub async fn delete(
-    req: &HttpRequest,
-    agent_name: &str,
-    session_id: &str,
+pub async fn terminate(
     state: &AppState,
-) -> Result<HttpResponse, ApiError> {
-    let (agent, sid) = target(req, state, agent_name, session_id)?;
-    let record = load(state, &agent, sid).await?;
+    agent: &Agent,
+    sid: Uuid,
+) -> Result<SessionView, ApiError> {
+    let record = view(state, agent, sid).await?;
     if record.status == Status::Ended {
-        return Ok(HttpResponse::Ok().json(record));
+        return Ok(record);
     }
     let ended = SessionRecord::ended(
         EndReason::Terminated,
@@ -56,14 +63,15 @@ pub async fn delete(
         // ended when it tries to mark it active, and is refused.
         let remaining = expires.saturating_sub(unix_ms());
         if remaining > 0 {
-            let ttl = std::time::Duration::from_millis(remaining);
+            let ttl = std::time::Duration::from_millis(remaining) + state.clock_skew;
             state.store.consume_token(sid, "terminated", ttl).await?;
         }
     }
     state.store.release_slot(&agent.service_host, sid).await?;
     state.store.publish_termination(sid).await?;
     tracing::info!(session_id = %sid, agent = %agent.service_host, "session terminated");
-    Ok(HttpResponse::Ok().json(load(state, &agent, sid).await?))
+    state.log_event(&agent.service_host, sid, "terminated through the API".into());
+    view(state, agent, sid).await
 }
 
 fn target(
@@ -81,7 +89,7 @@ fn target(
 }
 
 /// The record of `sid`, if it belongs to `agent`: another agent's session is not found.
-async fn load(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionView, ApiError> {
+pub async fn view(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionView, ApiError> {
     let record = state.store.get_session(sid).await?.ok_or(ApiError::SessionNotFound)?;
     SessionView::new(sid, record, unix_ms())
         .filter(|record| record.service == agent.service_host)

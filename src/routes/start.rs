@@ -4,12 +4,11 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::{Engine, engine::general_purpose::STANDARD};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, value::RawValue};
 use uuid::Uuid;
 
-use super::{agent_of, authenticate};
+use super::{agent_of, authenticate, read_body};
 use crate::{
     agents::{Agent, WebsocketAuth},
     api_keys,
@@ -81,9 +80,7 @@ pub async fn start(
     let (org, key) = authenticate(req, &registry)?;
     check_rate(state, key, &Peer::of(req, &state.trusted_proxies)).await?;
     let agent = agent_of(&registry, org, agent_name)?;
-    let request = tokio::time::timeout(state.start_body_timeout, read_request(payload))
-        .await
-        .map_err(|_| ApiError::RequestTimeout)??;
+    let request = read_request(payload, state).await?;
     let body = websocket_body(&agent, request)?;
     check_capacity(state, &agent).await?;
     let session_id = Uuid::new_v4();
@@ -192,24 +189,28 @@ async fn mint(
     // A pending record lives as long as its token (and the skew margin): an unused token
     // leaves nothing behind in Redis.
     let ttl = state.token_lifetime + state.clock_skew;
-    state.store.create_session(session_id, &record, ttl).await?;
+    // Both writes go out together: the index costs no round trip of its own.
+    let (created, indexed) = futures_util::future::join(
+        state.store.create_session(session_id, &record, ttl),
+        state.store.index_session(&agent.service_host, session_id, now, state.leases.retention),
+    )
+    .await;
+    created?;
+    if let Err(e) = indexed {
+        tracing::warn!(%session_id, error = %e, "session not indexed; agent sessions will not list it");
+    }
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
+    state.log_event(
+        &agent.service_host,
+        session_id,
+        format!("session {session_id} started (token minted in {})", state.region),
+    );
     Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires, body))
 }
 
-/// Reads and parses the request body, refusing it as soon as it passes the size limit.
-async fn read_request(mut payload: web::Payload) -> Result<StartRequest, ApiError> {
-    let mut bytes = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::BadRequest(format!("Could not read the request body: {e}")))?;
-        if bytes.len() + chunk.len() > MAX_REQUEST_BYTES {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "Request body exceeds {MAX_REQUEST_BYTES} bytes"
-            )));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+/// Reads the request body (within its time and size limits) and parses it.
+async fn read_request(payload: web::Payload, state: &AppState) -> Result<StartRequest, ApiError> {
+    let bytes = read_body(payload, MAX_REQUEST_BYTES, state.start_body_timeout).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(StartRequest::default());
     }

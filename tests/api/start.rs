@@ -189,10 +189,23 @@ async fn service_readiness_for_the_cli() {
     let url = |org: &str, agent: &str| {
         format!("http://{}/v1/organizations/{org}/services/{agent}", app.addr)
     };
-    let (status, body) = json_of(app.http.get(url(ORG, TOKEN_AGENT)).send().await.unwrap()).await;
-    assert_eq!((status, body), (200, json!({"body": {"ready": true}})));
-    let (status, _) = json_of(app.http.get(url(ORG, "missing")).send().await.unwrap()).await;
+    let token = app.private_token(ORG).await;
+    let get = |org: &str, agent: &str, token: &str| {
+        app.http.get(url(org, agent)).bearer_auth(token.to_owned()).send()
+    };
+    let (status, body) = json_of(get(ORG, TOKEN_AGENT, &token).await.unwrap()).await;
+    assert_eq!((status, &body["body"]["ready"]), (200, &json!(true)), "{body}");
+    let (status, _) = json_of(get(ORG, "missing", &token).await.unwrap()).await;
     assert_eq!(status, 404);
+    // A private route: no token, a public key or an unknown token is 401, another org's 403.
+    let (status, body) = json_of(app.http.get(url(ORG, TOKEN_AGENT)).send().await.unwrap()).await;
+    assert_eq!((status, &body["code"]), (401, &json!("401")));
+    for wrong in [KEY, "pcc_pat_unknown"] {
+        let (status, _) = json_of(get(ORG, TOKEN_AGENT, wrong).await.unwrap()).await;
+        assert_eq!(status, 401, "{wrong}");
+    }
+    let (status, body) = json_of(get(OTHER_ORG, OTHER_ORG_AGENT, &token).await.unwrap()).await;
+    assert_eq!((status, &body["code"]), (403, &json!("403")));
 }
 
 #[tokio::test]

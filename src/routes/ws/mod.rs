@@ -63,6 +63,8 @@ pub async fn connect(
         Err(e) => {
             let (sid, agent) = (reservation.session_id, &reservation.agent.service_host);
             tracing::warn!(session_id = %sid, %agent, error = %e, "bot unreachable");
+            let text = format!("session {sid} could not reach its bot; the token stays usable");
+            state.log_event(agent, sid, text);
             reservation.abandon(&state, TokenFate::GiveBack(EndReason::BotUnreachable)).await;
             return Err(ApiError::BotUnreachable);
         }
@@ -104,8 +106,18 @@ struct LiveSession {
 impl LiveSession {
     fn new(state: Arc<AppState>, activated: Activated) -> Self {
         let agent = &activated.agent.service_host;
+        let sid = activated.session_id;
         tracing::info!(%agent, "session connected");
         state.metrics.connects_accepted.with_label_values(&[agent]).inc();
+        if activated.agent.websocket_auth == WebsocketAuth::None {
+            // Token sessions were indexed when minted; these begin here.
+            let (store, agent, at) = (state.store.clone(), agent.clone(), activated.connected_ms);
+            let retention = state.leases.retention;
+            tokio::spawn(async move { store.index_session(&agent, sid, at, retention).await });
+        }
+        let connected =
+            format!("session {sid} connected on {} ({})", state.replica_id, state.region);
+        state.log_event(agent, sid, connected);
         Self { state, activated }
     }
 
@@ -140,6 +152,9 @@ impl LiveSession {
             }
             drop(registration);
             release_slot(&state, &agent, sid).await;
+            let reason = outcome.reason.as_str();
+            let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
+            state.log_event(&agent.service_host, sid, text);
             tracing::info!(
                 reason = outcome.reason.as_str(),
                 detail = outcome.detail,

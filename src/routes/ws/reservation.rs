@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::{
-    agents::Agent,
+    agents::{Agent, WebsocketAuth},
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
@@ -119,6 +119,8 @@ impl Reservation {
         let connected_ms = unix_ms();
         let active = SessionRecord {
             status: Some(Status::Active),
+            // Sessions of agents without tokens have no record before this.
+            created_ms: (agent.websocket_auth == WebsocketAuth::None).then_some(connected_ms),
             service: Some(agent.service_host.clone()),
             replica: Some(state.replica_id.clone()),
             region: Some(state.region.clone()),

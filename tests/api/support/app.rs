@@ -53,6 +53,8 @@ pub struct TestApp {
     pub bot: TestBot,
     handle: actix_web::dev::ServerHandle,
     pub agent_dir: tempfile::TempDir,
+    /// The app's own store, for what operators do beside the API (tokens, say).
+    pub store: std::sync::Arc<dyn session_broker::store::Store>,
 }
 
 impl TestApp {
@@ -105,8 +107,10 @@ impl TestApp {
         let addr = format!("127.0.0.1:{}", app.port());
         let internal = format!("127.0.0.1:{}", app.internal_port());
         let handle = app.handle();
+        let store = app.state().store.clone();
         tokio::spawn(app.run_until_stopped());
-        Ok(Self { addr, internal, http: reqwest::Client::new(), bot, handle, agent_dir })
+        let http = reqwest::Client::new();
+        Ok(Self { addr, internal, http, bot, handle, agent_dir, store })
     }
 
     pub async fn post_start(
@@ -148,6 +152,12 @@ impl TestApp {
             json["wsUrl"].as_str().unwrap().to_owned(),
             json["sessionId"].as_str().unwrap().to_owned(),
         )
+    }
+
+    /// A private token of `org`, as `session-broker tokens create` makes one.
+    pub async fn private_token(&self, org: &str) -> String {
+        let kind = session_broker::store::CredentialKind::PrivateToken;
+        session_broker::admin::create_credential(&*self.store, kind, org, None).await.unwrap().0
     }
 
     pub fn ws_url(&self, agent: &str, org: &str) -> String {
