@@ -200,11 +200,6 @@ async fn mint(
         tracing::warn!(%session_id, error = %e, "session not indexed; agent sessions will not list it");
     }
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
-    state.log_event(
-        &agent.service_host,
-        session_id,
-        format!("session {session_id} started (token minted in {})", state.region),
-    );
     Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires, body))
 }
 

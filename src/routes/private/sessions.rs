@@ -13,6 +13,7 @@ use crate::{
     routes::sessions::{terminate, view},
     sessions::{EndReason, SessionView, Status},
     state::AppState,
+    store::SessionEvent,
 };
 
 /// Sessions listed at most, newest first.
@@ -89,16 +90,32 @@ pub async fn logs(
         .map_err(|e| ApiError::BadRequest(format!("Invalid query string: {e}")))?;
     let agent = agent(state, org, name)?;
     let limit = query.limit.unwrap_or(DEFAULT_LOG_LIMIT);
-    let mut logs: Vec<Value> = state
-        .store
-        .events(&agent.service_host)
-        .await?
-        .into_iter()
-        .filter(|event| query.session_id.is_none_or(|sid| sid == event.session_id))
-        .take(limit)
-        .map(|event| json!({"timestamp": timestamp(event.at_ms), "log": event.text, "sessionId": event.session_id}))
+    let host = &agent.service_host;
+    let (events, sessions) = futures_util::future::join(
+        state.store.events(host),
+        state.store.list_sessions(host, MAX_LISTED),
+    )
+    .await;
+    // A session's start is its record's creation: /start writes no event of its own, which
+    // keeps it to one write to the store.
+    let started = sessions?.into_iter().filter_map(|(sid, record)| {
+        let minted_in = record.minted_region?;
+        Some(SessionEvent {
+            at_ms: record.created_ms?,
+            session_id: sid,
+            text: format!("session {sid} started (token minted in {minted_in})"),
+        })
+    });
+    let mut all: Vec<SessionEvent> = events?.into_iter().chain(started).collect();
+    all.retain(|event| query.session_id.is_none_or(|sid| sid == event.session_id));
+    // The newest `limit`, shown oldest first, as the CLI prints them in order.
+    all.sort_by_key(|event| std::cmp::Reverse(event.at_ms));
+    all.truncate(limit);
+    let logs: Vec<Value> = all
+        .iter()
+        .rev()
+        .map(|e| json!({"timestamp": timestamp(e.at_ms), "log": e.text, "sessionId": e.session_id}))
         .collect();
-    logs.reverse();
     Ok(HttpResponse::Ok().json(json!({"logs": logs})))
 }
 
