@@ -46,6 +46,8 @@ pub struct Settings {
     pub bots: BotSettings,
     /// Organizations and the SHA-256 hashes of their public keys.
     pub orgs: BTreeMap<String, OrgSettings>,
+    /// The providers' answer webhooks: where providers call them, and each agent's credentials.
+    pub telephony: TelephonySettings,
     pub limits: LimitSettings,
     pub sessions: SessionSettings,
     pub registry: RegistrySettings,
@@ -203,6 +205,35 @@ impl BotSettings {
     }
 }
 
+/// `[telephony]`: the answer webhooks that mint sessions for calls.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelephonySettings {
+    /// The base URL providers call the webhooks at, e.g. `https://voice.example.net`. Providers
+    /// sign the URL as they called it; behind a TLS-terminating load balancer the broker cannot
+    /// see it, so it is configured. Without it, `https://` and the request's `Host` are assumed.
+    pub public_url: Option<String>,
+    /// Per agent (`"agent.org"`): the provider credentials its webhooks check, and custom
+    /// parameters added to every call's body.
+    pub agents: BTreeMap<String, AgentTelephony>,
+}
+
+/// One agent's provider credentials. Secrets: never logged, never shown back.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentTelephony {
+    /// Twilio account Auth Token (`X-Twilio-Signature`, HMAC-SHA1).
+    pub twilio_auth_token: Option<SecretString>,
+    /// Telnyx account public key, base64 (`telnyx-signature-ed25519`).
+    pub telnyx_public_key: Option<String>,
+    /// Plivo (sub)account Auth Token (`X-Plivo-Signature-V3`).
+    pub plivo_auth_token: Option<SecretString>,
+    /// Exotel signs nothing: its applet URL carries this secret as its last path segment.
+    pub exotel_url_secret: Option<SecretString>,
+    /// Added to every call's body, beside the caller, the callee and the call id.
+    pub parameters: BTreeMap<String, String>,
+}
+
 /// `agents.default_max_agents` unless set.
 pub const DEFAULT_MAX_AGENTS: u32 = 50;
 
@@ -311,6 +342,7 @@ impl Default for Settings {
             agents: AgentSettings::default(),
             bots: BotSettings::default(),
             orgs: BTreeMap::new(),
+            telephony: TelephonySettings::default(),
             limits: LimitSettings::default(),
             sessions: SessionSettings::default(),
             registry: RegistrySettings::default(),
@@ -610,6 +642,29 @@ impl Settings {
             && !crate::agents::is_valid_name(org)
         {
             return bad("agents.org", format!("`{org}` is not a valid organization name"));
+        }
+        if let Some(url) = &self.telephony.public_url
+            && url::Url::parse(url).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true)
+        {
+            return bad("telephony.public_url", format!("`{url}` is not an http(s) URL"));
+        }
+        for (host, agent) in &self.telephony.agents {
+            if let Some(key) = &agent.telnyx_public_key
+                && crate::telephony::signatures::telnyx_key(key).is_none()
+            {
+                return bad(
+                    &format!("telephony.agents.\"{host}\".telnyx_public_key"),
+                    "must be the base64 of a 32-byte Ed25519 public key".into(),
+                );
+            }
+            if let Some(secret) = &agent.exotel_url_secret
+                && secret.expose_secret().len() < 16
+            {
+                return bad(
+                    &format!("telephony.agents.\"{host}\".exotel_url_secret"),
+                    "must be at least 16 characters: it is the only thing that authenticates Exotel".into(),
+                );
+            }
         }
         if self.agents.default_max_agents == 0 {
             return bad("agents.default_max_agents", "must be above 0".into());

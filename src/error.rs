@@ -57,6 +57,9 @@ pub enum ApiError {
     KeyNotFound,
     #[error("{0}")]
     Conflict(String),
+    /// A provider's webhook that is not signed as that provider signs, or was seen before.
+    #[error("Webhook refused: {0}")]
+    WebhookRefused(&'static str),
     /// What Pipecat Cloud does and this broker does not (image builds, Daily rooms, …).
     #[error("{0}")]
     NotServed(&'static str),
@@ -181,6 +184,10 @@ impl ApiError {
             Self::KeyNotFound => row(S::NOT_FOUND, "404", "key_not_found"),
             Self::Conflict(_) => row(S::CONFLICT, "409", "conflict"),
             Self::NotServed(_) => row(S::NOT_IMPLEMENTED, "501", "not_served"),
+            Self::WebhookRefused(why) => Row {
+                reason: Some(webhook_reason(why)),
+                ..row(S::FORBIDDEN, "403", webhook_reason(why))
+            },
             Self::MethodNotAllowed => row(S::METHOD_NOT_ALLOWED, "405", "method_not_allowed"),
         }
     }
@@ -210,6 +217,17 @@ impl ResponseError for ApiError {
         // Counted by the request middleware, which can reach the metrics.
         response.extensions_mut().insert(Refusal(row.metric));
         response
+    }
+}
+
+/// The `reason` of a refused webhook: a fixed set, so the metric's labels stay bounded.
+fn webhook_reason(why: &str) -> &'static str {
+    match why {
+        "unsigned" => "webhook_unsigned",
+        "stale" => "webhook_stale",
+        "replayed" => "webhook_replayed",
+        "not_configured" => "webhook_not_configured",
+        _ => "webhook_bad_signature",
     }
 }
 

@@ -39,4 +39,5 @@ pub mod startup;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod telephony;
 pub mod token;

@@ -67,6 +67,10 @@ pub struct AppState {
     pub clock_skew: Duration,
     /// Bot URLs for deployed agents that bring none.
     bots: crate::agents::BotDefaults,
+    /// Each agent's provider credentials, by `agent.org`, for the answer webhooks.
+    pub telephony: std::collections::HashMap<String, crate::config::AgentTelephony>,
+    /// The base URL providers call the webhooks at, when configured.
+    pub telephony_public_url: Option<String>,
     /// Browser origins each org allows (CORS).
     pub allowed_origins: std::collections::HashMap<String, Vec<String>>,
     /// Ceiling on every agent's `max_session_duration`.
@@ -133,6 +137,8 @@ impl AppState {
             max_live_sessions: limits.max_live_sessions,
             clock_skew: settings.token.clock_skew,
             bots: settings.bots.defaults(),
+            telephony: settings.telephony.agents.clone().into_iter().collect(),
+            telephony_public_url: settings.telephony.public_url.clone(),
             allowed_origins: settings
                 .orgs
                 .iter()

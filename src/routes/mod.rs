@@ -7,6 +7,7 @@ pub mod peer;
 pub mod private;
 pub mod sessions;
 pub mod start;
+pub mod telephony;
 pub mod ws;
 
 use std::sync::Arc;
@@ -39,7 +40,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // a measurable share of the broker's CPU per request (BENCHMARKS.md).
     .service(web::scope(PUBLIC_PREFIX).default_service(web::to(public_api)))
     .service(web::scope(private::PREFIX).default_service(web::to(private::dispatch)))
+    .service(web::scope(telephony::PREFIX).default_service(web::to(telephony::answer)))
     .service(web::scope(ws::PREFIX).default_service(web::to(ws::connect)))
+    .route("/ws/twilio", web::to(ws::providers::connect))
+    .route("/ws/telnyx", web::to(ws::providers::connect))
+    .route("/ws/plivo", web::to(ws::providers::connect))
+    .route("/ws/exotel", web::to(ws::providers::connect))
     .default_service(web::to(not_found));
 }
 

@@ -78,7 +78,7 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let registry = state.registry.load();
     let (org, key) = authenticate(req, &registry)?;
-    check_rate(state, key, &Peer::of(req, &state.trusted_proxies)).await?;
+    check_rate(state, key_bucket(key), Some(&Peer::of(req, &state.trusted_proxies))).await?;
     let agent = agent_of(&registry, org, agent_name)?;
     let request = read_request(payload, state).await?;
     let body = websocket_body(&agent, request)?;
@@ -104,25 +104,37 @@ pub async fn start(
     }))
 }
 
-/// Counts the call against the key's and the client address's `/start` rates, both at once.
-/// The key's bucket is named by its hash: the key itself never reaches the store.
-async fn check_rate(state: &AppState, key: &str, peer: &Peer) -> Result<(), ApiError> {
-    let key_bucket = || hex::encode(&api_keys::hash_api_key(key)[..16]);
+/// Counts the call against its credential's `/start` rate (`key_bucket`) and, for callers that
+/// are not signed-in providers, its client address's, both at once.
+pub(super) async fn check_rate(
+    state: &AppState,
+    key_bucket: String,
+    peer: Option<&Peer>,
+) -> Result<(), ApiError> {
     let count = |bucket: String, limit: Option<u64>| async move {
         match limit {
             Some(limit) => state.store.rate_limit(&bucket, limit, state.start_rate_window).await,
             None => Ok(true),
         }
     };
-    let (by_key, by_address) = futures_util::future::join(
-        count(key_bucket(), state.start_rate_per_key),
-        count(peer.bucket(), state.start_rate_per_address),
-    )
-    .await;
+    let by_address = peer.map(|peer| (peer.bucket(), state.start_rate_per_address));
+    let (by_key, by_address) =
+        futures_util::future::join(count(key_bucket, state.start_rate_per_key), async {
+            match by_address {
+                Some((bucket, limit)) => count(bucket, limit).await,
+                None => Ok(true),
+            }
+        })
+        .await;
     if !(by_key? && by_address?) {
         return Err(ApiError::RateLimited);
     }
     Ok(())
+}
+
+/// The rate bucket of a public key: named by its hash, so the key never reaches the store.
+fn key_bucket(key: &str) -> String {
+    hex::encode(&api_keys::hash_api_key(key)[..16])
 }
 
 /// The transport must be websocket, the only one served here (the official Python SDK never
@@ -167,7 +179,7 @@ fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<Vec<u8>
 }
 
 /// The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
-async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
+pub(super) async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
     if state.store.live_sessions(&agent.service_host).await? >= u64::from(state.cap_of(agent)) {
         return Err(ApiError::AtCapacity);
     }
@@ -176,7 +188,7 @@ async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError>
 
 /// Records the session as pending, with its body, then mints its token, which carries the body's
 /// digest: a token never exists without its record.
-async fn mint(
+pub(super) async fn mint(
     state: &AppState,
     agent: &Agent,
     session_id: Uuid,

@@ -45,6 +45,11 @@ impl Keyspace {
         format!("{}:agent:{{{service_host}}}:events", self.prefix)
     }
 
+    /// `{prefix}:once:{<what>}`: a one-time claim (a webhook's call id or nonce), expiring.
+    pub fn once(&self, what: &str) -> String {
+        format!("{}:once:{{{what}}}", self.prefix)
+    }
+
     /// `{prefix}:rate:{<bucket>}:<window>`: calls counted against `bucket` in fixed window
     /// number `window`; expires two windows later.
     pub fn rate(&self, bucket: &str, window: u64) -> String {

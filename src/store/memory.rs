@@ -43,6 +43,8 @@ struct Inner {
     registry_agents: HashMap<String, (String, DeployedAgent)>,
     registry_keys: HashMap<String, CredentialRecord>,
     registry_tokens: HashMap<String, CredentialRecord>,
+    /// One-time claims, by what they claim, with their expiry.
+    claims: HashMap<String, Instant>,
     /// agent -> (created ms, session id), oldest first
     session_index: HashMap<String, Vec<(u64, Uuid)>>,
     /// agent -> events, newest first
@@ -70,6 +72,7 @@ impl Default for MemoryStore {
                 registry_agents: HashMap::new(),
                 registry_keys: HashMap::new(),
                 registry_tokens: HashMap::new(),
+                claims: HashMap::new(),
                 session_index: HashMap::new(),
                 events: HashMap::new(),
                 registry_version: 0,
@@ -313,6 +316,17 @@ impl SessionStore for MemoryStore {
     async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError> {
         let inner = self.lock();
         Ok(inner.events.get(agent).map(|e| e.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn claim_once(&self, what: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.claims.retain(|_, expires| *expires > now);
+        if inner.claims.contains_key(what) {
+            return Ok(false);
+        }
+        inner.claims.insert(what.to_owned(), now + ttl);
+        Ok(true)
     }
 
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {

@@ -204,6 +204,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// `agent`'s events, newest first.
     async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError>;
 
+    /// Claims `what` (a call id, a nonce) for `ttl`: true for the first caller only, on any
+    /// replica. A webhook delivered twice mints one session.
+    async fn claim_once(&self, what: &str, ttl: Duration) -> Result<bool, StoreError>;
+
     /// Tells every replica that session `sid` must end.
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError>;
 

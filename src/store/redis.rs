@@ -485,6 +485,14 @@ impl SessionStore for RedisStore {
         Ok(events.iter().filter_map(|json| serde_json::from_str(json).ok()).collect())
     }
 
+    async fn claim_once(&self, what: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.once(what)).arg(1).arg("NX").arg("PX").arg(ttl.as_millis().max(1) as u64);
+        let written: Option<String> =
+            self.run("claim_once", Purpose::Commands, Request::Cmd(&set)).await?;
+        Ok(written.is_some())
+    }
+
     async fn publish_termination(&self, sid: Uuid) -> Result<(), StoreError> {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.keys.terminations()).arg(sid.to_string());

@@ -12,5 +12,6 @@ mod replicas;
 mod sessions;
 mod start;
 mod support;
+mod telephony;
 mod topologies;
 mod ws;

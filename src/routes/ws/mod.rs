@@ -7,6 +7,7 @@
 //! started. If the bot cannot be reached, the reservation is let go and the token works again
 //! for the rest of its lifetime.
 
+pub mod providers;
 mod request;
 mod reservation;
 
