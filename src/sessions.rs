@@ -28,6 +28,8 @@ use crate::{
     store::{SessionRecord, SessionStore, StoreError, unix_ms},
 };
 
+/// Sweeps between two trims of an agent's session list.
+const TRIM_EVERY_SWEEPS: u64 = 30;
 /// Most lapsed leases one sweep claims per agent; the rest wait for the next sweep.
 const SWEEP_BATCH: usize = 100;
 /// Close code sent to both sides of a session ended through `DELETE …/sessions/{id}`.
@@ -237,9 +239,17 @@ pub async fn sweep_lapsed(
 ) {
     let mut tick = tokio::time::interval(timing.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for sweeps in 0u64.. {
         tick.tick().await;
         for agent in registry.load().agents.iter() {
+            // The agent's session list forgets what its records no longer hold; now and then
+            // is enough, since listing skips sessions whose record is gone.
+            if sweeps % TRIM_EVERY_SWEEPS == 0 {
+                let before = unix_ms().saturating_sub(timing.retention.as_millis() as u64);
+                if let Err(e) = store.trim_sessions(&agent.service_host, before).await {
+                    tracing::debug!(agent = %agent.service_host, error = %e, "could not trim the session list");
+                }
+            }
             let swept = sweep_agent(&*store, &agent.service_host, timing.retention).await;
             match swept {
                 Ok(0) => {}

@@ -15,7 +15,7 @@ use crate::{
     error::ApiError,
     routes::peer::Peer,
     state::AppState,
-    store::{SessionRecord, unix_ms},
+    store::{Listing, SessionRecord, unix_ms},
 };
 
 /// Largest request body accepted for any transport.
@@ -78,7 +78,8 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let registry = state.registry.load();
     let (org, key) = authenticate(req, &registry)?;
-    check_rate(state, key_bucket(key), Some(&Peer::of(req, &state.trusted_proxies))).await?;
+    let peer = Peer::of(req, &state.trusted_proxies);
+    check_rate(state, || key_bucket(key), Some(&peer)).await?;
     let agent = agent_of(&registry, org, agent_name)?;
     let request = read_request(payload, state).await?;
     let body = websocket_body(&agent, request)?;
@@ -108,9 +109,14 @@ pub async fn start(
 /// are not signed-in providers, its client address's, both at once.
 pub(super) async fn check_rate(
     state: &AppState,
-    key_bucket: String,
+    key_bucket: impl FnOnce() -> String,
     peer: Option<&Peer>,
 ) -> Result<(), ApiError> {
+    if state.start_rate_per_key.is_none()
+        && (peer.is_none() || state.start_rate_per_address.is_none())
+    {
+        return Ok(());
+    }
     let count = |bucket: String, limit: Option<u64>| async move {
         match limit {
             Some(limit) => state.store.rate_limit(&bucket, limit, state.start_rate_window).await,
@@ -119,7 +125,7 @@ pub(super) async fn check_rate(
     };
     let by_address = peer.map(|peer| (peer.bucket(), state.start_rate_per_address));
     let (by_key, by_address) =
-        futures_util::future::join(count(key_bucket, state.start_rate_per_key), async {
+        futures_util::future::join(count(key_bucket(), state.start_rate_per_key), async {
             match by_address {
                 Some((bucket, limit)) => count(bucket, limit).await,
                 None => Ok(true),
@@ -201,16 +207,10 @@ pub(super) async fn mint(
     // A pending record lives as long as its token (and the skew margin): an unused token
     // leaves nothing behind in Redis.
     let ttl = state.token_lifetime + state.clock_skew;
-    // Both writes go out together: the index costs no round trip of its own.
-    let (created, indexed) = futures_util::future::join(
-        state.store.create_session(session_id, &record, ttl),
-        state.store.index_session(&agent.service_host, session_id, now, state.leases.retention),
-    )
-    .await;
-    created?;
-    if let Err(e) = indexed {
-        tracing::warn!(%session_id, error = %e, "session not indexed; agent sessions will not list it");
-    }
+    // Listed for `agent sessions` in the same request.
+    let listing =
+        Listing { agent: &agent.service_host, created_ms: now, retention: state.leases.retention };
+    state.store.create_session(session_id, &record, ttl, Some(listing)).await?;
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
     Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires, body))
 }

@@ -72,8 +72,8 @@ pub async fn answer(
         tracing::info!(provider = provider.as_str(), agent = %agent.service_host, "webhook replayed");
         return Err(ApiError::WebhookRefused("replayed"));
     }
-    check_rate(&state, format!("telephony:{}:{}", provider.as_str(), agent.service_host), None)
-        .await?;
+    let bucket = || format!("telephony:{}:{}", provider.as_str(), agent.service_host);
+    check_rate(&state, bucket, None).await?;
     check_capacity(&state, &agent).await?;
     let body = call.body(provider, &credentials.parameters);
     let session_id = uuid::Uuid::new_v4();

@@ -11,8 +11,8 @@ use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    CredentialKind, CredentialRecord, DeployedAgent, RegistryEntries, RegistryStore, SessionEvent,
-    SessionRecord, SessionStore, Status, StoreError, TERMINATION_BACKLOG,
+    CredentialKind, CredentialRecord, DeployedAgent, Listing, RegistryEntries, RegistryStore,
+    SessionEvent, SessionRecord, SessionStore, Status, StoreError, TERMINATION_BACKLOG,
 };
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
@@ -158,10 +158,14 @@ impl SessionStore for MemoryStore {
         sid: Uuid,
         record: &SessionRecord,
         ttl: Duration,
+        listed: Option<Listing<'_>>,
     ) -> Result<(), StoreError> {
         let record = Record { record: record.clone(), expires: Some(Instant::now() + ttl) };
         self.lock().sessions.insert(sid, record);
-        Ok(())
+        match listed {
+            Some(listing) => self.index_session(sid, listing).await,
+            None => Ok(()),
+        }
     }
 
     async fn update_session(
@@ -264,18 +268,17 @@ impl SessionStore for MemoryStore {
         Ok(live as u64)
     }
 
-    async fn index_session(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        created_ms: u64,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        let oldest = created_ms.saturating_sub(retention.as_millis() as u64);
+    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let index = inner.session_index.entry(agent.to_owned()).or_default();
-        index.retain(|(at, _)| *at >= oldest);
-        index.push((created_ms, sid));
+        let index = inner.session_index.entry(listing.agent.to_owned()).or_default();
+        index.push((listing.created_ms, sid));
+        Ok(())
+    }
+
+    async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError> {
+        if let Some(index) = self.lock().session_index.get_mut(agent) {
+            index.retain(|(at, _)| *at >= before_ms);
+        }
         Ok(())
     }
 

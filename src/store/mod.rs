@@ -72,6 +72,15 @@ pub trait StoreObserver: Send + Sync {
     fn observe(&self, operation: &'static str, took: Duration);
 }
 
+/// Where a session is listed: its agent (`agent.org`), when it was created, how long the list
+/// keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct Listing<'a> {
+    pub agent: &'a str,
+    pub created_ms: u64,
+    pub retention: Duration,
+}
+
 /// The whole store: what the broker serves sessions with, and the shared registry.
 pub trait Store: SessionStore + RegistryStore {}
 
@@ -125,11 +134,14 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Writes the record of a new session, `sid` being freshly drawn (random UUID v4) so that no
     /// record can exist yet: a plain write, cheaper than [`SessionStore::update_session`]'s script.
+    /// With `listed`, the session is also added to its agent's list ([`SessionStore::index_session`]),
+    /// in the same request where the topology allows (not on a Cluster: other hash tag).
     async fn create_session(
         &self,
         sid: Uuid,
         record: &SessionRecord,
         ttl: Duration,
+        listed: Option<Listing<'_>>,
     ) -> Result<(), StoreError>;
 
     /// Sets the fields `update` holds on the record of session `sid` if its status is one of
@@ -175,15 +187,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Live sessions of `agent` (unlapsed leases).
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError>;
 
-    /// Adds session `sid` of `agent`, created at `created_ms`, to the agent's list, which keeps
-    /// `retention` of sessions.
-    async fn index_session(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        created_ms: u64,
-        retention: Duration,
-    ) -> Result<(), StoreError>;
+    /// Adds session `sid` to its agent's list. The list expires `retention` after its newest
+    /// session; older entries are removed by [`SessionStore::trim_sessions`].
+    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError>;
+
+    /// Removes from `agent`'s list the sessions created before `before_ms`.
+    async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError>;
 
     /// The newest `limit` sessions of `agent` that still have records, newest first.
     async fn list_sessions(

@@ -17,8 +17,8 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    CredentialKind, CredentialRecord, DeployedAgent, PrepareError, RegistryEntries, RegistryStore,
-    SessionEvent, SessionRecord, SessionStore, Status, StoreError, StoreObserver,
+    CredentialKind, CredentialRecord, DeployedAgent, Listing, PrepareError, RegistryEntries,
+    RegistryStore, SessionEvent, SessionRecord, SessionStore, Status, StoreError, StoreObserver,
     TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
@@ -312,6 +312,7 @@ impl SessionStore for RedisStore {
         sid: Uuid,
         record: &SessionRecord,
         ttl: Duration,
+        listed: Option<Listing<'_>>,
     ) -> Result<(), StoreError> {
         let key = self.keys.session(sid);
         let mut pipe = redis::pipe();
@@ -320,7 +321,24 @@ impl SessionStore for RedisStore {
             .ignore()
             .pexpire(&key, ttl.as_millis() as i64)
             .ignore();
-        self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await
+        match listed {
+            None => self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await,
+            // One request: the record and its listing in one MULTI.
+            Some(listing) if !self.topology.is_cluster() => {
+                self.add_listing(&mut pipe, sid, listing);
+                self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await
+            }
+            // A Cluster keeps them in different slots: two requests, sent together.
+            Some(listing) => {
+                let (created, listed) = futures_util::future::join(
+                    self.run::<()>("create_session", Purpose::Commands, Request::Pipe(&pipe)),
+                    self.index_session(sid, listing),
+                )
+                .await;
+                created?;
+                listed
+            }
+        }
     }
 
     async fn update_session(
@@ -407,24 +425,17 @@ impl SessionStore for RedisStore {
         self.run("count_live_sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
-    async fn index_session(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        created_ms: u64,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        let key = self.keys.sessions_of(agent);
-        let oldest = created_ms.saturating_sub(retention.as_millis() as u64);
+    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .zadd(&key, sid.to_string(), created_ms)
-            .ignore()
-            .zrembyscore(&key, "-inf", format!("({oldest}"))
-            .ignore()
-            .pexpire(&key, retention.as_millis() as i64)
-            .ignore();
+        pipe.atomic();
+        self.add_listing(&mut pipe, sid, listing);
         self.run("index_session", Purpose::Commands, Request::Pipe(&pipe)).await
+    }
+
+    async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError> {
+        let mut trim = redis::cmd("ZREMRANGEBYSCORE");
+        trim.arg(self.keys.sessions_of(agent)).arg("-inf").arg(format!("({before_ms}"));
+        self.run("trim_sessions", Purpose::Commands, Request::Cmd(&trim)).await
     }
 
     async fn list_sessions(
@@ -576,6 +587,15 @@ impl RegistryStore for RedisStore {
 }
 
 impl RedisStore {
+    /// Adds the session to its agent's list, keeping the list for the retention period.
+    fn add_listing(&self, pipe: &mut Pipeline, sid: Uuid, listing: Listing<'_>) {
+        let key = self.keys.sessions_of(listing.agent);
+        pipe.zadd(&key, sid.to_string(), listing.created_ms)
+            .ignore()
+            .pexpire(&key, listing.retention.as_millis() as i64)
+            .ignore();
+    }
+
     /// Sets `field` of the registry hash `part` and bumps the version, atomically.
     async fn registry_put(
         &self,

@@ -130,6 +130,11 @@ impl Topology {
         Ok(conn)
     }
 
+    /// Whether this is a Cluster, where one `MULTI` cannot span hash tags.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster(..))
+    }
+
     /// Whether any failed command should be retried on a fresh connection: under Sentinel an
     /// error may mean the master moved (a dead address, or `READONLY` from a demoted master).
     pub fn replaceable(&self) -> bool {

@@ -225,7 +225,7 @@ async fn a_terminated_session_s_token_is_never_given_back() {
     store.prepare().await.unwrap();
     let sid = Uuid::new_v4();
     let record = SessionRecord::pending("a.o", 0, u64::MAX / 2, "r");
-    store.create_session(sid, &record, Duration::from_secs(60)).await.unwrap();
+    store.create_session(sid, &record, Duration::from_secs(60), None).await.unwrap();
     // A connect holds the token while it dials; meanwhile DELETE ends the session.
     assert!(store.consume_token(sid, "connect", Duration::from_secs(60)).await.unwrap());
     let ended = SessionRecord { status: Some(Status::Ended), ..SessionRecord::default() };

@@ -27,7 +27,7 @@ use crate::{
     routes::peer::Peer,
     sessions::{EndReason, Status},
     state::AppState,
-    store::{SessionRecord, unix_ms},
+    store::{Listing, SessionRecord, unix_ms},
 };
 
 /// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
@@ -114,7 +114,10 @@ impl LiveSession {
             // Token sessions were indexed when minted; these begin here.
             let (store, agent, at) = (state.store.clone(), agent.clone(), activated.connected_ms);
             let retention = state.leases.retention;
-            tokio::spawn(async move { store.index_session(&agent, sid, at, retention).await });
+            tokio::spawn(async move {
+                let listing = Listing { agent: &agent, created_ms: at, retention };
+                store.index_session(sid, listing).await
+            });
         }
         let connected =
             format!("session {sid} connected on {} ({})", state.replica_id, state.region);
