@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -37,6 +38,8 @@ struct Plan {
     warmup: Duration,
     measure: Duration,
     idle_counts: [usize; 2],
+    /// Concurrent paced calls of the calls figures.
+    calls: &'static [usize],
 }
 
 impl Plan {
@@ -46,12 +49,14 @@ impl Plan {
                 warmup: Duration::from_millis(100),
                 measure: Duration::from_millis(400),
                 idle_counts: [100, 200],
+                calls: &[50],
             }
         } else {
             Self {
                 warmup: Duration::from_secs(1),
                 measure: Duration::from_secs(5),
                 idle_counts: [1_000, 10_000],
+                calls: &[250, 1_000],
             }
         }
     }
@@ -164,6 +169,29 @@ async fn run(plan: Plan, pinning: bool) {
     for count in plan.idle_counts {
         memory.push((count, idle_bytes_per_session(broker_addr, broker.pid(), count).await));
     }
+    // Calls: each sends a 20 ms media frame (Twilio's JSON, 160 B of μ-law) and reads the
+    // bot's echo, 50 frames a second, all at once; the delay is each frame's round trip. After
+    // the idle sessions, whose memory figure a busier heap before them would blur.
+    let mut call_figures = Vec::new();
+    for &count in plan.calls {
+        let meter = CpuMeter::new(&servers);
+        let calls = call_phase(&plan, count, broker_addr, Target::Open).await;
+        let cpu = meter.per_op(calls.count);
+        let direct = call_phase(&plan, count, bot_addr, Target::Direct).await;
+        println!(
+            "| {count} paced calls via broker / direct (frame round trip) | {:.0} / {:.0} | {} / {} | {} / {} | {} / {} |",
+            calls.rate,
+            direct.rate,
+            us(calls.p50),
+            us(direct.p50),
+            us(calls.p90),
+            us(direct.p90),
+            us(calls.p99),
+            us(direct.p99)
+        );
+        call_figures.push((count, calls, direct, cpu));
+    }
+
     println!("\n| idle bridged sessions | broker RSS growth per session |\n|---:|---:|");
     for (count, bytes) in &memory {
         println!("| {count} | {:.1} KiB |", bytes / 1024.0);
@@ -176,6 +204,19 @@ async fn run(plan: Plan, pinning: bool) {
         ("connect + echo + close, direct to the bot", &direct_cpu),
     ] {
         println!("| {name} | {:.0} | {:.0} | {:.0} |", cpu[0], cpu[1], cpu[2]);
+    }
+
+    for (count, calls, direct, cpu) in &call_figures {
+        println!(
+            "\n{count} concurrent paced calls (50 frames/s each way) on one core shared with the bot \
+             and Redis: {:.0} of {} frames/s answered; broker CPU {:.1} µs per frame; added delay \
+             p50 {:.0} µs, p99 {:.0} µs (target: p99 under 5 ms at 1,000 calls)",
+            calls.rate,
+            count * FRAMES_PER_SECOND as usize,
+            cpu[0],
+            (calls.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e6,
+            (calls.p99.as_secs_f64() - direct.p99.as_secs_f64()) * 1e6,
+        );
     }
 
     let worst_memory = memory.iter().map(|(_, b)| *b).fold(0.0, f64::max);
@@ -470,6 +511,70 @@ fn relay_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFutu
             close(ws).await;
             samples
         })
+    }
+}
+
+/// Media frames a call sends each second: one per 20 ms of audio.
+const FRAMES_PER_SECOND: u32 = 50;
+
+/// `calls` paced calls at once: each opens its session during a warm-up long enough for
+/// all to open, then sends a media frame every 20 ms and times its echo.
+async fn call_phase(plan: &Plan, calls: usize, addr: SocketAddr, target: Target) -> Figures {
+    let now = Instant::now();
+    let warmup = plan.warmup.max(Duration::from_millis(calls as u64 * 2));
+    let window = Window { from: now + warmup, until: now + warmup + plan.measure };
+    let frame = serde_json::json!({
+        "event": "media", "streamSid": "MZ00000000000000000000000000000001",
+        "media": {"track": "inbound", "chunk": "1", "timestamp": "20", "payload": STANDARD.encode([0x7fu8; FRAME_BYTES])},
+    })
+    .to_string();
+    let period = Duration::from_secs(1) / FRAMES_PER_SECOND;
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let (target, frame) = (target.clone(), frame.clone());
+            // Calls begin at independent moments: their frames are spread over each 20 ms.
+            let offset = period * i as u32 / calls as u32;
+            tokio::task::spawn_local(async move {
+                let mut ws = open_session(addr, &target, &mut None).await;
+                tokio::time::sleep_until((window.from + offset).into()).await;
+                let mut pace = tokio::time::interval(period);
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut samples = Vec::new();
+                while let Some(began) = window.next() {
+                    pace.tick().await;
+                    let sent = Instant::now();
+                    ws.send(Message::text(frame.clone())).await.unwrap();
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Text(_))) => break,
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                            other => panic!("expected the echo, got {other:?}"),
+                        }
+                    }
+                    if began >= window.from {
+                        samples.push(sent.elapsed());
+                    }
+                }
+                close(ws).await;
+                samples
+            })
+        })
+        .collect();
+    let mut samples: Vec<Duration> = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.unwrap());
+    }
+    samples.sort_unstable();
+    let pick = |q: f64| {
+        let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+        samples.get(index).copied().unwrap_or_default()
+    };
+    Figures {
+        count: samples.len(),
+        rate: samples.len() as f64 / plan.measure.as_secs_f64(),
+        p50: pick(0.50),
+        p90: pick(0.90),
+        p99: pick(0.99),
     }
 }
 
