@@ -257,6 +257,24 @@ struct Figures {
     p99: Duration,
 }
 
+impl Figures {
+    /// Summarizes the samples taken in a measured window of length `measure`.
+    fn of(mut samples: Vec<Duration>, measure: Duration) -> Self {
+        samples.sort_unstable();
+        let pick = |q: f64| {
+            let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+            samples.get(index).copied().unwrap_or_default()
+        };
+        Self {
+            count: samples.len(),
+            rate: samples.len() as f64 / measure.as_secs_f64(),
+            p50: pick(0.50),
+            p90: pick(0.90),
+            p99: pick(0.99),
+        }
+    }
+}
+
 fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
@@ -278,18 +296,7 @@ async fn phase(plan: &Plan, workers: usize, worker: impl Fn(Window) -> LoopFutur
     for task in tasks {
         samples.extend(task.await.unwrap());
     }
-    samples.sort_unstable();
-    let pick = |q: f64| {
-        let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
-        samples.get(index).copied().unwrap_or_default()
-    };
-    Figures {
-        count: samples.len(),
-        rate: samples.len() as f64 / plan.measure.as_secs_f64(),
-        p50: pick(0.50),
-        p90: pick(0.90),
-        p99: pick(0.99),
-    }
+    Figures::of(samples, plan.measure)
 }
 
 type LoopFuture = std::pin::Pin<Box<dyn Future<Output = Vec<Duration>>>>;
@@ -564,18 +571,7 @@ async fn call_phase(plan: &Plan, calls: usize, addr: SocketAddr, target: Target)
     for task in tasks {
         samples.extend(task.await.unwrap());
     }
-    samples.sort_unstable();
-    let pick = |q: f64| {
-        let index = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
-        samples.get(index).copied().unwrap_or_default()
-    };
-    Figures {
-        count: samples.len(),
-        rate: samples.len() as f64 / plan.measure.as_secs_f64(),
-        p50: pick(0.50),
-        p90: pick(0.90),
-        p99: pick(0.99),
-    }
+    Figures::of(samples, plan.measure)
 }
 
 /// Opens `count` bridged sessions, leaves them idle, and returns the broker's RSS growth per

@@ -62,8 +62,7 @@ pub async fn get(
     name: &str,
     id: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let agent = agent(state, org, name)?;
-    let sid = Uuid::parse_str(id).map_err(|_| ApiError::SessionNotFound)?;
+    let (agent, sid) = session_of(state, org, name, id)?;
     Ok(HttpResponse::Ok().json(session_json(&view(state, &agent, sid).await?)))
 }
 
@@ -74,8 +73,7 @@ pub async fn stop(
     name: &str,
     id: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let agent = agent(state, org, name)?;
-    let sid = Uuid::parse_str(id).map_err(|_| ApiError::SessionNotFound)?;
+    let (agent, sid) = session_of(state, org, name, id)?;
     Ok(HttpResponse::Ok().json(session_json(&terminate(state, &agent, sid).await?)))
 }
 
@@ -125,6 +123,17 @@ fn agent(
     name: &str,
 ) -> Result<std::sync::Arc<crate::agents::Agent>, ApiError> {
     state.registry.load().agents.get(org, name).cloned().ok_or(ApiError::AgentNotFound)
+}
+
+/// The agent and the session id a route names; an id that is no UUID names no session.
+fn session_of(
+    state: &AppState,
+    org: &str,
+    name: &str,
+    id: &str,
+) -> Result<(std::sync::Arc<crate::agents::Agent>, Uuid), ApiError> {
+    let agent = agent(state, org, name)?;
+    Ok((agent, Uuid::parse_str(id).map_err(|_| ApiError::SessionNotFound)?))
 }
 
 /// The CLI's names for how a session stands: `active`, or how it ended.
