@@ -94,6 +94,13 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(&settings.listen)
             .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
+        Self::build_on(settings, listener).await
+    }
+
+    /// [`Application::build`] on a public listener bound beforehand (`settings.listen` is then
+    /// not used): whoever must know the port before the settings are complete (the public URL
+    /// of a region, say) binds first.
+    pub async fn build_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Self> {
         let local = listener.local_addr()?;
         let (fatal_tx, fatal) = mpsc::channel(1);
         let mut background = Background { tasks: Vec::new(), fatal: fatal_tx };

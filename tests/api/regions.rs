@@ -24,12 +24,14 @@ struct Regions {
     _redis: RedisServer,
 }
 
-/// Two replicas in us-west, one in eu-central; ports chosen first so that every replica knows
-/// every region's public URL.
+/// Two replicas in us-west, one in eu-central; their listeners bound first so that every replica
+/// knows every region's public URL.
 async fn regions() -> Regions {
     let redis = RedisServer::start();
     let (west_bot, east_bot) = (TestBot::start().await, TestBot::start().await);
-    let ports = [free_port(), free_port(), free_port()];
+    let listeners: Vec<std::net::TcpListener> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
     let public = BTreeMap::from([
         (WEST.to_owned(), RegionSettings { public_ws_url: format!("ws://127.0.0.1:{}", ports[0]) }),
         (EAST.to_owned(), RegionSettings { public_ws_url: format!("ws://127.0.0.1:{}", ports[2]) }),
@@ -54,10 +56,10 @@ async fn regions() -> Regions {
         ),
     ];
     let mut apps = Vec::new();
-    for (port, region) in ports.iter().zip([WEST, WEST, EAST]) {
+    for (listener, region) in listeners.into_iter().zip([WEST, WEST, EAST]) {
         let mut options = AppOptions::new(Some(redis.url()), &west_bot);
         options.key_prefix = "regions".into();
-        options.settings.listen = format!("127.0.0.1:{port}");
+        options.listener = Some(listener);
         options.settings.region = region.into();
         options.settings.regions = public.clone();
         options.extra_agents = agents.clone();

@@ -42,6 +42,8 @@ pub struct AppOptions {
     pub settings: Settings,
     /// More agent files, as (file stem, TOML).
     pub extra_agents: Vec<(String, String)>,
+    /// A public listener bound beforehand, for tests that must know the port first.
+    pub listener: Option<std::net::TcpListener>,
 }
 
 /// A broker running in this test's process, stopped when dropped.
@@ -103,7 +105,10 @@ impl TestApp {
         }
         settings.redis.key_prefix = options.key_prefix;
         settings.validate().expect("test settings are valid");
-        let app = Application::build(settings).await?;
+        let app = match options.listener {
+            Some(listener) => Application::build_on(settings, listener).await?,
+            None => Application::build(settings).await?,
+        };
         let addr = format!("127.0.0.1:{}", app.port());
         let internal = format!("127.0.0.1:{}", app.internal_port());
         let handle = app.handle();
@@ -202,6 +207,7 @@ impl AppOptions {
             bot_url: bot.url(),
             settings,
             extra_agents: Vec::new(),
+            listener: None,
         }
     }
 }
