@@ -140,7 +140,10 @@ async fn route(
     }
     match reservation.activate(&state).await {
         Ok(activated) => LiveSession::new(state, activated).run(client, stream, bot).await,
-        Err(e) => drop(client.close(Some(refuse(close::TOKEN_REQUIRED, &e.to_string()))).await),
+        Err(e) => {
+            let reason = CloseReason { code: CloseCode::Error, description: Some(e.to_string()) };
+            drop(client.close(Some(reason)).await)
+        }
     }
 }
 
