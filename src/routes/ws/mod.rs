@@ -8,7 +8,7 @@
 //! for the rest of its lifetime.
 
 pub mod providers;
-mod request;
+pub mod request;
 mod reservation;
 
 use std::{sync::Arc, time::Instant};
