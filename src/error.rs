@@ -77,6 +77,9 @@ pub enum TokenRefusal {
     Terminated,
     /// A `?body=` other than the one minted with the token.
     BodyMismatch,
+    /// Minted before the store lost data (a restart, a failover, a flush): its consume may have
+    /// been lost with it, so it cannot be trusted to be unused.
+    StoreReset,
 }
 
 impl TokenRefusal {
@@ -92,6 +95,7 @@ impl TokenRefusal {
             Self::Replayed => "token_already_used",
             Self::Terminated => "session_terminated",
             Self::BodyMismatch => "body_mismatch",
+            Self::StoreReset => "token_predates_store_reset",
         }
     }
 
@@ -110,6 +114,10 @@ impl TokenRefusal {
             Self::BodyMismatch => {
                 "The body differs from the one minted with the token; connect without ?body= or \
                  with the body /start returned"
+            }
+            Self::StoreReset => {
+                "Session token was minted before the session store lost its data (a restart or \
+                 failover); call /start again for a new token"
             }
         }
     }
