@@ -208,6 +208,15 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let row = self.row();
+        // The client is told only "retry shortly"; the operator needs the cause, within a
+        // budget: an outage fails every request.
+        static STORE_FAILURES: std::sync::LazyLock<crate::log_budget::LogBudget> =
+            std::sync::LazyLock::new(crate::log_budget::LogBudget::for_refusals);
+        if let Self::StoreUnavailable(cause) = self
+            && let Some(suppressed) = STORE_FAILURES.take()
+        {
+            tracing::warn!(error = %cause, suppressed, "answered 503: the store failed");
+        }
         let message = self.to_string();
         let body = ErrorBody {
             error: &message,

@@ -372,6 +372,7 @@ mod tests {
         // Correctly signed garbage payload is still malformed, not accepted.
         let payload = URL_SAFE_NO_PAD.encode(b"{\"sh\":1}");
         let mut mac = ring.keys["k1"].clone();
+        mac.update(FORMAT_TAG);
         mac.update(payload.as_bytes());
         let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         assert_eq!(ring.verify(&format!("{payload}.{sig}"), HOST, NOW), Err(TokenError::Malformed));

@@ -652,18 +652,17 @@ impl RedisStore {
         rates: &[RateCount],
         window_ms: u64,
     ) -> Result<bool, StoreError> {
-        // INCR and PEXPIRE of each in one MULTI: a counter never outlives its window by more
-        // than one window, even if this replica dies between the two. The cluster connection
-        // sends each counter's MULTI to its node.
+        // Each counter is made with its expiry before it is counted: a counter never outlives
+        // its window by more than one window, even if this replica dies between the two. Both
+        // commands name one key, so the cluster connection sends them to its node together.
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("MULTI").ignore();
-            pipe.incr(key, 1).ignore().pexpire(key, (2 * window_ms) as i64).ignore();
-            pipe.cmd("EXEC");
+            pipe.cmd("SET").arg(key).arg(0).arg("NX").arg("PX").arg(2 * window_ms).ignore();
+            pipe.incr(key, 1);
         }
-        let counts: Vec<(u64,)> =
+        let counts: Vec<u64> =
             self.run("rate_limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
-        Ok(counts.iter().zip(rates).all(|((count,), rate)| *count <= rate.limit))
+        Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
     }
 
     /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):

@@ -16,7 +16,7 @@ use crate::{
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
-    store::{ConnectRequest, Connected, SessionRecord, StoreError, unix_ms},
+    store::{ConnectRequest, Connected, SessionRecord, Store, StoreError, unix_ms},
     token::{body_digest, redact},
 };
 
@@ -83,6 +83,7 @@ impl Reservation {
                 (taken.sid, taken.minted_in, taken.holder, taken.body, slot)
             }
         };
+        tracing::Span::current().record("session_id", tracing::field::display(session_id));
         // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
         let (registration, stop) = state.live.register(session_id, &agent.service_host);
         Ok(Self { agent, session_id, minted_in, body, consumed, slot, registration, stop })
@@ -267,14 +268,12 @@ async fn consume(
             tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
             Err(ApiError::AtCapacity)
         }
-        // A request that timed out may still have been applied: give the token and the slot
+        // A request that timed out may still be applied, late: give the token and the slot
         // back once Redis answers, so the client's retry finds the token unspent.
         Err(e @ StoreError::Timeout { .. }) if !state.fail_open => {
-            let (store, host) = (state.store.clone(), agent.service_host.clone());
-            tokio::spawn(async move {
-                let _ = store.release_token(&host, sid, &holder).await;
-                let _ = store.release_slot(&host, sid).await;
-            });
+            let store = state.store.clone();
+            let (host, ttl) = (agent.service_host.clone(), request.mark_ttl);
+            tokio::spawn(async move { give_back_late(&*store, &host, sid, &holder, ttl).await });
             Err(e.into())
         }
         Err(e) if state.fail_open => {
@@ -298,6 +297,32 @@ fn decode_minted(stored: &str) -> Result<Vec<u8>, ApiError> {
     base64::engine::general_purpose::STANDARD
         .decode(stored)
         .map_err(|_| StoreError::Missing { what: "minted body" }.into())
+}
+
+/// How often a late give-back asks again.
+const GIVE_BACK_RETRY: Duration = Duration::from_millis(200);
+
+/// Gives back the token and slot of a connect whose store request timed out: the request may be
+/// waiting, unanswered, on a connection the broker dropped, and run when Redis answers again.
+/// Asks until Redis has answered twice, a retry apart (the late request runs no later than the
+/// turn of Redis's event loop that answers the first), or until the token is past its life.
+async fn give_back_late(store: &dyn Store, agent: &str, sid: Uuid, holder: &str, ttl: Duration) {
+    let deadline = Instant::now() + ttl;
+    let mut answers = 0;
+    while answers < 2 && Instant::now() < deadline {
+        match store.release_token(agent, sid, holder).await {
+            // Ours: so was the slot, taken by the same request.
+            Ok(true) => {
+                if let Err(e) = store.release_slot(agent, sid).await {
+                    tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+                }
+                return;
+            }
+            Ok(false) => answers += 1,
+            Err(_) => {}
+        }
+        tokio::time::sleep(GIVE_BACK_RETRY).await;
+    }
 }
 
 /// Gives a consumed token back, so the client can connect again within its lifetime.

@@ -82,6 +82,18 @@ impl RedisServer {
         self.port
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its data and its run id but answers nothing, as
+    /// when the network to it fails. [`RedisServer::resume`] thaws it.
+    pub fn pause(&self) {
+        // SAFETY: kill(2) with a child's pid and a signal number has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume(&self) {
+        // SAFETY: as in `pause`.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// A synchronous connection, for set-up and inspection.
     pub fn client(&self) -> redis::Connection {
         redis::Client::open(self.url()).unwrap().get_connection().unwrap()
