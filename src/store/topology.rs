@@ -15,11 +15,12 @@ use std::{
 };
 
 use redis::{
-    Client, Cmd, Pipeline, RedisFuture, RedisResult, Value,
+    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
+    RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+    sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
 };
 use secrecy::ExposeSecret;
 
@@ -70,36 +71,33 @@ pub enum Conn {
 }
 
 impl Topology {
-    /// Reads the topology from the settings; connects to nothing yet.
+    /// Reads the topology from the settings (and the TLS files they name); connects to nothing
+    /// yet.
     pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
         let timeout = settings.command_timeout;
+        let certs = crate::tls::redis_certificates(settings).map_err(|e| {
+            RedisError::from((ErrorKind::InvalidClientConfig, "TLS settings", e.to_string()))
+        })?;
         let kind = if let Some(url) = &settings.url {
-            Kind::Standalone(Client::open(url.expose_secret())?)
+            Kind::Standalone(client(url.expose_secret(), certs.as_ref())?)
         } else if !settings.sentinels.is_empty() {
-            let mut node = SentinelNodeConnectionInfo::default();
-            if let Some(password) = &settings.master_password {
-                let info =
-                    redis::RedisConnectionInfo::default().set_password(password.expose_secret());
-                node = node.set_redis_connection_info(info);
-            }
-            let client = SentinelClient::build(
-                settings.sentinels.clone(),
-                settings.master_name.clone().unwrap_or_default(),
-                Some(node),
-                SentinelServerType::Master,
-            )?;
-            Kind::Sentinel(tokio::sync::Mutex::new(client))
+            Kind::Sentinel(tokio::sync::Mutex::new(sentinel_client(settings, certs)?))
         } else {
-            let client = ClusterClient::builder(settings.cluster_nodes.clone())
+            let mut builder = ClusterClient::builder(settings.cluster_nodes.clone())
                 .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()?;
+                .response_timeout(timeout);
+            // `certs` would turn TLS on for plain nodes too: only `rediss://` nodes get them.
+            if let Some(certs) = &certs
+                && settings.cluster_nodes.iter().any(|url| is_tls(url))
+            {
+                builder = builder.certs(certs.clone());
+            }
             let seeds = settings
                 .cluster_nodes
                 .iter()
-                .map(|url| Client::open(url.as_str()))
+                .map(|url| client(url, certs.as_ref()))
                 .collect::<RedisResult<_>>()?;
-            Kind::Cluster(client, seeds)
+            Kind::Cluster(builder.build()?, seeds)
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -157,6 +155,61 @@ impl Topology {
             Kind::Cluster(_, seeds) => Ok(seeds.clone()),
         }
     }
+}
+
+/// Whether a Redis URL is `rediss://` (validation refused anything unparsable).
+fn is_tls(url: &str) -> bool {
+    url.into_connection_info().is_ok_and(|info| tls_addr(&info))
+}
+
+fn tls_addr(info: &ConnectionInfo) -> bool {
+    matches!(info.addr(), ConnectionAddr::TcpTls { .. })
+}
+
+/// A client for one server, with the settings' CA bundle and client certificate if it is
+/// `rediss://`.
+fn client(url: &str, certs: Option<&TlsCertificates>) -> RedisResult<Client> {
+    match certs {
+        Some(certs) if is_tls(url) => Client::build_with_tls(url, certs.clone()),
+        _ => Client::open(url),
+    }
+}
+
+/// The sentinels' client. With `rediss://` sentinels the master is reached over TLS too, and
+/// both sides get the settings' CA bundle and client certificate. The builder gives every
+/// sentinel the same credentials: the first URL's (validation checked they are all alike).
+fn sentinel_client(
+    settings: &RedisSettings,
+    certs: Option<TlsCertificates>,
+) -> RedisResult<SentinelClient> {
+    let sentinels = settings
+        .sentinels
+        .iter()
+        .map(|url| url.as_str().into_connection_info())
+        .collect::<RedisResult<Vec<_>>>()?;
+    let master_name = settings.master_name.clone().unwrap_or_default();
+    let addrs = sentinels.iter().map(|info| info.addr().clone());
+    let mut builder = SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)?;
+    if let Some(first) = sentinels.first().map(ConnectionInfo::redis_settings) {
+        if let Some(username) = first.username() {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = first.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(password) = &settings.master_password {
+        builder = builder.set_client_to_redis_password(password.expose_secret());
+    }
+    if sentinels.iter().any(tls_addr) {
+        builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+        if let Some(certs) = certs {
+            builder = builder
+                .set_client_to_sentinel_certificates(certs.clone())
+                .set_client_to_redis_certificates(certs);
+        }
+    }
+    builder.build()
 }
 
 /// Asks the sentinels for the master. Sentinels may briefly know no valid master (during a
