@@ -69,7 +69,7 @@ pub enum PrepareError {
         "TLS with Redis failed ({0}). The servers' certificates must be signed by \
          redis.tls_ca_file (or, without it, a system root) and name the host the broker dials; \
          a server with tls-auth-clients needs redis.tls_client_cert_file and \
-         redis.tls_client_key_file; a rediss:// URL needs a TLS port."
+         redis.tls_client_key_file."
     )]
     Tls(StoreError),
 }

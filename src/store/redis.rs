@@ -272,10 +272,42 @@ impl SessionStore for RedisStore {
     }
 
     async fn prepare(&self) -> Result<(), PrepareError> {
-        self.prepare_schema().await.map_err(|e| match e {
-            PrepareError::Unavailable(e) if crate::tls::is_tls_failure(&e) => PrepareError::Tls(e),
-            other => other,
-        })
+        if let Some(source) = self.topology.tls_failure(self.timeout).await {
+            return Err(PrepareError::Tls(StoreError::Redis { op: "connect", source }));
+        }
+        self.check_eviction_policy().await?;
+        let key = self.keys.schema();
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&key);
+        let stored: HashMap<String, u32> =
+            self.run("read_schema", Purpose::Commands, Request::Cmd(&read)).await?;
+        let found = stored.get("version").copied().unwrap_or(0);
+        let compatible_from = stored.get("compatible_from").copied().unwrap_or(0);
+        if found > SCHEMA_VERSION && compatible_from > SCHEMA_VERSION {
+            return Err(PrepareError::Incompatible {
+                found,
+                compatible_from,
+                ours: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            let mut write = redis::cmd("HSET");
+            write
+                .arg(&key)
+                .arg("version")
+                .arg(SCHEMA_VERSION)
+                .arg("compatible_from")
+                .arg(COMPATIBLE_FROM);
+            self.run::<()>("write_schema", Purpose::Commands, Request::Cmd(&write)).await?;
+        }
+        // Loaded here so the first requests find them; a Redis that loses them later (restart,
+        // failover) gets them again through EVALSHA's fallback to EVAL.
+        for source in MIGRATIONS {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(source);
+            let _: String = self.run("load_script", Purpose::Commands, Request::Cmd(&load)).await?;
+        }
+        Ok(())
     }
 
     async fn create_session(
@@ -582,44 +614,6 @@ impl RedisStore {
         let (version,): (u64,) =
             self.run("registry_put", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(version)
-    }
-
-    /// [`Store::prepare`], but for telling TLS failures apart: checks the eviction policy and
-    /// the schema, and loads the scripts.
-    async fn prepare_schema(&self) -> Result<(), PrepareError> {
-        self.check_eviction_policy().await?;
-        let key = self.keys.schema();
-        let mut read = redis::cmd("HGETALL");
-        read.arg(&key);
-        let stored: HashMap<String, u32> =
-            self.run("read_schema", Purpose::Commands, Request::Cmd(&read)).await?;
-        let found = stored.get("version").copied().unwrap_or(0);
-        let compatible_from = stored.get("compatible_from").copied().unwrap_or(0);
-        if found > SCHEMA_VERSION && compatible_from > SCHEMA_VERSION {
-            return Err(PrepareError::Incompatible {
-                found,
-                compatible_from,
-                ours: SCHEMA_VERSION,
-            });
-        }
-        if found < SCHEMA_VERSION {
-            let mut write = redis::cmd("HSET");
-            write
-                .arg(&key)
-                .arg("version")
-                .arg(SCHEMA_VERSION)
-                .arg("compatible_from")
-                .arg(COMPATIBLE_FROM);
-            self.run::<()>("write_schema", Purpose::Commands, Request::Cmd(&write)).await?;
-        }
-        // Loaded here so the first requests find them; a Redis that loses them later (restart,
-        // failover) gets them again through EVALSHA's fallback to EVAL.
-        for source in MIGRATIONS {
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(source);
-            let _: String = self.run("load_script", Purpose::Commands, Request::Cmd(&load)).await?;
-        }
-        Ok(())
     }
 
     /// Refuses (or warns about, per `redis.on_evicting_policy`) a Redis that may evict keys.

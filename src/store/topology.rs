@@ -15,8 +15,9 @@ use std::{
 };
 
 use redis::{
-    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind,
+    IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode,
+    Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
@@ -54,6 +55,8 @@ pub struct Topology {
     id: u64,
     kind: Kind,
     config: ConnectionManagerConfig,
+    /// Whether the servers are reached over TLS (`rediss://`).
+    tls: bool,
 }
 
 enum Kind {
@@ -78,6 +81,8 @@ impl Topology {
         let certs = crate::tls::redis_certificates(settings).map_err(|e| {
             RedisError::from((ErrorKind::InvalidClientConfig, "TLS settings", e.to_string()))
         })?;
+        let tls = settings.url.iter().map(|url| url.expose_secret()).any(is_tls)
+            || settings.sentinels.iter().chain(&settings.cluster_nodes).any(|url| is_tls(url));
         let kind = if let Some(url) = &settings.url {
             Kind::Standalone(client(url.expose_secret(), certs.as_ref())?)
         } else if !settings.sentinels.is_empty() {
@@ -104,7 +109,7 @@ impl Topology {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(timeout);
-        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), kind, config })
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), kind, config, tls })
     }
 
     /// This thread's connection for `purpose`, made on first use.
@@ -144,6 +149,34 @@ impl Topology {
         if let Kind::Sentinel(_) = self.kind {
             CONNECTIONS.with(|table| table.borrow_mut().remove(&(self.id, purpose)));
         }
+    }
+
+    /// Why TLS fails, if it does, on one connection made to each server a dedicated connection
+    /// would use (see [`Topology::pubsub_clients`]). The command connections retry a failed
+    /// connect until the command timeout hides why it failed, but a handshake that these
+    /// settings can never pass must be told apart from a server that is down. `None` without
+    /// TLS, and when every server answered or failed otherwise.
+    pub async fn tls_failure(&self, timeout: Duration) -> Option<RedisError> {
+        if !self.tls {
+            return None;
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let probe = async {
+            let clients = match self.pubsub_clients().await {
+                Ok(clients) => clients,
+                Err(e) => return crate::tls::is_tls_failure(&e).then_some(e),
+            };
+            for client in clients {
+                match client.get_multiplexed_async_connection_with_config(&config).await {
+                    Err(e) if crate::tls::is_tls_failure(&e) => return Some(e),
+                    _ => {}
+                }
+            }
+            None
+        };
+        tokio::time::timeout(timeout, probe).await.ok().flatten()
     }
 
     /// Clients to try, in order, for a dedicated pub/sub connection: the standalone server, the
