@@ -905,6 +905,68 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_checked_at_load() {
+        let err = |pairs: &[(&str, &str)]| Settings::load(env(pairs)).unwrap_err().to_string();
+        let rediss = ("BROKER__REDIS__URL", "rediss://r:6379");
+        let ca = |path| ("BROKER__REDIS__TLS_CA_FILE", path);
+        let plain = err(&[("BROKER__REDIS__URL", "redis://r:6379"), ca("ca.pem")]);
+        assert!(plain.contains("redis.tls_ca_file: applies to rediss:// only"), "{plain}");
+        let none = err(&[ca("ca.pem")]);
+        assert!(none.contains("no Redis is configured"), "{none}");
+        let missing = err(&[rediss, ca("/no/such/ca.pem")]);
+        assert!(missing.contains("redis.tls_ca_file: cannot read /no/such/ca.pem"), "{missing}");
+        let half = err(&[rediss, ("BROKER__REDIS__TLS_CLIENT_CERT_FILE", "c.pem")]);
+        assert!(half.contains("set both or neither"), "{half}");
+        let insecure = err(&[("BROKER__REDIS__URL", "rediss://r:6379/#insecure")]);
+        assert!(insecure.contains("redis.url: TLS without checking"), "{insecure}");
+        let sentinels =
+            |urls| err(&[("BROKER__REDIS__SENTINELS", urls), ("BROKER__REDIS__MASTER_NAME", "m")]);
+        let mixed = sentinels("redis://s1:26379, rediss://s2:26379");
+        assert!(mixed.contains("redis.sentinels: mixes redis:// and rediss://"), "{mixed}");
+        let credentials = sentinels("redis://:a@s1:26379, redis://:b@s2:26379");
+        assert!(credentials.contains("same username and password"), "{credentials}");
+        let bots = err(&[("BROKER__BOTS__TLS_CA_FILE", "/no/such/bots.pem")]);
+        assert!(bots.contains("bots.tls_ca_file: cannot read"), "{bots}");
+    }
+
+    #[test]
+    fn tls_files_must_hold_what_they_are_named_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert = write("cert.pem", params.self_signed(&key).unwrap().pem());
+        let key = write("key.pem", key.serialize_pem());
+        let other_key = write("other.pem", rcgen::KeyPair::generate().unwrap().serialize_pem());
+        let rediss = ("BROKER__REDIS__URL", "rediss://r:6379");
+        let settings = |ca: &str, key: &str| {
+            Settings::load(env(&[
+                rediss,
+                ("BROKER__REDIS__TLS_CA_FILE", ca),
+                ("BROKER__REDIS__TLS_CLIENT_CERT_FILE", &cert),
+                ("BROKER__REDIS__TLS_CLIENT_KEY_FILE", key),
+                ("BROKER__BOTS__TLS_CA_FILE", ca),
+            ]))
+            .map_err(|e| e.to_string())
+        };
+        let ok = settings(&cert, &key).unwrap();
+        assert_eq!(ok.redis.tls_client_key_file, Some(PathBuf::from(&key)));
+        assert_eq!(ok.bots.tls_ca_file, Some(PathBuf::from(&cert)));
+        let not_a_ca = settings(&key, &key).unwrap_err();
+        assert!(not_a_ca.contains("redis.tls_ca_file") && not_a_ca.contains("no PEM certificate"));
+        let mismatched = settings(&cert, &other_key).unwrap_err();
+        assert!(mismatched.contains("redis.tls_client_key_file: does not go with"), "{mismatched}");
+        let no_key = settings(&cert, &cert).unwrap_err();
+        assert!(
+            no_key.contains("redis.tls_client_key_file") && no_key.contains("no PEM private key")
+        );
+    }
+
+    #[test]
     fn the_demo_is_for_a_laptop_only() {
         let ok = Settings::load(env(&[("BROKER__DEMO", "true")])).unwrap();
         assert!(ok.demo);
