@@ -78,8 +78,9 @@ pub struct RegionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// A standalone Redis, `redis://…`, or `rediss://…` for TLS. With none of `url`, `sentinels` and `cluster_nodes`
-    /// the broker uses the embedded in-memory store (one process only).
+    /// A standalone Redis, `redis://…`, or `rediss://…` for TLS. With none of `url`,
+    /// `sentinels` and `cluster_nodes` the broker uses the embedded in-memory store (one
+    /// process only).
     pub url: Option<SecretString>,
     /// Sentinels watching the master named `master_name`, `redis://host:26379` each. The broker
     /// asks them for the master, and asks again after any error, so it follows a failover. With
@@ -758,9 +759,10 @@ impl Settings {
         if let Some((file_setting, _)) = files.iter().find(|(_, file)| file.is_some())
             && !uses_tls
         {
-            let instead = match r.is_configured() {
-                true => format!("{setting} is not rediss://"),
-                false => "no Redis is configured".into(),
+            let instead = if r.is_configured() {
+                format!("{setting} is not rediss://")
+            } else {
+                "no Redis is configured".into()
             };
             return bad(file_setting, &format!("applies to rediss:// only, and {instead}"));
         }
