@@ -64,6 +64,14 @@ pub enum PrepareError {
          redis.on_evicting_policy = \"warn\" to accept the risk."
     )]
     EvictingPolicy { policy: String },
+    /// The TLS handshake with Redis failed: it would fail the same way on every attempt.
+    #[error(
+        "TLS with Redis failed ({0}). The servers' certificates must be signed by \
+         redis.tls_ca_file (or, without it, a system root) and name the host the broker dials; \
+         a server with tls-auth-clients needs redis.tls_client_cert_file and \
+         redis.tls_client_key_file."
+    )]
+    Tls(StoreError),
 }
 
 /// Told the round-trip time of each store operation, named as in `RedisStore::run`

@@ -358,6 +358,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn prepare(&self) -> Result<(), PrepareError> {
+        if let Some(source) = self.topology.tls_failure(self.timeout).await {
+            return Err(PrepareError::Tls(StoreError::Redis { op: "connect", source }));
+        }
         self.check_eviction_policy().await?;
         let key = self.keys.schema();
         let mut read = redis::cmd("HGETALL");

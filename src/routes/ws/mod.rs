@@ -191,7 +191,9 @@ async fn dial_bot(
         ("x-forwarded-for", forwarded_for),
     ];
     let dialling = Instant::now();
-    let dialled = bridge::dial(&url, &headers, &state.bridge, state.bot_connect_timeout).await;
+    let dialled =
+        bridge::dial(&url, &headers, &state.bridge, &state.bot_tls, state.bot_connect_timeout)
+            .await;
     let outcome = if dialled.is_ok() { "connected" } else { "failed" };
     let histogram = state.metrics.bot_dial_seconds.with_label_values(&[outcome]);
     histogram.observe(dialling.elapsed().as_secs_f64());
