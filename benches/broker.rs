@@ -7,6 +7,9 @@
 //! Prints one table of figures and one of ratios. Numbers are never asserted: machines are
 //! noisy; compare ratios from the same run. `--quick` runs each figure briefly, as a smoke check.
 
+#[path = "support/far_store.rs"]
+mod far_store;
+
 use std::{
     cell::RefCell,
     io::{BufRead, BufReader},
@@ -40,7 +43,12 @@ struct Plan {
     idle_counts: [usize; 2],
     /// Concurrent paced calls of the calls figures.
     calls: &'static [usize],
+    /// Sessions opened one after another for the far-store figure, at each distance.
+    far_samples: usize,
 }
+
+/// The added round-trip time to Redis of the far-store figure.
+const FAR_RTT: Duration = Duration::from_millis(50);
 
 impl Plan {
     fn new(quick: bool) -> Self {
@@ -50,6 +58,7 @@ impl Plan {
                 measure: Duration::from_millis(400),
                 idle_counts: [100, 200],
                 calls: &[50],
+                far_samples: 5,
             }
         } else {
             Self {
@@ -57,6 +66,7 @@ impl Plan {
                 measure: Duration::from_secs(5),
                 idle_counts: [1_000, 10_000],
                 calls: &[250, 1_000],
+                far_samples: 60,
             }
         }
     }
@@ -102,7 +112,7 @@ async fn run(plan: Plan, pinning: bool) {
         std::fs::write(org_dir.join(format!("{name}.toml")), text).unwrap();
     }
     let bot_url = format!("ws://{}/", bot.addr);
-    let broker = Proc::broker(&server_prefix, &redis.addr, agents.path(), &bot_url);
+    let broker = Proc::broker(&server_prefix, &redis.addr, agents.path(), &bot_url, &[]);
     let broker_addr = broker.addr;
 
     println!(
@@ -219,6 +229,38 @@ async fn run(plan: Plan, pinning: bool) {
         );
     }
 
+    // The far store: a broker of its own (rate limits on, as shipped), near Redis and behind
+    // the delay proxy, sessions opened one at a time.
+    let mut far = Vec::new();
+    for rtt in [Duration::ZERO, FAR_RTT] {
+        let redis_addr = match rtt.is_zero() {
+            true => redis.addr,
+            false => far_store::delay_proxy(redis.addr, rtt / 2).await,
+        };
+        let limits = [
+            ("BROKER__LIMITS__START_RATE_PER_KEY", "1000000"),
+            ("BROKER__LIMITS__START_RATE_PER_ADDRESS", "1000000"),
+        ];
+        let distant = Proc::broker(&server_prefix, &redis_addr, agents.path(), &bot_url, &limits);
+        far.push((rtt, far_figures(distant.addr, plan.far_samples).await));
+    }
+    println!(
+        "\n| Redis RTT added | /start p50 | /start p99 | connect (to 101) p50 | connect p99 |\n|---:|---:|---:|---:|---:|"
+    );
+    for (rtt, (start, connect)) in &far {
+        println!(
+            "| {} ms | {} | {} | {} | {} |",
+            rtt.as_millis(),
+            us(start.p50),
+            us(start.p99),
+            us(connect.p50),
+            us(connect.p99)
+        );
+    }
+    let in_rtts = |pick: fn(&(Figures, Figures)) -> Duration| {
+        (pick(&far[1].1).as_secs_f64() - pick(&far[0].1).as_secs_f64()) / FAR_RTT.as_secs_f64()
+    };
+
     let worst_memory = memory.iter().map(|(_, b)| *b).fold(0.0, f64::max);
     let ratios = [
         ("/start ÷ HTTP ceiling", start.rate / healthz.rate, "≥ 0.50"),
@@ -240,6 +282,10 @@ async fn run(plan: Plan, pinning: bool) {
         ),
         ("relay messages/s via broker ÷ direct", relay_rate.rate / direct_rate.rate, "≥ 0.45"),
         ("broker memory per idle session (KiB)", worst_memory / 1024.0, "< 64"),
+        ("far store: /start p50 added, in RTTs", in_rtts(|f| f.0.p50), "≤ 1.2"),
+        ("far store: /start p99 added, in RTTs", in_rtts(|f| f.0.p99), "≤ 1.2"),
+        ("far store: connect p50 added, in RTTs", in_rtts(|f| f.1.p50), "≤ 1.2"),
+        ("far store: connect p99 added, in RTTs", in_rtts(|f| f.1.p99), "≤ 1.2"),
     ];
     println!("\n| ratio | this run | target |\n|---|---:|---:|");
     for (name, value, target) in ratios {
@@ -435,6 +481,33 @@ async fn mint(http: &mut Http, addr: SocketAddr) -> String {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     json["token"].as_str().unwrap().to_owned()
+}
+
+/// Opens `count` sessions one after another, each /start then connect, echo and close: the
+/// time of each /start and of each connect (request to 101).
+async fn far_figures(addr: SocketAddr, count: usize) -> (Figures, Figures) {
+    let mut http = Http::connect(addr).await;
+    let (mut starts, mut connects) = (Vec::new(), Vec::new());
+    for i in 0..count + 2 {
+        let began = Instant::now();
+        let token = mint(&mut http, addr).await;
+        let minted = began.elapsed();
+        let began = Instant::now();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{addr}/ws/generic/bench.bench/{token}");
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let connected = began.elapsed();
+        echo(&mut ws, &[7u8; FRAME_BYTES]).await;
+        close(ws).await;
+        // The first two warm the connections up.
+        if i >= 2 {
+            starts.push(minted);
+            connects.push(connected);
+        }
+    }
+    let span = Duration::from_secs(1);
+    (Figures::of(starts, span), Figures::of(connects, span))
 }
 
 /// Mints `count` tokens over 16 connections.
@@ -744,6 +817,7 @@ impl Proc {
         redis: &SocketAddr,
         agents: &std::path::Path,
         bot_url: &str,
+        overrides: &[(&str, &str)],
     ) -> Self {
         let addr = free_addr();
         let internal = free_addr();
@@ -768,6 +842,8 @@ impl Proc {
             ("BROKER__LOG__FILTER", "warn,session_broker::startup=info".into()),
         ]
         .map(|(k, v)| (k.to_owned(), v));
+        let mut env = env.to_vec();
+        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let args = ["serve".to_owned()];
         let mut broker = Self::spawn(
             prefix,
