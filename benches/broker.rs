@@ -9,6 +9,8 @@
 
 #[path = "support/far_store.rs"]
 mod far_store;
+#[path = "support/haproxy.rs"]
+mod haproxy;
 
 use std::{
     cell::RefCell,
@@ -170,6 +172,21 @@ async fn run(plan: Plan, pinning: bool) {
     let direct_rate = phase(&plan, 32, relay_worker(bot_addr, Target::Direct)).await;
     rows.push(("relay, 160 B, 32 sessions, direct", direct_rate.clone()));
 
+    // The peer: HAProxy proxying the same bot, on the same core, measured the same way.
+    let peer = haproxy::HaProxy::start(&server_prefix, bot_addr);
+    let mut peer_figures = None;
+    if let Some(peer) = &peer {
+        let meter = CpuMeter::new(&[("haproxy", peer.pid()), ("bot", bot.pid())]);
+        let sessions = phase(&plan, 32, session_worker(peer.addr, Target::Direct)).await;
+        let cpu = meter.per_op(sessions.count);
+        rows.push(("connect+echo+close via HAProxy", sessions.clone()));
+        let rtt = phase(&plan, 1, relay_worker(peer.addr, Target::Direct)).await;
+        rows.push(("relay RTT, 160 B, 1 session, via HAProxy", rtt.clone()));
+        let rate = phase(&plan, 32, relay_worker(peer.addr, Target::Direct)).await;
+        rows.push(("relay, 160 B, 32 sessions, via HAProxy", rate.clone()));
+        peer_figures = Some((sessions, cpu, rtt, rate));
+    }
+
     println!("| figure | ops/s | p50 | p90 | p99 |\n|---|---:|---:|---:|---:|");
     for (name, f) in &rows {
         println!("| {name} | {:.0} | {} | {} | {} |", f.rate, us(f.p50), us(f.p90), us(f.p99));
@@ -177,7 +194,12 @@ async fn run(plan: Plan, pinning: bool) {
 
     let mut memory = Vec::new();
     for count in plan.idle_counts {
-        memory.push((count, idle_bytes_per_session(broker_addr, broker.pid(), count).await));
+        let broker_bytes = idle_bytes_per_session(broker_addr, broker.pid(), count, true).await;
+        let peer_bytes = match &peer {
+            Some(peer) => Some(idle_bytes_per_session(peer.addr, peer.pid(), count, false).await),
+            None => None,
+        };
+        memory.push((count, broker_bytes, peer_bytes));
     }
     // Calls: each sends a 20 ms media frame (Twilio's JSON, 160 B of μ-law) and reads the
     // bot's echo, 50 frames a second, all at once; the delay is each frame's round trip. After
@@ -202,9 +224,12 @@ async fn run(plan: Plan, pinning: bool) {
         call_figures.push((count, calls, direct, cpu));
     }
 
-    println!("\n| idle bridged sessions | broker RSS growth per session |\n|---:|---:|");
-    for (count, bytes) in &memory {
-        println!("| {count} | {:.1} KiB |", bytes / 1024.0);
+    println!(
+        "\n| idle bridged sessions | broker RSS growth per session | HAProxy's per tunnel |\n|---:|---:|---:|"
+    );
+    for (count, bytes, peer_bytes) in &memory {
+        let peer = peer_bytes.map_or("—".into(), |b| format!("{:.1} KiB", b / 1024.0));
+        println!("| {count} | {:.1} KiB | {peer} |", bytes / 1024.0);
     }
     println!("\n| server CPU per session (µs) | broker | redis | bot |\n|---|---:|---:|---:|");
     for (name, cpu) in [
@@ -214,6 +239,12 @@ async fn run(plan: Plan, pinning: bool) {
         ("connect + echo + close, direct to the bot", &direct_cpu),
     ] {
         println!("| {name} | {:.0} | {:.0} | {:.0} |", cpu[0], cpu[1], cpu[2]);
+    }
+    if let Some((_, cpu, ..)) = &peer_figures {
+        println!(
+            "| connect + echo + close via HAProxy (its CPU in the broker column) | {:.0} | — | {:.0} |",
+            cpu[0], cpu[1]
+        );
     }
 
     for (count, calls, direct, cpu) in &call_figures {
@@ -261,7 +292,7 @@ async fn run(plan: Plan, pinning: bool) {
         (pick(&far[1].1).as_secs_f64() - pick(&far[0].1).as_secs_f64()) / FAR_RTT.as_secs_f64()
     };
 
-    let worst_memory = memory.iter().map(|(_, b)| *b).fold(0.0, f64::max);
+    let worst_memory = memory.iter().map(|(_, b, _)| *b).fold(0.0, f64::max);
     let ratios = [
         ("/start ÷ HTTP ceiling", start.rate / healthz.rate, "≥ 0.50"),
         (
@@ -287,6 +318,50 @@ async fn run(plan: Plan, pinning: bool) {
         ("far store: connect p50 added, in RTTs", in_rtts(|f| f.1.p50), "≤ 1.2"),
         ("far store: connect p99 added, in RTTs", in_rtts(|f| f.1.p99), "≤ 1.2"),
     ];
+    let mut ratios = ratios.to_vec();
+    if let Some((sessions, cpu, rtt, rate)) = &peer_figures {
+        let added = |via: &Figures, q: fn(&Figures) -> Duration| {
+            q(via).as_secs_f64() - q(&direct_rtt).as_secs_f64()
+        };
+        let peer_memory = memory.iter().filter_map(|(_, _, p)| *p).fold(0.0, f64::max);
+        ratios.extend([
+            (
+                "HAProxy: sessions/s via broker (no token) ÷ via HAProxy",
+                open.rate / sessions.rate,
+                "—",
+            ),
+            (
+                "HAProxy: broker + redis CPU per session (no token) ÷ HAProxy's",
+                (open_cpu[0] + open_cpu[1]) / cpu[0],
+                "≤ 1.2",
+            ),
+            (
+                "HAProxy: broker + redis CPU per session (token, /start) ÷ HAProxy's",
+                (full_cpu[0] + full_cpu[1]) / cpu[0],
+                "≤ 1.5",
+            ),
+            (
+                "HAProxy: relay messages/s, 32 sessions, broker ÷ HAProxy",
+                relay_rate.rate / rate.rate,
+                "≥ 1.0",
+            ),
+            (
+                "HAProxy: p50 RTT added, broker ÷ HAProxy",
+                added(&relay_rtt, |f| f.p50) / added(rtt, |f| f.p50),
+                "≤ 1.0",
+            ),
+            (
+                "HAProxy: p99 RTT added, broker ÷ HAProxy",
+                added(&relay_rtt, |f| f.p99) / added(rtt, |f| f.p99),
+                "—",
+            ),
+            (
+                "HAProxy: memory per idle session, broker ÷ HAProxy",
+                worst_memory / peer_memory,
+                "≤ 1.0",
+            ),
+        ]);
+    }
     println!("\n| ratio | this run | target |\n|---|---:|---:|");
     for (name, value, target) in ratios {
         println!("| {name} | {value:.2} | {target} |");
@@ -649,8 +724,11 @@ async fn call_phase(plan: &Plan, calls: usize, addr: SocketAddr, target: Target)
 
 /// Opens `count` bridged sessions, leaves them idle, and returns the broker's RSS growth per
 /// session. The sessions close before this returns.
-async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> f64 {
-    let before = rss_bytes(broker);
+/// RSS growth of `server` per idle session held open through `addr`: the broker's agent without
+/// a token (and, with `token`, one token session too), or any proxy of the bot (`!token`).
+async fn idle_bytes_per_session(addr: SocketAddr, server: u32, count: usize, token: bool) -> f64 {
+    let target = if token { Target::Open } else { Target::Direct };
+    let before = rss_bytes(server);
     let mut sessions = Vec::with_capacity(count);
     let mut http = None;
     // Sixteen at a time: fast enough, and well inside the listen backlog.
@@ -658,8 +736,9 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         let batch = (count - sessions.len()).min(16);
         let mut opening = Vec::new();
         for _ in 0..batch {
+            let target = target.clone();
             opening.push(tokio::task::spawn_local(async move {
-                open_session(addr, &Target::Open, &mut None).await
+                open_session(addr, &target, &mut None).await
             }));
         }
         for task in opening {
@@ -667,9 +746,11 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         }
     }
     // One token session too, so the figure includes a gated one's record and lease bookkeeping.
-    sessions.push(open_session(addr, &Target::Broker, &mut http).await);
+    if token {
+        sessions.push(open_session(addr, &Target::Broker, &mut http).await);
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_bytes(broker);
+    let after = rss_bytes(server);
     let per_session = (after.saturating_sub(before)) as f64 / sessions.len() as f64;
     let closing: Vec<_> =
         sessions.into_iter().map(|ws| tokio::task::spawn_local(close(ws))).collect();
