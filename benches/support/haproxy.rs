@@ -32,10 +32,12 @@ impl HaProxy {
             }
         }
         let addr = super::free_addr();
+        // Two descriptors a tunnel, within the open-file limit the harness raised.
+        let maxconn = (open_file_limit().saturating_sub(200) / 2).max(100);
         let config = tempfile::NamedTempFile::new().unwrap();
         // Timeouts long enough for idle tunnels; no logging, as the broker logs at warn.
         let text = format!(
-            "global\n  nbthread 1\n  maxconn 200000\n\
+            "global\n  nbthread 1\n  maxconn {maxconn}\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  \
              timeout server 1h\n  timeout tunnel 1h\n\
              frontend ws\n  bind {addr}\n  default_backend bot\n\
@@ -69,6 +71,13 @@ impl Drop for HaProxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur
 }
 
 fn installed() -> bool {
