@@ -11,6 +11,15 @@
 mod far_store;
 #[path = "support/haproxy.rs"]
 mod haproxy;
+#[path = "support/soak.rs"]
+mod soak;
+
+/// `--soak SECONDS`: the soak instead of the figures (see `support/soak.rs`).
+fn soak_seconds() -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == "--soak")?;
+    Some(args.get(at + 1).and_then(|s| s.parse().ok()).unwrap_or(600))
+}
 
 use std::{
     cell::RefCell,
@@ -94,6 +103,12 @@ fn main() {
         plan.idle_counts[1] = most_sessions;
     }
     let pinning = pin_self_to_core(1);
+    if let Some(seconds) = soak_seconds() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, soak::run(Duration::from_secs(seconds), pinning));
+        return;
+    }
     // One generator thread: the load comes from one core, the server side runs on the other.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
@@ -859,7 +874,11 @@ impl Proc {
     }
 
     fn redis(prefix: &[String]) -> Self {
-        let addr = free_addr();
+        Self::redis_on(prefix, free_addr())
+    }
+
+    /// A Redis without persistence on `addr`: restarted on the same address, it comes back empty.
+    fn redis_on(prefix: &[String], addr: SocketAddr) -> Self {
         let args = [
             "--port",
             &addr.port().to_string(),
@@ -881,7 +900,10 @@ impl Proc {
     }
 
     fn bot(prefix: &[String]) -> Self {
-        let addr = free_addr();
+        Self::bot_on(prefix, free_addr())
+    }
+
+    fn bot_on(prefix: &[String], addr: SocketAddr) -> Self {
         let args = ["echo-bot".to_owned(), "--listen".to_owned(), addr.to_string()];
         Self::spawn(
             prefix,

@@ -31,7 +31,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 8;
+pub const SCHEMA_VERSION: u32 = 9;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -48,6 +48,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/006_release_token_unless_ended.lua"),
     include_str!("../../migrations-lua/007_mint_session.lua"),
     include_str!("../../migrations-lua/008_connect_session.lua"),
+    include_str!("../../migrations-lua/009_renew_leases_fenced.lua"),
 ];
 
 /// The scripts, by use.
@@ -63,16 +64,17 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        // 001 is superseded by 006; `prepare` still loads every released migration.
+        // 001 is superseded by 006 and 004 by 009; `prepare` still loads every released one.
         let [
             _release_token,
             update_session,
             acquire_slot,
-            renew_leases,
+            _renew_leases,
             claim_lapsed_leases,
             release_token_unless_ended,
             mint_session,
             connect_session,
+            renew_leases,
         ] = MIGRATIONS.map(Script::new);
         Self {
             mint_session,
@@ -458,7 +460,7 @@ impl SessionStore for RedisStore {
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
         let mut call = self.scripts.renew_leases.key(self.keys.live(agent));
-        call.arg(unix_ms() + lease.as_millis() as u64);
+        call.key(self.keys.fence(agent)).arg(unix_ms() + lease.as_millis() as u64);
         for sid in sids {
             call.arg(sid.to_string());
         }

@@ -278,3 +278,34 @@ async fn a_cluster_node_that_loses_its_data_fences_only_the_tokens_it_held() {
     let fresh = mint(&app, 5).await;
     assert_eq!(race(&[&app], TOKEN_AGENT, &fresh).await, (5, 0));
 }
+
+#[tokio::test]
+async fn live_sessions_outlive_redis_losing_its_data() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.key_prefix = "loss".into();
+    // Renewed every 200 ms: the renewals after the loss are what this tests.
+    options.settings.sessions.lease_ttl = Duration::from_millis(600);
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
+    let mut with_token = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    let mut open = connect(&app.ws_url(OPEN_AGENT, ORG), None).await.unwrap();
+
+    let port = redis.stop();
+    let restarted = RedisServer::start_on(port);
+    // Time passing is what this tests: renewals find every lease gone with the data; the
+    // sessions are not ended for it, and their slots are taken again.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_echo(&mut with_token, Message::text("still relayed")).await;
+        assert_echo(&mut open, Message::text("still relayed")).await;
+    }
+    let live: u64 = redis::cmd("ZCARD")
+        .arg(format!("loss:agent:{{{TOKEN_AGENT}.{ORG}}}:live"))
+        .query(&mut restarted.client())
+        .unwrap();
+    assert_eq!(live, 1, "the token session's slot is counted again");
+    // The replayed token is still refused: the loss fenced it.
+    assert_all_fenced(&[&app], TOKEN_AGENT, &[token]).await;
+}
