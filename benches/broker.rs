@@ -879,6 +879,9 @@ impl Proc {
 
     /// A Redis without persistence on `addr`: restarted on the same address, it comes back empty.
     fn redis_on(prefix: &[String], addr: SocketAddr) -> Self {
+        // A file name of its own, which is never written (no save): a dump.rdb left in the
+        // working directory by something else would otherwise be loaded at start.
+        let dbfilename = format!("session-broker-bench-{}.rdb", addr.port());
         let args = [
             "--port",
             &addr.port().to_string(),
@@ -888,6 +891,10 @@ impl Proc {
             "",
             "--appendonly",
             "no",
+            "--dir",
+            &std::env::temp_dir().display().to_string(),
+            "--dbfilename",
+            &dbfilename,
         ];
         Self::spawn(
             prefix,

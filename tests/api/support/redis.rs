@@ -81,9 +81,18 @@ impl RedisServer {
     /// afterwards so that it never blocks on a full pipe.
     fn spawn(port: u16, listen: Listen, extra: &[&str], dir: Option<&Path>, ready: &str) -> Self {
         let listen_args = listen.args(port);
+        // A dump file of its own in the temporary directory: a replica writes one on its full
+        // sync, which a later server started in the same directory would load.
+        let (tmp, dbfilename) =
+            (std::env::temp_dir().display().to_string(), format!("session-broker-test-{port}.rdb"));
         let mut args: Vec<&str> = extra.to_vec();
         args.extend(listen_args.iter().map(String::as_str));
         args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if dir.is_none() {
+            // Left by an earlier server on this port, it would be loaded.
+            let _ = std::fs::remove_file(std::env::temp_dir().join(&dbfilename));
+            args.extend(["--dir", &tmp, "--dbfilename", &dbfilename]);
+        }
         let mut command = Command::new("redis-server");
         command.args(&args).stdout(Stdio::piped()).stderr(Stdio::null());
         if let Some(dir) = dir {
