@@ -37,7 +37,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Read buffer of each bot connection. tungstenite zero-fills the whole buffer before every read,
 /// so its 128 KiB default would make every idle session cost 128 KiB of resident memory. Audio
 /// frames are a few hundred bytes; larger messages just take several reads.
-const BOT_READ_BUFFER_BYTES: usize = 4 * 1024;
+const BOT_READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Per-session limits, from `[limits]`.
 #[derive(Debug, Clone, Copy)]
