@@ -105,6 +105,9 @@ pub struct RedisStore {
     eviction_check: EvictionCheck,
     /// Told the time of every operation (metrics).
     observer: std::sync::OnceLock<std::sync::Arc<dyn StoreObserver>>,
+    /// The fence of each agent as this replica's last lease renewal saw it: a different one at
+    /// the next renewal means Redis lost its data meanwhile (see migration 009).
+    fences_seen: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Drop for RedisStore {
@@ -137,6 +140,7 @@ impl RedisStore {
             errors: Default::default(),
             subscriber,
             observer: std::sync::OnceLock::new(),
+            fences_seen: Default::default(),
             eviction_check: settings.on_evicting_policy,
         })
     }
@@ -459,14 +463,22 @@ impl SessionStore for RedisStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
+        let seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner()).get(agent).cloned();
         let mut call = self.scripts.renew_leases.key(self.keys.live(agent));
-        call.key(self.keys.fence(agent)).arg(unix_ms() + lease.as_millis() as u64);
+        call.key(self.keys.fence(agent))
+            .arg(unix_ms() + lease.as_millis() as u64)
+            .arg(seen.unwrap_or_default());
         for sid in sids {
             call.arg(sid.to_string());
         }
-        let gone: Vec<String> =
+        let answer: Vec<String> =
             self.run("renew_leases", Purpose::Commands, Request::Script(&call)).await?;
-        Ok(gone.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
+        let mut answer = answer.into_iter();
+        if let Some(fence) = answer.next() {
+            let mut seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.insert(agent.to_owned(), fence);
+        }
+        Ok(answer.filter_map(|s| Uuid::parse_str(&s).ok()).collect())
     }
 
     async fn claim_lapsed_leases(

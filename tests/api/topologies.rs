@@ -283,14 +283,23 @@ async fn a_cluster_node_that_loses_its_data_fences_only_the_tokens_it_held() {
 async fn live_sessions_outlive_redis_losing_its_data() {
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
-    let mut options = AppOptions::new(Some(redis.url()), &bot);
-    options.key_prefix = "loss".into();
-    // Renewed every 200 ms: the renewals after the loss are what this tests.
-    options.settings.sessions.lease_ttl = Duration::from_millis(600);
-    let app = TestApp::with(options, bot.clone()).await;
-    let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
-    let mut with_token = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
-    let mut open = connect(&app.ws_url(OPEN_AGENT, ORG), None).await.unwrap();
+    let app = |redis: &RedisServer| {
+        let mut options = AppOptions::new(Some(redis.url()), &bot);
+        options.key_prefix = "loss".into();
+        // Renewed every 200 ms: the renewals after the loss are what this tests.
+        options.settings.sessions.lease_ttl = Duration::from_millis(600);
+        TestApp::with(options, bot.clone())
+    };
+    // Two replicas: the first to renew after the loss makes the fence anew, and the other must
+    // still tell that the data was lost.
+    let apps = [app(&redis).await, app(&redis).await];
+    let (token, ws_url, _) = apps[0].start_session(TOKEN_AGENT).await;
+    let mut sessions = vec![connect(&ws_url, Some((&token, Via::Path))).await.unwrap()];
+    for app in &apps {
+        for agent in [OPEN_AGENT, OPEN_AGENT] {
+            sessions.push(connect(&app.ws_url(agent, ORG), None).await.unwrap());
+        }
+    }
 
     let port = redis.stop();
     let restarted = RedisServer::start_on(port);
@@ -298,14 +307,17 @@ async fn live_sessions_outlive_redis_losing_its_data() {
     // sessions are not ended for it, and their slots are taken again.
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_echo(&mut with_token, Message::text("still relayed")).await;
-        assert_echo(&mut open, Message::text("still relayed")).await;
+        for ws in &mut sessions {
+            assert_echo(ws, Message::text("still relayed")).await;
+        }
     }
-    let live: u64 = redis::cmd("ZCARD")
-        .arg(format!("loss:agent:{{{TOKEN_AGENT}.{ORG}}}:live"))
-        .query(&mut restarted.client())
-        .unwrap();
-    assert_eq!(live, 1, "the token session's slot is counted again");
+    let live = |agent: &str| {
+        redis::cmd("ZCARD")
+            .arg(format!("loss:agent:{{{agent}.{ORG}}}:live"))
+            .query::<u64>(&mut restarted.client())
+            .unwrap()
+    };
+    assert_eq!((live(TOKEN_AGENT), live(OPEN_AGENT)), (1, 4), "every slot is counted again");
     // The replayed token is still refused: the loss fenced it.
-    assert_all_fenced(&[&app], TOKEN_AGENT, &[token]).await;
+    assert_all_fenced(&[&apps[1]], TOKEN_AGENT, &[token]).await;
 }
