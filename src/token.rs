@@ -32,7 +32,7 @@ pub const MIN_KEY_BYTES: usize = 32;
 /// store's fence and are consumed under keys that brokers of the first format do not know, so
 /// neither kind of broker must accept the other's tokens (during a rolling upgrade, say): a
 /// signature over another format's input never verifies.
-const FORMAT_TAG: &[u8] = b"sbt2.";
+pub const FORMAT_TAG: &[u8] = b"sbt2.";
 
 type HmacSha256 = Hmac<Sha256>;
 

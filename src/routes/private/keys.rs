@@ -29,6 +29,17 @@ pub async fn list(state: &AppState, org: &str) -> Result<HttpResponse, ApiError>
 }
 
 pub async fn create(state: &AppState, org: &str, body: &[u8]) -> Result<HttpResponse, ApiError> {
+    let name = read_create(body)?;
+    let (key, record) =
+        admin::create_credential(&*state.store, CredentialKind::ApiKey, org, name.as_deref())
+            .await
+            .map_err(store_error)?;
+    let _ = state.registry.refresh(&*state.store).await;
+    Ok(HttpResponse::Ok().json(key_json(&record, Some(&key))))
+}
+
+/// A create request's body: the name it gives the key. Only public keys are created here.
+pub fn read_create(body: &[u8]) -> Result<Option<String>, ApiError> {
     let request: CreateKey = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))?;
     if request.kind.as_deref().is_some_and(|kind| kind != "public") {
@@ -38,16 +49,7 @@ pub async fn create(state: &AppState, org: &str, body: &[u8]) -> Result<HttpResp
                 .into(),
         ));
     }
-    let (key, record) = admin::create_credential(
-        &*state.store,
-        CredentialKind::ApiKey,
-        org,
-        request.name.as_deref(),
-    )
-    .await
-    .map_err(store_error)?;
-    let _ = state.registry.refresh(&*state.store).await;
-    Ok(HttpResponse::Ok().json(key_json(&record, Some(&key))))
+    Ok(request.name)
 }
 
 pub async fn revoke(state: &AppState, org: &str, id: &str) -> Result<HttpResponse, ApiError> {

@@ -17,6 +17,16 @@ use serde_json::json;
 
 use crate::{api_keys, error::ApiError, private_tokens::TokenRejection, state::AppState};
 
+/// The readers of the request bodies, apart from the handlers: for the fuzz targets (`fuzz/`),
+/// not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::{
+        keys::read_create,
+        services::{deploy_file, read_deploy},
+    };
+}
+
 /// Where the private API lives.
 pub const PREFIX: &str = "/v1/organizations";
 

@@ -109,15 +109,7 @@ pub async fn deploy(
     body: &[u8],
     mode: Deploy,
 ) -> Result<HttpResponse, ApiError> {
-    let payload: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("Invalid deploy payload: {e}")))?;
-    let Payload { service_name: name } = serde_json::from_value(payload.clone())
-        .map_err(|e| ApiError::BadRequest(format!("Invalid deploy payload: {e}")))?;
-    if !is_valid_name(&name) {
-        return Err(ApiError::BadRequest(format!(
-            "serviceName `{name}` must match ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ (at most 54 characters)"
-        )));
-    }
+    let (payload, name) = read_deploy(body)?;
     let registry = state.registry.load();
     let exists = registry.agents.get(org, &name).is_some();
     match mode {
@@ -169,8 +161,22 @@ pub async fn delete(state: &AppState, org: &str, name: &str) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(json!({"name": name, "deleted": true})))
 }
 
+/// A deploy request's body: the payload as sent, and the agent it names.
+pub fn read_deploy(body: &[u8]) -> Result<(Value, String), ApiError> {
+    let payload: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("Invalid deploy payload: {e}")))?;
+    let Payload { service_name: name } = serde_json::from_value(payload.clone())
+        .map_err(|e| ApiError::BadRequest(format!("Invalid deploy payload: {e}")))?;
+    if !is_valid_name(&name) {
+        return Err(ApiError::BadRequest(format!(
+            "serviceName `{name}` must match ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ (at most 54 characters)"
+        )));
+    }
+    Ok((payload, name))
+}
+
 /// The payload as the `pcc-deploy.toml` it stands for, which the broker's parser validates.
-fn deploy_file(payload: &Value, name: &str) -> Result<String, ApiError> {
+pub fn deploy_file(payload: &Value, name: &str) -> Result<String, ApiError> {
     let mut file = toml::Table::new();
     file.insert("agent_name".into(), name.into());
     let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);

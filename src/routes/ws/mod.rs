@@ -9,7 +9,7 @@
 //! let go and the token works again for the rest of its lifetime.
 
 pub mod providers;
-mod request;
+pub mod request;
 mod reservation;
 
 use std::{sync::Arc, time::Instant};

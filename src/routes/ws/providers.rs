@@ -148,27 +148,16 @@ async fn read_opening(
         Some(CloseReason { code: CloseCode::Other(code), description: Some(why.to_owned()) })
     };
     let read = async {
-        let (mut messages, mut bytes) = (Vec::new(), 0);
+        let mut opened = OpeningMessages::new(provider, MAX_OPENING_MESSAGES, MAX_OPENING_BYTES);
         while let Some(message) = stream.recv().await {
             match message {
-                Ok(Message::Text(text)) => {
-                    bytes += text.len();
-                    if bytes > MAX_OPENING_BYTES || messages.len() >= MAX_OPENING_MESSAGES {
-                        return Err(refuse(
-                            close::BAD_OPENING,
-                            "no start message among the opening messages",
-                        ));
+                Ok(Message::Text(text)) => match opened.take(&text) {
+                    Ok(Opening::Start { service_host }) => {
+                        return Ok((opened.messages, service_host));
                     }
-                    let seen = opening(provider, &text);
-                    messages.push(text.to_string());
-                    match seen {
-                        Opening::Start { service_host } => return Ok((messages, service_host)),
-                        Opening::More => {}
-                        Opening::Invalid => {
-                            return Err(refuse(close::BAD_OPENING, "not a media-stream message"));
-                        }
-                    }
-                }
+                    Ok(_) => {}
+                    Err(why) => return Err(refuse(close::BAD_OPENING, why)),
+                },
                 Ok(Message::Ping(data)) => {
                     if client.pong(&data).await.is_err() {
                         return Err(None);
@@ -187,4 +176,37 @@ async fn read_opening(
     tokio::time::timeout(OPENING_WAIT, read)
         .await
         .unwrap_or_else(|_| Err(refuse(close::OPENING_TIMEOUT, "no start message in time")))
+}
+
+/// The opening messages of a stream, read up to `start` within a count and a size: what
+/// `read_opening` does with each text message, apart from the socket.
+#[derive(Debug)]
+pub struct OpeningMessages {
+    provider: Provider,
+    /// The messages taken, in order, to replay to the bot.
+    pub messages: Vec<String>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl OpeningMessages {
+    pub fn new(provider: Provider, max_messages: usize, max_bytes: usize) -> Self {
+        Self { provider, messages: Vec::new(), bytes: 0, max_messages, max_bytes }
+    }
+
+    /// Takes one text message: `Start` once it is the `start` message (the opening is then
+    /// complete), `More` to read on, or why the opening is refused (never `Invalid`).
+    pub fn take(&mut self, text: &str) -> Result<Opening, &'static str> {
+        self.bytes += text.len();
+        if self.bytes > self.max_bytes || self.messages.len() >= self.max_messages {
+            return Err("no start message among the opening messages");
+        }
+        let seen = opening(self.provider, text);
+        self.messages.push(text.to_owned());
+        match seen {
+            Opening::Invalid => Err("not a media-stream message"),
+            seen => Ok(seen),
+        }
+    }
 }
