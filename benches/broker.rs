@@ -7,6 +7,20 @@
 //! Prints one table of figures and one of ratios. Numbers are never asserted: machines are
 //! noisy; compare ratios from the same run. `--quick` runs each figure briefly, as a smoke check.
 
+#[path = "support/far_store.rs"]
+mod far_store;
+#[path = "support/haproxy.rs"]
+mod haproxy;
+#[path = "support/soak.rs"]
+mod soak;
+
+/// `--soak SECONDS`: the soak instead of the figures (see `support/soak.rs`).
+fn soak_seconds() -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == "--soak")?;
+    Some(args.get(at + 1).and_then(|s| s.parse().ok()).unwrap_or(600))
+}
+
 use std::{
     cell::RefCell,
     io::{BufRead, BufReader},
@@ -40,7 +54,12 @@ struct Plan {
     idle_counts: [usize; 2],
     /// Concurrent paced calls of the calls figures.
     calls: &'static [usize],
+    /// Sessions opened one after another for the far-store figure, at each distance.
+    far_samples: usize,
 }
+
+/// The added round-trip time to Redis of the far-store figure.
+const FAR_RTT: Duration = Duration::from_millis(50);
 
 impl Plan {
     fn new(quick: bool) -> Self {
@@ -50,6 +69,7 @@ impl Plan {
                 measure: Duration::from_millis(400),
                 idle_counts: [100, 200],
                 calls: &[50],
+                far_samples: 5,
             }
         } else {
             Self {
@@ -57,6 +77,7 @@ impl Plan {
                 measure: Duration::from_secs(5),
                 idle_counts: [1_000, 10_000],
                 calls: &[250, 1_000],
+                far_samples: 60,
             }
         }
     }
@@ -82,6 +103,12 @@ fn main() {
         plan.idle_counts[1] = most_sessions;
     }
     let pinning = pin_self_to_core(1);
+    if let Some(seconds) = soak_seconds() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, soak::run(Duration::from_secs(seconds), pinning));
+        return;
+    }
     // One generator thread: the load comes from one core, the server side runs on the other.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
@@ -102,7 +129,7 @@ async fn run(plan: Plan, pinning: bool) {
         std::fs::write(org_dir.join(format!("{name}.toml")), text).unwrap();
     }
     let bot_url = format!("ws://{}/", bot.addr);
-    let broker = Proc::broker(&server_prefix, &redis.addr, agents.path(), &bot_url);
+    let broker = Proc::broker(&server_prefix, &redis.addr, agents.path(), &bot_url, &[]);
     let broker_addr = broker.addr;
 
     println!(
@@ -160,6 +187,21 @@ async fn run(plan: Plan, pinning: bool) {
     let direct_rate = phase(&plan, 32, relay_worker(bot_addr, Target::Direct)).await;
     rows.push(("relay, 160 B, 32 sessions, direct", direct_rate.clone()));
 
+    // The peer: HAProxy proxying the same bot, on the same core, measured the same way.
+    let peer = haproxy::HaProxy::start(&server_prefix, bot_addr);
+    let mut peer_figures = None;
+    if let Some(peer) = &peer {
+        let meter = CpuMeter::new(&[("haproxy", peer.pid()), ("bot", bot.pid())]);
+        let sessions = phase(&plan, 32, session_worker(peer.addr, Target::Direct)).await;
+        let cpu = meter.per_op(sessions.count);
+        rows.push(("connect+echo+close via HAProxy", sessions.clone()));
+        let rtt = phase(&plan, 1, relay_worker(peer.addr, Target::Direct)).await;
+        rows.push(("relay RTT, 160 B, 1 session, via HAProxy", rtt.clone()));
+        let rate = phase(&plan, 32, relay_worker(peer.addr, Target::Direct)).await;
+        rows.push(("relay, 160 B, 32 sessions, via HAProxy", rate.clone()));
+        peer_figures = Some((sessions, cpu, rtt, rate));
+    }
+
     println!("| figure | ops/s | p50 | p90 | p99 |\n|---|---:|---:|---:|---:|");
     for (name, f) in &rows {
         println!("| {name} | {:.0} | {} | {} | {} |", f.rate, us(f.p50), us(f.p90), us(f.p99));
@@ -167,7 +209,12 @@ async fn run(plan: Plan, pinning: bool) {
 
     let mut memory = Vec::new();
     for count in plan.idle_counts {
-        memory.push((count, idle_bytes_per_session(broker_addr, broker.pid(), count).await));
+        let broker_bytes = idle_bytes_per_session(broker_addr, broker.pid(), count, true).await;
+        let peer_bytes = match &peer {
+            Some(peer) => Some(idle_bytes_per_session(peer.addr, peer.pid(), count, false).await),
+            None => None,
+        };
+        memory.push((count, broker_bytes, peer_bytes));
     }
     // Calls: each sends a 20 ms media frame (Twilio's JSON, 160 B of μ-law) and reads the
     // bot's echo, 50 frames a second, all at once; the delay is each frame's round trip. After
@@ -192,9 +239,12 @@ async fn run(plan: Plan, pinning: bool) {
         call_figures.push((count, calls, direct, cpu));
     }
 
-    println!("\n| idle bridged sessions | broker RSS growth per session |\n|---:|---:|");
-    for (count, bytes) in &memory {
-        println!("| {count} | {:.1} KiB |", bytes / 1024.0);
+    println!(
+        "\n| idle bridged sessions | broker RSS growth per session | HAProxy's per tunnel |\n|---:|---:|---:|"
+    );
+    for (count, bytes, peer_bytes) in &memory {
+        let peer = peer_bytes.map_or("—".into(), |b| format!("{:.1} KiB", b / 1024.0));
+        println!("| {count} | {:.1} KiB | {peer} |", bytes / 1024.0);
     }
     println!("\n| server CPU per session (µs) | broker | redis | bot |\n|---|---:|---:|---:|");
     for (name, cpu) in [
@@ -204,6 +254,12 @@ async fn run(plan: Plan, pinning: bool) {
         ("connect + echo + close, direct to the bot", &direct_cpu),
     ] {
         println!("| {name} | {:.0} | {:.0} | {:.0} |", cpu[0], cpu[1], cpu[2]);
+    }
+    if let Some((_, cpu, ..)) = &peer_figures {
+        println!(
+            "| connect + echo + close via HAProxy (its CPU in the broker column) | {:.0} | — | {:.0} |",
+            cpu[0], cpu[1]
+        );
     }
 
     for (count, calls, direct, cpu) in &call_figures {
@@ -219,7 +275,39 @@ async fn run(plan: Plan, pinning: bool) {
         );
     }
 
-    let worst_memory = memory.iter().map(|(_, b)| *b).fold(0.0, f64::max);
+    // The far store: a broker of its own (rate limits on, as shipped), near Redis and behind
+    // the delay proxy, sessions opened one at a time.
+    let mut far = Vec::new();
+    for rtt in [Duration::ZERO, FAR_RTT] {
+        let redis_addr = match rtt.is_zero() {
+            true => redis.addr,
+            false => far_store::delay_proxy(redis.addr, rtt / 2).await,
+        };
+        let limits = [
+            ("BROKER__LIMITS__START_RATE_PER_KEY", "1000000"),
+            ("BROKER__LIMITS__START_RATE_PER_ADDRESS", "1000000"),
+        ];
+        let distant = Proc::broker(&server_prefix, &redis_addr, agents.path(), &bot_url, &limits);
+        far.push((rtt, far_figures(distant.addr, plan.far_samples).await));
+    }
+    println!(
+        "\n| Redis RTT added | /start p50 | /start p99 | connect (to 101) p50 | connect p99 |\n|---:|---:|---:|---:|---:|"
+    );
+    for (rtt, (start, connect)) in &far {
+        println!(
+            "| {} ms | {} | {} | {} | {} |",
+            rtt.as_millis(),
+            us(start.p50),
+            us(start.p99),
+            us(connect.p50),
+            us(connect.p99)
+        );
+    }
+    let in_rtts = |pick: fn(&(Figures, Figures)) -> Duration| {
+        (pick(&far[1].1).as_secs_f64() - pick(&far[0].1).as_secs_f64()) / FAR_RTT.as_secs_f64()
+    };
+
+    let worst_memory = memory.iter().map(|(_, b, _)| *b).fold(0.0, f64::max);
     let ratios = [
         ("/start ÷ HTTP ceiling", start.rate / healthz.rate, "≥ 0.50"),
         (
@@ -240,7 +328,55 @@ async fn run(plan: Plan, pinning: bool) {
         ),
         ("relay messages/s via broker ÷ direct", relay_rate.rate / direct_rate.rate, "≥ 0.45"),
         ("broker memory per idle session (KiB)", worst_memory / 1024.0, "< 64"),
+        ("far store: /start p50 added, in RTTs", in_rtts(|f| f.0.p50), "≤ 1.2"),
+        ("far store: /start p99 added, in RTTs", in_rtts(|f| f.0.p99), "≤ 1.2"),
+        ("far store: connect p50 added, in RTTs", in_rtts(|f| f.1.p50), "≤ 1.2"),
+        ("far store: connect p99 added, in RTTs", in_rtts(|f| f.1.p99), "≤ 1.2"),
     ];
+    let mut ratios = ratios.to_vec();
+    if let Some((sessions, cpu, rtt, rate)) = &peer_figures {
+        let added = |via: &Figures, q: fn(&Figures) -> Duration| {
+            q(via).as_secs_f64() - q(&direct_rtt).as_secs_f64()
+        };
+        let peer_memory = memory.iter().filter_map(|(_, _, p)| *p).fold(0.0, f64::max);
+        ratios.extend([
+            (
+                "HAProxy: sessions/s via broker (no token) ÷ via HAProxy",
+                open.rate / sessions.rate,
+                "—",
+            ),
+            (
+                "HAProxy: broker + redis CPU per session (no token) ÷ HAProxy's",
+                (open_cpu[0] + open_cpu[1]) / cpu[0],
+                "≤ 1.2",
+            ),
+            (
+                "HAProxy: broker + redis CPU per session (token, /start) ÷ HAProxy's",
+                (full_cpu[0] + full_cpu[1]) / cpu[0],
+                "≤ 1.5",
+            ),
+            (
+                "HAProxy: relay messages/s, 32 sessions, broker ÷ HAProxy",
+                relay_rate.rate / rate.rate,
+                "≥ 1.0",
+            ),
+            (
+                "HAProxy: p50 RTT added, broker ÷ HAProxy",
+                added(&relay_rtt, |f| f.p50) / added(rtt, |f| f.p50),
+                "≤ 1.0",
+            ),
+            (
+                "HAProxy: p99 RTT added, broker ÷ HAProxy",
+                added(&relay_rtt, |f| f.p99) / added(rtt, |f| f.p99),
+                "—",
+            ),
+            (
+                "HAProxy: memory per idle session, broker ÷ HAProxy",
+                worst_memory / peer_memory,
+                "≤ 1.0",
+            ),
+        ]);
+    }
     println!("\n| ratio | this run | target |\n|---|---:|---:|");
     for (name, value, target) in ratios {
         println!("| {name} | {value:.2} | {target} |");
@@ -437,6 +573,33 @@ async fn mint(http: &mut Http, addr: SocketAddr) -> String {
     json["token"].as_str().unwrap().to_owned()
 }
 
+/// Opens `count` sessions one after another, each /start then connect, echo and close: the
+/// time of each /start and of each connect (request to 101).
+async fn far_figures(addr: SocketAddr, count: usize) -> (Figures, Figures) {
+    let mut http = Http::connect(addr).await;
+    let (mut starts, mut connects) = (Vec::new(), Vec::new());
+    for i in 0..count + 2 {
+        let began = Instant::now();
+        let token = mint(&mut http, addr).await;
+        let minted = began.elapsed();
+        let began = Instant::now();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{addr}/ws/generic/bench.bench/{token}");
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let connected = began.elapsed();
+        echo(&mut ws, &[7u8; FRAME_BYTES]).await;
+        close(ws).await;
+        // The first two warm the connections up.
+        if i >= 2 {
+            starts.push(minted);
+            connects.push(connected);
+        }
+    }
+    let span = Duration::from_secs(1);
+    (Figures::of(starts, span), Figures::of(connects, span))
+}
+
 /// Mints `count` tokens over 16 connections.
 async fn mint_tokens(addr: SocketAddr, count: usize) -> Rc<RefCell<Vec<String>>> {
     let pool = Rc::new(RefCell::new(Vec::with_capacity(count)));
@@ -576,8 +739,11 @@ async fn call_phase(plan: &Plan, calls: usize, addr: SocketAddr, target: Target)
 
 /// Opens `count` bridged sessions, leaves them idle, and returns the broker's RSS growth per
 /// session. The sessions close before this returns.
-async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> f64 {
-    let before = rss_bytes(broker);
+/// RSS growth of `server` per idle session held open through `addr`: the broker's agent without
+/// a token (and, with `token`, one token session too), or any proxy of the bot (`!token`).
+async fn idle_bytes_per_session(addr: SocketAddr, server: u32, count: usize, token: bool) -> f64 {
+    let target = if token { Target::Open } else { Target::Direct };
+    let before = rss_bytes(server);
     let mut sessions = Vec::with_capacity(count);
     let mut http = None;
     // Sixteen at a time: fast enough, and well inside the listen backlog.
@@ -585,8 +751,9 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         let batch = (count - sessions.len()).min(16);
         let mut opening = Vec::new();
         for _ in 0..batch {
+            let target = target.clone();
             opening.push(tokio::task::spawn_local(async move {
-                open_session(addr, &Target::Open, &mut None).await
+                open_session(addr, &target, &mut None).await
             }));
         }
         for task in opening {
@@ -594,9 +761,11 @@ async fn idle_bytes_per_session(addr: SocketAddr, broker: u32, count: usize) -> 
         }
     }
     // One token session too, so the figure includes a gated one's record and lease bookkeeping.
-    sessions.push(open_session(addr, &Target::Broker, &mut http).await);
+    if token {
+        sessions.push(open_session(addr, &Target::Broker, &mut http).await);
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_bytes(broker);
+    let after = rss_bytes(server);
     let per_session = (after.saturating_sub(before)) as f64 / sessions.len() as f64;
     let closing: Vec<_> =
         sessions.into_iter().map(|ws| tokio::task::spawn_local(close(ws))).collect();
@@ -705,7 +874,14 @@ impl Proc {
     }
 
     fn redis(prefix: &[String]) -> Self {
-        let addr = free_addr();
+        Self::redis_on(prefix, free_addr())
+    }
+
+    /// A Redis without persistence on `addr`: restarted on the same address, it comes back empty.
+    fn redis_on(prefix: &[String], addr: SocketAddr) -> Self {
+        // A file name of its own, which is never written (no save): a dump.rdb left in the
+        // working directory by something else would otherwise be loaded at start.
+        let dbfilename = format!("session-broker-bench-{}.rdb", addr.port());
         let args = [
             "--port",
             &addr.port().to_string(),
@@ -715,6 +891,10 @@ impl Proc {
             "",
             "--appendonly",
             "no",
+            "--dir",
+            &std::env::temp_dir().display().to_string(),
+            "--dbfilename",
+            &dbfilename,
         ];
         Self::spawn(
             prefix,
@@ -727,7 +907,10 @@ impl Proc {
     }
 
     fn bot(prefix: &[String]) -> Self {
-        let addr = free_addr();
+        Self::bot_on(prefix, free_addr())
+    }
+
+    fn bot_on(prefix: &[String], addr: SocketAddr) -> Self {
         let args = ["echo-bot".to_owned(), "--listen".to_owned(), addr.to_string()];
         Self::spawn(
             prefix,
@@ -744,6 +927,7 @@ impl Proc {
         redis: &SocketAddr,
         agents: &std::path::Path,
         bot_url: &str,
+        overrides: &[(&str, &str)],
     ) -> Self {
         let addr = free_addr();
         let internal = free_addr();
@@ -768,6 +952,8 @@ impl Proc {
             ("BROKER__LOG__FILTER", "warn,session_broker::startup=info".into()),
         ]
         .map(|(k, v)| (k.to_owned(), v));
+        let mut env = env.to_vec();
+        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let args = ["serve".to_owned()];
         let mut broker = Self::spawn(
             prefix,

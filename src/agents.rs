@@ -22,6 +22,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use url::Url;
 
 /// Longest agent name Pipecat Cloud accepts.
@@ -100,12 +101,25 @@ impl BotUrls {
     }
 }
 
-/// A bot URL: `ws://` or `wss://` with a host.
+/// A bot URL: `ws://` or `wss://` with a host, which the broker can dial as it is. Every way a
+/// bot URL comes in (settings, agent files, `deploy --bot-url`, the shared registry) passes
+/// here, so that no URL is accepted only to fail when a client connects.
 pub fn parse_bot_url(text: &str) -> Result<Url, String> {
-    Url::parse(text)
+    let url = Url::parse(text)
         .ok()
         .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
-        .ok_or_else(|| format!("`{text}` is not a ws:// or wss:// URL"))
+        .ok_or_else(|| format!("`{text}` is not a ws:// or wss:// URL"))?;
+    if url.scheme() == "wss" && crate::tls::server_name(&url).is_none() {
+        return Err(format!(
+            "`{text}`: `{}` is not a name a TLS certificate can carry",
+            url.host_str().unwrap_or_default()
+        ));
+    }
+    // The dialler reads the URL as an HTTP URI, which is stricter than the URL parser.
+    if url.as_str().into_client_request().is_err() {
+        return Err(format!("`{text}` is not a URL the WebSocket client can dial"));
+    }
+    Ok(url)
 }
 
 /// The bot URLs the broker's settings give agents that bring none (`[bots]`).
@@ -561,6 +575,29 @@ bot_url = "ws://127.0.0.1:7860/ws"
         }
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(55)] {
             assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bot_urls_are_dialable_as_given() {
+        for ok in [
+            "ws://bot:7860/ws",
+            "wss://bot.example.net/ws",
+            "wss://127.0.0.1:8443/ws",
+            "wss://[::1]:8443/ws",
+            "wss://bot-1.internal/ws?x=1",
+        ] {
+            assert!(parse_bot_url(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("http://bot/ws", "is not a ws:// or wss:// URL"),
+            ("tcp://bot:7860", "is not a ws:// or wss:// URL"),
+            ("wss://bot%20x/ws", "is not a ws:// or wss:// URL"),
+            ("wss://bot..example/ws", "`bot..example` is not a name a TLS certificate can carry"),
+            ("wss://-bot.example/ws", "`-bot.example` is not a name a TLS certificate can carry"),
+        ] {
+            let error = parse_bot_url(bad).unwrap_err();
+            assert!(error.contains(why), "{bad}: {error}");
         }
     }
 

@@ -16,7 +16,7 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReaso
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
+    Connector, MaybeTlsStream, WebSocketStream,
     tungstenite::{
         self, Message as BotMessage,
         client::IntoClientRequest,
@@ -55,11 +55,13 @@ pub enum DialError {
     Handshake(#[from] tungstenite::Error),
 }
 
-/// Opens the bot's WebSocket with the given extra handshake headers.
+/// Opens the bot's WebSocket with the given extra handshake headers; a `wss://` bot over TLS
+/// with `tls` (see [`crate::tls::bot_client_config`]).
 pub async fn dial(
     url: &Url,
     headers: &[(&'static str, String)],
     limits: &BridgeLimits,
+    tls: &Connector,
     timeout: Duration,
 ) -> Result<BotSocket, DialError> {
     let mut request = url.as_str().into_client_request()?;
@@ -72,7 +74,12 @@ pub async fn dial(
         .read_buffer_size(BOT_READ_BUFFER_BYTES)
         .max_frame_size(Some(limits.max_frame_bytes))
         .max_message_size(Some(limits.max_frame_bytes));
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        Some(tls.clone()),
+    );
     let (socket, _) =
         tokio::time::timeout(timeout, connect).await.map_err(|_| DialError::Timeout(timeout))??;
     Ok(socket)

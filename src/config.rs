@@ -78,19 +78,29 @@ pub struct RegionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// A standalone Redis, `redis://…`. With none of `url`, `sentinels` and `cluster_nodes`
-    /// the broker uses the embedded in-memory store (one process only).
+    /// A standalone Redis, `redis://…`, or `rediss://…` for TLS. With none of `url`,
+    /// `sentinels` and `cluster_nodes` the broker uses the embedded in-memory store (one
+    /// process only).
     pub url: Option<SecretString>,
     /// Sentinels watching the master named `master_name`, `redis://host:26379` each. The broker
-    /// asks them for the master, and asks again after any error, so it follows a failover.
+    /// asks them for the master, and asks again after any error, so it follows a failover. With
+    /// `rediss://` sentinels, the master is reached over TLS too (Redis's `tls-replication`).
+    /// The sentinels share one username and password, if any.
     #[serde(deserialize_with = "string_or_list")]
     pub sentinels: Vec<String>,
     pub master_name: Option<String>,
     /// Password of the master and replicas found through the sentinels, if they need one.
     pub master_password: Option<SecretString>,
-    /// Seed nodes of a Redis Cluster, `redis://host:port` each.
+    /// Seed nodes of a Redis Cluster, `redis://host:port` each, or `rediss://` for TLS.
     #[serde(deserialize_with = "string_or_list")]
     pub cluster_nodes: Vec<String>,
+    /// PEM file of the CA certificates that sign the Redis servers' certificates (`rediss://`
+    /// only). It replaces the system's roots for Redis; unset, the system's roots are used.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) the broker presents to Redis servers that require one
+    /// (`tls-auth-clients yes`), with its private key in `tls_client_key_file`: both or neither.
+    pub tls_client_cert_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
     /// Prefix of every key the broker writes, so that several deployments (or tests) can share
     /// one Redis without seeing each other.
     pub key_prefix: String,
@@ -175,8 +185,8 @@ impl Default for AgentSettings {
     }
 }
 
-/// `[bots]`: an agent's bot URL, when its deploy brought none. `{agent}` and `{org}` in a
-/// template are replaced by the agent's name and org.
+/// `[bots]`: an agent's bot URL, when its deploy brought none, and whom `wss://` bots must be
+/// vouched for by. `{agent}` and `{org}` in a template are replaced by the agent's name and org.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BotSettings {
@@ -186,6 +196,9 @@ pub struct BotSettings {
     pub regions: BTreeMap<String, String>,
     /// Per agent (`"agent.org" = "ws://…"`), over every template.
     pub agents: BTreeMap<String, String>,
+    /// PEM file of the CA certificates that sign the bots' certificates, for `wss://` bot URLs.
+    /// It replaces the system's roots for bots; unset, the system's roots are used.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl BotSettings {
@@ -359,6 +372,9 @@ impl Default for RedisSettings {
             master_name: None,
             master_password: None,
             cluster_nodes: Vec::new(),
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
             key_prefix: "broker".into(),
             command_timeout: Duration::from_secs(1),
             on_unavailable: FailMode::Closed,
@@ -552,6 +568,7 @@ impl Settings {
         if !r.sentinels.is_empty() && r.master_name.as_deref().unwrap_or("").is_empty() {
             return bad("redis.master_name", "required with redis.sentinels".into());
         }
+        self.validate_redis_tls()?;
         if r.wait_replicas > 0 && (r.wait_timeout.is_zero() || r.wait_timeout >= r.command_timeout)
         {
             return bad(
@@ -619,6 +636,7 @@ impl Settings {
                 return bad(setting, "must be above 0".into());
             }
         }
+        crate::tls::bot_client_config(&self.bots).map_err(|e| ConfigError(e.to_string()))?;
         let template_ok = |t: &str| {
             crate::agents::parse_bot_url(&t.replace("{agent}", "a").replace("{org}", "o"))
         };
@@ -691,6 +709,64 @@ impl Settings {
         if self.registry.refresh.is_zero() {
             return bad("registry.refresh_ms", "must be above 0".into());
         }
+        Ok(())
+    }
+
+    /// `rediss://`: one scheme per topology, certificates always checked, and the files usable.
+    fn validate_redis_tls(&self) -> Result<(), ConfigError> {
+        let bad = |setting: &str, why: &str| Err(ConfigError(format!("{setting}: {why}")));
+        let r = &self.redis;
+        let (setting, urls): (&str, Vec<&str>) = match &r.url {
+            Some(url) => ("redis.url", vec![url.expose_secret()]),
+            None if !r.sentinels.is_empty() => {
+                ("redis.sentinels", r.sentinels.iter().map(String::as_str).collect())
+            }
+            None => ("redis.cluster_nodes", r.cluster_nodes.iter().map(String::as_str).collect()),
+        };
+        let infos: Vec<redis::ConnectionInfo> = urls
+            .iter()
+            .filter_map(|u| redis::IntoConnectionInfo::into_connection_info(*u).ok())
+            .collect();
+        let tls_of = |info: &redis::ConnectionInfo| match info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => Some(!insecure),
+            _ => None,
+        };
+        let modes: Vec<Option<bool>> = infos.iter().map(tls_of).collect();
+        if modes.contains(&Some(false)) {
+            return bad(
+                setting,
+                "TLS without checking the server's certificate (#insecure) is not supported; \
+                 give the CA that signs it in redis.tls_ca_file",
+            );
+        }
+        if modes.windows(2).any(|pair| pair[0] != pair[1]) {
+            return bad(setting, "mixes redis:// and rediss:// URLs; use one scheme");
+        }
+        if setting == "redis.sentinels"
+            && infos.windows(2).any(|pair| {
+                let (a, b) = (pair[0].redis_settings(), pair[1].redis_settings());
+                (a.username(), a.password()) != (b.username(), b.password())
+            })
+        {
+            return bad(setting, "every sentinel URL must carry the same username and password");
+        }
+        let files = [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_client_cert_file", &r.tls_client_cert_file),
+            ("redis.tls_client_key_file", &r.tls_client_key_file),
+        ];
+        let uses_tls = modes.first().is_some_and(Option::is_some);
+        if let Some((file_setting, _)) = files.iter().find(|(_, file)| file.is_some())
+            && !uses_tls
+        {
+            let instead = if r.is_configured() {
+                format!("{setting} is not rediss://")
+            } else {
+                "no Redis is configured".into()
+            };
+            return bad(file_setting, &format!("applies to rediss:// only, and {instead}"));
+        }
+        crate::tls::redis_certificates(r).map_err(|e| ConfigError(e.to_string()))?;
         Ok(())
     }
 
@@ -828,6 +904,68 @@ mod tests {
         assert!(err(&[("BROKER__NO_SUCH_SETTING", "1")]).contains("no_such_setting"));
         assert!(err(&[("BROKER__TRUSTED_PROXIES", "10.0.0.0/8, nonsense")]).contains("nonsense"));
         assert!(err(&[("BROKER__INTERNAL_LISTEN", "x")]).contains("internal_listen"));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_at_load() {
+        let err = |pairs: &[(&str, &str)]| Settings::load(env(pairs)).unwrap_err().to_string();
+        let rediss = ("BROKER__REDIS__URL", "rediss://r:6379");
+        let ca = |path| ("BROKER__REDIS__TLS_CA_FILE", path);
+        let plain = err(&[("BROKER__REDIS__URL", "redis://r:6379"), ca("ca.pem")]);
+        assert!(plain.contains("redis.tls_ca_file: applies to rediss:// only"), "{plain}");
+        let none = err(&[ca("ca.pem")]);
+        assert!(none.contains("no Redis is configured"), "{none}");
+        let missing = err(&[rediss, ca("/no/such/ca.pem")]);
+        assert!(missing.contains("redis.tls_ca_file: cannot read /no/such/ca.pem"), "{missing}");
+        let half = err(&[rediss, ("BROKER__REDIS__TLS_CLIENT_CERT_FILE", "c.pem")]);
+        assert!(half.contains("set both or neither"), "{half}");
+        let insecure = err(&[("BROKER__REDIS__URL", "rediss://r:6379/#insecure")]);
+        assert!(insecure.contains("redis.url: TLS without checking"), "{insecure}");
+        let sentinels =
+            |urls| err(&[("BROKER__REDIS__SENTINELS", urls), ("BROKER__REDIS__MASTER_NAME", "m")]);
+        let mixed = sentinels("redis://s1:26379, rediss://s2:26379");
+        assert!(mixed.contains("redis.sentinels: mixes redis:// and rediss://"), "{mixed}");
+        let credentials = sentinels("redis://:a@s1:26379, redis://:b@s2:26379");
+        assert!(credentials.contains("same username and password"), "{credentials}");
+        let bots = err(&[("BROKER__BOTS__TLS_CA_FILE", "/no/such/bots.pem")]);
+        assert!(bots.contains("bots.tls_ca_file: cannot read"), "{bots}");
+    }
+
+    #[test]
+    fn tls_files_must_hold_what_they_are_named_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert = write("cert.pem", params.self_signed(&key).unwrap().pem());
+        let key = write("key.pem", key.serialize_pem());
+        let other_key = write("other.pem", rcgen::KeyPair::generate().unwrap().serialize_pem());
+        let rediss = ("BROKER__REDIS__URL", "rediss://r:6379");
+        let settings = |ca: &str, key: &str| {
+            Settings::load(env(&[
+                rediss,
+                ("BROKER__REDIS__TLS_CA_FILE", ca),
+                ("BROKER__REDIS__TLS_CLIENT_CERT_FILE", &cert),
+                ("BROKER__REDIS__TLS_CLIENT_KEY_FILE", key),
+                ("BROKER__BOTS__TLS_CA_FILE", ca),
+            ]))
+            .map_err(|e| e.to_string())
+        };
+        let ok = settings(&cert, &key).unwrap();
+        assert_eq!(ok.redis.tls_client_key_file, Some(PathBuf::from(&key)));
+        assert_eq!(ok.bots.tls_ca_file, Some(PathBuf::from(&cert)));
+        let not_a_ca = settings(&key, &key).unwrap_err();
+        assert!(not_a_ca.contains("redis.tls_ca_file") && not_a_ca.contains("no PEM certificate"));
+        let mismatched = settings(&cert, &other_key).unwrap_err();
+        assert!(mismatched.contains("redis.tls_client_key_file: does not go with"), "{mismatched}");
+        let no_key = settings(&cert, &cert).unwrap_err();
+        assert!(
+            no_key.contains("redis.tls_client_key_file") && no_key.contains("no PEM private key")
+        );
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub enum TokenRefusal {
     Terminated,
     /// A `?body=` other than the one minted with the token.
     BodyMismatch,
+    /// Minted before the store lost data (a restart, a failover, a flush): its consume may have
+    /// been lost with it, so it cannot be trusted to be unused.
+    StoreReset,
 }
 
 impl TokenRefusal {
@@ -92,6 +95,7 @@ impl TokenRefusal {
             Self::Replayed => "token_already_used",
             Self::Terminated => "session_terminated",
             Self::BodyMismatch => "body_mismatch",
+            Self::StoreReset => "token_predates_store_reset",
         }
     }
 
@@ -110,6 +114,10 @@ impl TokenRefusal {
             Self::BodyMismatch => {
                 "The body differs from the one minted with the token; connect without ?body= or \
                  with the body /start returned"
+            }
+            Self::StoreReset => {
+                "Session token was minted before the session store lost its data (a restart or \
+                 failover); call /start again for a new token"
             }
         }
     }
@@ -200,6 +208,15 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let row = self.row();
+        // The client is told only "retry shortly"; the operator needs the cause, within a
+        // budget: an outage fails every request.
+        static STORE_FAILURES: std::sync::LazyLock<crate::log_budget::LogBudget> =
+            std::sync::LazyLock::new(crate::log_budget::LogBudget::for_refusals);
+        if let Self::StoreUnavailable(cause) = self
+            && let Some(suppressed) = STORE_FAILURES.take()
+        {
+            tracing::warn!(error = %cause, suppressed, "answered 503: the store failed");
+        }
         let message = self.to_string();
         let body = ErrorBody {
             error: &message,

@@ -20,7 +20,8 @@
 //! {[`sessions`], [`registry`], [`token`], [`api_keys`], [`metrics`], [`bridge`]} → [`store`].
 //! [`config`] reads the settings once; [`error`] is the table from every refusal to its HTTP
 //! status, code and metric; [`telemetry`] installs logging; [`admin`] is the operator commands
-//! behind `session-broker deploy` and `keys`.
+//! behind `session-broker deploy` and `keys`; [`tls`] is whom the broker trusts on `rediss://`
+//! and `wss://`.
 
 pub mod admin;
 pub mod agents;
@@ -40,4 +41,5 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod telephony;
+pub mod tls;
 pub mod token;

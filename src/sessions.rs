@@ -270,7 +270,7 @@ async fn sweep_agent(
 ) -> Result<u64, StoreError> {
     let mut lost = 0;
     for sid in store.claim_lapsed_leases(agent, SWEEP_BATCH).await? {
-        let connected = store.get_session(sid).await?.and_then(|record| record.connected_ms);
+        let connected = store.get_session(agent, sid).await?.and_then(|record| record.connected_ms);
         let ended = SessionRecord::ended(
             EndReason::ReplicaLost,
             "holding replica stopped renewing",
@@ -278,7 +278,7 @@ async fn sweep_agent(
             unix_ms(),
         );
         let from = [Some(Status::Active)];
-        if store.update_session(sid, &from, &ended, Some(retention)).await? {
+        if store.update_session(agent, sid, &from, &ended, Some(retention)).await? {
             tracing::warn!(session_id = %sid, agent, "session lost with its replica");
             lost += 1;
         }

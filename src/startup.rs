@@ -121,12 +121,14 @@ impl Application {
         }
         load_catalog(&settings, &mut catalog)?;
         let signing_keys = build_signing_keys(&settings)?;
+        let bot_tls = crate::tls::bot_client_config(&settings.bots)?;
         let store = open_store(&settings)?;
         let prepared = prepare_store(&store, &mut background).await?;
         let registry = start_registry(&settings, catalog, &store, &mut background).await;
         let state = web::Data::new(AppState::new(
             &settings,
             local,
+            bot_tls,
             signing_keys,
             registry,
             store,
@@ -286,7 +288,8 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Prepares the store (schema, scripts). A store that is unreachable now is prepared in the
 /// background once it answers; until then readiness fails and connects answer 503. A schema
-/// this broker cannot work with stops it, now or then.
+/// this broker cannot work with, or a TLS handshake its settings cannot pass, stops it, now or
+/// then.
 async fn prepare_store(
     store: &Arc<dyn Store>,
     background: &mut Background,
@@ -294,7 +297,11 @@ async fn prepare_store(
     let prepared = Arc::new(AtomicBool::new(false));
     match store.prepare().await {
         Ok(()) => prepared.store(true, Ordering::Release),
-        Err(e @ (PrepareError::Incompatible { .. } | PrepareError::EvictingPolicy { .. })) => {
+        Err(
+            e @ (PrepareError::Incompatible { .. }
+            | PrepareError::EvictingPolicy { .. }
+            | PrepareError::Tls(_)),
+        ) => {
             return Err(e.into());
         }
         Err(PrepareError::Unavailable(e)) => {

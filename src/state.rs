@@ -49,6 +49,8 @@ pub struct AppState {
     pub registry: Arc<LiveRegistry>,
     pub store: Arc<dyn Store>,
     pub bridge: BridgeLimits,
+    /// How `wss://` bots are dialled: whom they must be vouched for by (`bots.tls_ca_file`).
+    pub bot_tls: tokio_tungstenite::Connector,
     pub bot_connect_timeout: Duration,
     /// `/start` calls allowed per public key and per client address in each window; `None` is
     /// unlimited.
@@ -94,10 +96,12 @@ pub struct AppState {
 
 impl AppState {
     /// `local` is the address the public listener bound: the WebSocket base URL of this
-    /// replica's region when the settings name none (a laptop).
+    /// replica's region when the settings name none (a laptop). `bot_tls` is built from
+    /// `[bots]` (see [`crate::tls::bot_client_config`]).
     pub fn new(
         settings: &Settings,
         local: SocketAddr,
+        bot_tls: Arc<rustls::ClientConfig>,
         signing_keys: SigningKeys,
         registry: Arc<LiveRegistry>,
         store: Arc<dyn Store>,
@@ -123,6 +127,7 @@ impl AppState {
                 heartbeat_interval: limits.heartbeat_interval,
                 heartbeat_timeout: limits.heartbeat_timeout,
             },
+            bot_tls: tokio_tungstenite::Connector::Rustls(bot_tls),
             bot_connect_timeout: limits.bot_connect_timeout,
             start_rate_per_key: (limits.start_rate_per_key > 0)
                 .then_some(limits.start_rate_per_key),

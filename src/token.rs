@@ -3,8 +3,10 @@
 //! A token is `base64url(payload) "." base64url(signature)`, both without padding, so it is safe
 //! in a URL path. The payload is JSON whose first claim is `sh` (`"agent.org"`, as Pipecat Cloud's
 //! tokens begin), followed by the session id `sid`, the expiry `exp` in Unix milliseconds, the
-//! signing key id `kid` and the minting region `rg`. The signature is HMAC-SHA256 over the
-//! encoded payload, with the key named by `kid`.
+//! signing key id `kid`, the minting region `rg`, the store's fence `fe` (see
+//! `migrations-lua/007_mint_session.lua`) and, when a body was minted, its digest `bd`. The
+//! signature is HMAC-SHA256, with the key named by `kid`, over [`FORMAT_TAG`] followed by the
+//! encoded payload.
 //!
 //! Verification order matters: size first (no work on oversized input), then decoding, then the
 //! signature (constant-time), and only then the claims, so that nothing about an unsigned payload
@@ -26,6 +28,12 @@ const SIGNATURE_BYTES: usize = 32;
 /// Shortest HMAC key accepted: 256 bits, the output size of SHA-256.
 pub const MIN_KEY_BYTES: usize = 32;
 
+/// Signed ahead of every payload: the token format's version. Tokens of format 2 carry the
+/// store's fence and are consumed under keys that brokers of the first format do not know, so
+/// neither kind of broker must accept the other's tokens (during a rolling upgrade, say): a
+/// signature over another format's input never verifies.
+pub const FORMAT_TAG: &[u8] = b"sbt2.";
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// What a valid token asserts.
@@ -42,6 +50,10 @@ pub struct Claims {
     /// Digest of the body minted with the token ([`body_digest`]); absent when none was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bd: Option<String>,
+    /// The store's fence when the token was minted: a connect under another fence (the store
+    /// lost data since) is refused.
+    #[serde(default)]
+    pub fe: String,
 }
 
 /// The digest a token carries of the body it was minted with: base64url of the first 16 bytes
@@ -143,6 +155,7 @@ impl SigningKeys {
         region: &str,
         exp_ms: u64,
         body: Option<&[u8]>,
+        fence: &str,
     ) -> String {
         let claims = Claims {
             sh: service_host.to_owned(),
@@ -151,11 +164,13 @@ impl SigningKeys {
             kid: self.signing_kid.clone(),
             rg: region.to_owned(),
             bd: body.map(body_digest),
+            fe: fence.to_owned(),
         };
         // Serializing a struct of strings and integers cannot fail.
         let payload = serde_json::to_vec(&claims).expect("claims serialize");
         let mut token = URL_SAFE_NO_PAD.encode(payload);
         let mut mac = self.keys[&self.signing_kid].clone();
+        mac.update(FORMAT_TAG);
         mac.update(token.as_bytes());
         let signature = mac.finalize().into_bytes();
         token.push('.');
@@ -189,6 +204,7 @@ impl SigningKeys {
             .iter()
             .find(|kid| {
                 let mut mac = self.keys[*kid].clone();
+                mac.update(FORMAT_TAG);
                 mac.update(payload_b64.as_bytes());
                 mac.verify_slice(&signature).is_ok()
             })
@@ -237,7 +253,7 @@ mod tests {
     fn round_trip_and_payload_starts_with_service_host() {
         let ring = default_ring();
         let sid = Uuid::new_v4();
-        let token = ring.mint(HOST, sid, "us-west", NOW + 1000, None);
+        let token = ring.mint(HOST, sid, "us-west", NOW + 1000, None, "f1");
         assert!(token.starts_with("eyJzaCI6"), "payload must begin with the sh claim: {token}");
         assert!(!token.contains('=') && !token.contains('/') && !token.contains('+'));
         let claims = ring.verify(&token, HOST, NOW).unwrap();
@@ -250,7 +266,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_rejected() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None, "f1");
         for i in 0..token.len() {
             for flip in [0x01u8, 0x20, 0x80] {
                 let mut bytes = token.clone().into_bytes();
@@ -267,9 +283,9 @@ mod tests {
     #[test]
     fn a_lifetime_beyond_the_configured_one_is_refused() {
         let ring = default_ring().with_max_lifetime(std::time::Duration::from_secs(330));
-        let fine = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_000, None);
+        let fine = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_000, None, "f1");
         assert!(ring.verify(&fine, HOST, NOW).is_ok());
-        let forever = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_001, None);
+        let forever = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 330_001, None, "f1");
         assert_eq!(ring.verify(&forever, HOST, NOW), Err(TokenError::LifetimeTooLong));
     }
 
@@ -286,18 +302,37 @@ mod tests {
             kid: "k1".into(),
             rg: "x".into(),
             bd: None,
+            fe: "f1".into(),
         };
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
-        let mut mac = both.keys["k2"].clone();
+        let sign = |tag: &[u8], kid: &str| {
+            let mut mac = both.keys[kid].clone();
+            mac.update(tag);
+            mac.update(payload.as_bytes());
+            format!("{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        };
+        assert_eq!(both.verify(&sign(FORMAT_TAG, "k2"), HOST, NOW), Err(TokenError::BadSignature));
+        assert!(both.verify(&sign(FORMAT_TAG, "k1"), HOST, NOW).is_ok(), "the same, signed right");
+    }
+
+    /// Tokens of the first format (signed over the payload alone) are consumed under keys this
+    /// broker does not read: they must not verify, nor must ours on a broker of that format.
+    #[test]
+    fn tokens_of_the_first_format_are_refused() {
+        let ring = default_ring();
+        let token = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None, "f1");
+        let payload = token.split_once('.').unwrap().0;
+        let mut mac = ring.keys[ring.signing_kid()].clone();
         mac.update(payload.as_bytes());
-        let token = format!("{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
-        assert_eq!(both.verify(&token, HOST, NOW), Err(TokenError::BadSignature));
+        let first = format!("{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        assert_eq!(ring.verify(&first, HOST, NOW), Err(TokenError::BadSignature));
+        assert!(ring.verify(&token, HOST, NOW).is_ok());
     }
 
     #[test]
     fn expiry_is_exclusive() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW, None);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW, None, "f1");
         assert_eq!(ring.verify(&token, HOST, NOW - 1).map(|_| ()), Ok(()));
         assert_eq!(ring.verify(&token, HOST, NOW), Err(TokenError::Expired));
     }
@@ -305,7 +340,7 @@ mod tests {
     #[test]
     fn scope_is_the_exact_service_host() {
         let ring = default_ring();
-        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None);
+        let token = ring.mint(HOST, Uuid::new_v4(), "us-west", NOW + 1000, None, "f1");
         assert_eq!(ring.verify(&token, "other.my-org", NOW), Err(TokenError::WrongScope));
         assert_eq!(ring.verify(&token, "my-agent.other", NOW), Err(TokenError::WrongScope));
     }
@@ -316,20 +351,20 @@ mod tests {
         let b = "b".repeat(32);
         let old = ring(&[("k1", &a)], "k1");
         let both = ring(&[("k1", &a), ("k2", &b)], "k2");
-        let old_token = old.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
-        let new_token = both.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
+        let old_token = old.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None, "f1");
+        let new_token = both.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None, "f1");
         assert!(both.verify(&old_token, HOST, NOW).is_ok());
         assert_eq!(old.verify(&new_token, HOST, NOW), Err(TokenError::BadSignature));
         // Same key id, different secret: a token from another deployment.
         let impostor = ring(&[("k1", &b)], "k1");
-        let forged = impostor.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
+        let forged = impostor.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None, "f1");
         assert_eq!(old.verify(&forged, HOST, NOW), Err(TokenError::BadSignature));
     }
 
     #[test]
     fn malformed_inputs() {
         let ring = default_ring();
-        let good = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None);
+        let good = ring.mint(HOST, Uuid::new_v4(), "x", NOW + 1000, None, "f1");
         let oversized = format!("{good}{}", "A".repeat(MAX_TOKEN_BYTES));
         for bad in ["", ".", "abc", "a.b.c", "!!!.???", &format!("{good}="), &oversized] {
             assert_eq!(ring.verify(bad, HOST, NOW), Err(TokenError::Malformed), "{bad:.40}");
@@ -337,6 +372,7 @@ mod tests {
         // Correctly signed garbage payload is still malformed, not accepted.
         let payload = URL_SAFE_NO_PAD.encode(b"{\"sh\":1}");
         let mut mac = ring.keys["k1"].clone();
+        mac.update(FORMAT_TAG);
         mac.update(payload.as_bytes());
         let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         assert_eq!(ring.verify(&format!("{payload}.{sig}"), HOST, NOW), Err(TokenError::Malformed));
@@ -353,7 +389,7 @@ mod tests {
 
     #[test]
     fn redact_never_shows_the_whole_secret() {
-        let token = default_ring().mint(HOST, Uuid::new_v4(), "x", NOW, None);
+        let token = default_ring().mint(HOST, Uuid::new_v4(), "x", NOW, None, "f1");
         let shown = redact(&token);
         assert!(!shown.contains(&token[8..]));
     }

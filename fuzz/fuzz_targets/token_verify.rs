@@ -53,10 +53,10 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let sid = |n: u128| Uuid::from_u128(0x639f91d8_d511_4677_a83b_bd7564d5d900 + n);
     let exp = NOW + 60_000;
     let minted = [
-        ring_now.mint(HOST, sid(1), "us-west", exp, None),
-        ring_now.mint(HOST, sid(2), "eu-central", exp, Some(br#"{"caller":"+15551234567"}"#)),
+        ring_now.mint(HOST, sid(1), "us-west", exp, None, "fence-1"),
+        ring_now.mint(HOST, sid(2), "eu-central", exp, Some(br#"{"caller":"+15551234567"}"#), "fence-1"),
         // Minted before the rotation: still good while k1 verifies.
-        old.mint(HOST, sid(3), "us-west", exp, None),
+        old.mint(HOST, sid(3), "us-west", exp, None, "fence-1"),
     ];
     let valid = minted
         .into_iter()
@@ -71,6 +71,7 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
 fn sign(payload: &[u8], key: &str) -> String {
     let mut token = URL_SAFE_NO_PAD.encode(payload);
     let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(session_broker::token::FORMAT_TAG);
     mac.update(token.as_bytes());
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(mac.finalize().into_bytes(), &mut token);

@@ -57,14 +57,14 @@ pub async fn terminate(
     );
     let retention = Some(state.leases.retention);
     let from = [Some(Status::Pending), Some(Status::Active)];
-    state.store.update_session(sid, &from, &ended, retention).await?;
+    state.store.update_session(&agent.service_host, sid, &from, &ended, retention).await?;
     if let Some(expires) = record.token_expires_at_ms {
         // Spend the token: a connect racing this DELETE either lost already, or finds the record
         // ended when it tries to mark it active, and is refused.
         let remaining = expires.saturating_sub(unix_ms());
         if remaining > 0 {
             let ttl = std::time::Duration::from_millis(remaining) + state.clock_skew;
-            state.store.consume_token(sid, "terminated", ttl).await?;
+            state.store.consume_token(&agent.service_host, sid, "terminated", ttl).await?;
         }
     }
     state.store.release_slot(&agent.service_host, sid).await?;
@@ -90,7 +90,11 @@ fn target(
 
 /// The record of `sid`, if it belongs to `agent`: another agent's session is not found.
 pub async fn view(state: &AppState, agent: &Agent, sid: Uuid) -> Result<SessionView, ApiError> {
-    let record = state.store.get_session(sid).await?.ok_or(ApiError::SessionNotFound)?;
+    let record = state
+        .store
+        .get_session(&agent.service_host, sid)
+        .await?
+        .ok_or(ApiError::SessionNotFound)?;
     SessionView::new(sid, record, unix_ms())
         .filter(|record| record.service == agent.service_host)
         .ok_or(ApiError::SessionNotFound)

@@ -15,7 +15,7 @@ use crate::{
     error::ApiError,
     routes::peer::Peer,
     state::AppState,
-    store::{Listing, SessionRecord, unix_ms},
+    store::{Listing, MintRequest, Minted, RateCount, SessionRecord, unix_ms},
 };
 
 /// Largest request body accepted for any transport.
@@ -79,17 +79,12 @@ pub async fn start(
     let registry = state.registry.load();
     let (org, key) = authenticate(req, &registry)?;
     let peer = Peer::of(req, &state.trusted_proxies);
-    check_rate(state, || key_bucket(key), Some(&peer)).await?;
     let agent = agent_of(&registry, org, agent_name)?;
     let request = read_request(payload, state).await?;
     let body = websocket_body(&agent, request)?;
-    check_capacity(state, &agent).await?;
     let session_id = Uuid::new_v4();
-    let token = match agent.websocket_auth {
-        // Without a token nothing ties a connect to this id: the connect makes its own record.
-        WebsocketAuth::None => None,
-        WebsocketAuth::Token => Some(mint(state, &agent, session_id, body.as_deref()).await?),
-    };
+    let rates = rate_counts(state, key_bucket(key), Some(&peer));
+    let token = mint(state, &agent, session_id, &rates, body.as_deref()).await?;
     let body = body.map(|bytes| STANDARD.encode(bytes));
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     tracing::info!(agent = %agent.service_host, "session started");
@@ -105,37 +100,18 @@ pub async fn start(
     }))
 }
 
-/// Counts the call against its credential's `/start` rate (`key_bucket`) and, for callers that
-/// are not signed-in providers, its client address's, both at once.
-pub(super) async fn check_rate(
+/// The rate limits a `/start` counts against: its credential's (`key_bucket`) and, for callers
+/// that are not signed-in providers, its client address's. Counted in the mint's one request.
+pub(super) fn rate_counts(
     state: &AppState,
-    key_bucket: impl FnOnce() -> String,
+    key_bucket: String,
     peer: Option<&Peer>,
-) -> Result<(), ApiError> {
-    if state.start_rate_per_key.is_none()
-        && (peer.is_none() || state.start_rate_per_address.is_none())
-    {
-        return Ok(());
-    }
-    let count = |bucket: String, limit: Option<u64>| async move {
-        match limit {
-            Some(limit) => state.store.rate_limit(&bucket, limit, state.start_rate_window).await,
-            None => Ok(true),
-        }
-    };
-    let by_address = peer.map(|peer| (peer.bucket(), state.start_rate_per_address));
-    let (by_key, by_address) =
-        futures_util::future::join(count(key_bucket(), state.start_rate_per_key), async {
-            match by_address {
-                Some((bucket, limit)) => count(bucket, limit).await,
-                None => Ok(true),
-            }
-        })
-        .await;
-    if !(by_key? && by_address?) {
-        return Err(ApiError::RateLimited);
-    }
-    Ok(())
+) -> Vec<RateCount> {
+    let by_key = state.start_rate_per_key.map(|limit| RateCount { bucket: key_bucket, limit });
+    let by_address = peer
+        .zip(state.start_rate_per_address)
+        .map(|(peer, limit)| RateCount { bucket: peer.bucket(), limit });
+    by_key.into_iter().chain(by_address).collect()
 }
 
 /// The rate bucket of a public key: named by its hash, so the key never reaches the store.
@@ -184,35 +160,47 @@ fn websocket_body(agent: &Agent, request: StartRequest) -> Result<Option<Vec<u8>
     Ok(Some(json.as_bytes().to_vec()))
 }
 
-/// The cap counts live sessions only: /start reserves nothing, the connect takes the slot.
-pub(super) async fn check_capacity(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
-    if state.store.live_sessions(&agent.service_host).await? >= u64::from(state.cap_of(agent)) {
-        return Err(ApiError::AtCapacity);
-    }
-    Ok(())
-}
-
-/// Records the session as pending, with its body, then mints its token, which carries the body's
-/// digest: a token never exists without its record.
+/// Asks the store, in one request, to count the call against `rates`, check the agent's cap
+/// (live sessions only: /start reserves nothing, the connect takes the slot) and, for a token
+/// agent, record the session as pending with its body; then mints the token, which carries the
+/// body's digest and the store's fence. A token never exists without its record. Agents without
+/// tokens get none: nothing ties a connect to this id, and the connect makes its own record.
 pub(super) async fn mint(
     state: &AppState,
     agent: &Agent,
     session_id: Uuid,
+    rates: &[RateCount],
     body: Option<&[u8]>,
-) -> Result<String, ApiError> {
+) -> Result<Option<String>, ApiError> {
     let now = unix_ms();
     let expires = now + state.token_lifetime.as_millis() as u64;
+    let tokens = agent.websocket_auth == WebsocketAuth::Token;
     let mut record = SessionRecord::pending(&agent.service_host, now, expires, &state.region);
     record.body = body.map(|bytes| STANDARD.encode(bytes));
     // A pending record lives as long as its token (and the skew margin): an unused token
-    // leaves nothing behind in Redis.
+    // leaves nothing behind in Redis. Listed for `agent sessions`.
     let ttl = state.token_lifetime + state.clock_skew;
-    // Listed for `agent sessions` in the same request.
     let listing =
         Listing { agent: &agent.service_host, created_ms: now, retention: state.leases.retention };
-    state.store.create_session(session_id, &record, ttl, Some(listing)).await?;
+    let request = MintRequest {
+        agent: &agent.service_host,
+        sid: session_id,
+        cap: state.cap_of(agent),
+        rates,
+        rate_window: state.start_rate_window,
+        record: tokens.then_some((&record, ttl, listing)),
+    };
+    let fence = match state.store.mint_session(&request).await? {
+        Minted::Ok { fence } => fence,
+        Minted::RateLimited => return Err(ApiError::RateLimited),
+        Minted::AtCapacity => return Err(ApiError::AtCapacity),
+    };
+    if !tokens {
+        return Ok(None);
+    }
     state.metrics.tokens_minted.with_label_values(&[&agent.service_host]).inc();
-    Ok(state.signing_keys.mint(&agent.service_host, session_id, &state.region, expires, body))
+    let (host, region, fence) = (&agent.service_host, &state.region, fence.unwrap_or_default());
+    Ok(Some(state.signing_keys.mint(host, session_id, region, expires, body, &fence)))
 }
 
 /// Reads the request body (within its time and size limits) and parses it.

@@ -12,7 +12,7 @@ use secrecy::ExposeSecret;
 
 use super::{
     read_body,
-    start::{check_capacity, check_rate, mint},
+    start::{mint, rate_counts},
 };
 use crate::{
     agents::WebsocketAuth,
@@ -72,12 +72,14 @@ pub async fn answer(
         tracing::info!(provider = provider.as_str(), agent = %agent.service_host, "webhook replayed");
         return Err(ApiError::WebhookRefused("replayed"));
     }
-    let bucket = || format!("telephony:{}:{}", provider.as_str(), agent.service_host);
-    check_rate(&state, bucket, None).await?;
-    check_capacity(&state, &agent).await?;
+    let bucket = format!("telephony:{}:{}", provider.as_str(), agent.service_host);
+    let rates = rate_counts(&state, bucket, None);
     let body = call.body(provider, &credentials.parameters);
     let session_id = uuid::Uuid::new_v4();
-    let token = mint(&state, &agent, session_id, Some(&body)).await?;
+    // A token agent's mint always yields a token.
+    let token = mint(&state, &agent, session_id, &rates, Some(&body))
+        .await?
+        .ok_or(ApiError::AgentNotFound)?;
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     tracing::info!(provider = provider.as_str(), agent = %agent.service_host, token = %redact(&token), "call answered");
     let stream_url = format!(

@@ -16,15 +16,24 @@ impl Keyspace {
         Self { prefix: prefix.to_owned() }
     }
 
-    /// `{prefix}:{<sid>}:token`: the consume mark of a session's token, holding the id of the
-    /// connect that consumed it; lives as long as the token could still verify.
-    pub fn token(&self, sid: Uuid) -> String {
-        format!("{}:{{{sid}}}:token", self.prefix)
+    /// `{prefix}:agent:{<agent.org>}:token:<sid>`: the consume mark of a session's token,
+    /// holding the id of the connect that consumed it; lives as long as the token could still
+    /// verify. Under the agent's hash tag, with everything else a connect touches, so that one
+    /// script does the whole connect on any topology (see `migrations-lua/008`).
+    pub fn token(&self, service_host: &str, sid: Uuid) -> String {
+        format!("{}:agent:{{{service_host}}}:token:{sid}", self.prefix)
     }
 
-    /// `{prefix}:{<sid>}:session`: the session's record, a hash (see `store::records`).
-    pub fn session(&self, sid: Uuid) -> String {
-        format!("{}:{{{sid}}}:session", self.prefix)
+    /// `{prefix}:agent:{<agent.org>}:session:<sid>`: the session's record, a hash (see
+    /// `store::records`).
+    pub fn session(&self, service_host: &str, sid: Uuid) -> String {
+        format!("{}:agent:{{{service_host}}}:session:{sid}", self.prefix)
+    }
+
+    /// `{prefix}:agent:{<agent.org>}:fence`: the agent's fence against lost store data: which
+    /// Redis server incarnation made it, and when (see `migrations-lua/007`). Tokens carry it.
+    pub fn fence(&self, service_host: &str) -> String {
+        format!("{}:agent:{{{service_host}}}:fence", self.prefix)
     }
 
     /// `{prefix}:agent:{<agent.org>}:live`: the agent's live sessions, a sorted set of session

@@ -11,8 +11,9 @@ use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    CredentialKind, CredentialRecord, DeployedAgent, Listing, RegistryEntries, RegistryStore,
-    SessionEvent, SessionRecord, SessionStore, Status, StoreError, TERMINATION_BACKLOG,
+    ConnectRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, Listing,
+    MintRequest, Minted, RegistryEntries, RegistryStore, SessionEvent, SessionRecord, SessionStore,
+    Status, StoreError, TERMINATION_BACKLOG,
 };
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
@@ -57,6 +58,9 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     started: Instant,
+    /// This store's fence: its memory is this process's, so a token minted by an earlier
+    /// process (whose consumes are gone) carries another and is refused.
+    fence: String,
     terminations: broadcast::Sender<Uuid>,
 }
 
@@ -79,12 +83,39 @@ impl Default for MemoryStore {
                 next_sweep: now + SWEEP_INTERVAL,
             }),
             started: now,
+            fence: format!("mem{}", Uuid::new_v4().simple()),
             terminations: broadcast::channel(TERMINATION_BACKLOG).0,
         }
     }
 }
 
+/// Live (unlapsed) leases of `agent`.
+fn live_count(inner: &Inner, agent: &str, now: Instant) -> u64 {
+    inner.leases.get(agent).map_or(0, |l| l.values().filter(|&&at| at > now).count()) as u64
+}
+
+/// Adds session `sid` to its agent's list.
+fn index(inner: &mut Inner, sid: Uuid, listing: Listing<'_>) {
+    let index = inner.session_index.entry(listing.agent.to_owned()).or_default();
+    index.push((listing.created_ms, sid));
+}
+
 impl MemoryStore {
+    /// Counts a call against `bucket` in the current fixed window of length `window`; returns
+    /// whether it stays within `limit`.
+    fn count(&self, inner: &mut Inner, bucket: &str, limit: u64, window: Duration) -> bool {
+        let window_ms = window.as_millis().max(1) as u64;
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        // Windows are identified by the time they end, which also tells the sweep when to drop them.
+        let window_end = (elapsed / window_ms + 1) * window_ms;
+        let entry = inner.rates.entry(bucket.to_owned()).or_insert((window_end, 0));
+        if entry.0 != window_end {
+            *entry = (window_end, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= limit
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps inconsistent (every update is a
         // single insert or remove), so a poisoned lock is still safe to use.
@@ -103,8 +134,62 @@ impl MemoryStore {
 
 #[async_trait]
 impl SessionStore for MemoryStore {
+    async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut within = true;
+        for rate in mint.rates {
+            within &= self.count(&mut inner, &rate.bucket, rate.limit, mint.rate_window);
+        }
+        if !within {
+            return Ok(Minted::RateLimited);
+        }
+        if live_count(&inner, mint.agent, now) >= u64::from(mint.cap) {
+            return Ok(Minted::AtCapacity);
+        }
+        let Some((record, ttl, listing)) = mint.record else {
+            return Ok(Minted::Ok { fence: None });
+        };
+        let record = Record { record: record.clone(), expires: Some(now + ttl) };
+        inner.sessions.insert(mint.sid, record);
+        index(&mut inner, mint.sid, listing);
+        Ok(Minted::Ok { fence: Some(self.fence.clone()) })
+    }
+
+    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        // Tokens minted by another process (before a restart) carry another fence: their
+        // consumes were lost with that process's memory.
+        let record =
+            inner.sessions.get(&connect.sid).filter(|r| r.expires.is_none_or(|at| at > now));
+        let Some(record) = record.filter(|_| connect.fence == self.fence) else {
+            return Ok(Connected::Fenced);
+        };
+        let (status, body) = (record.record.status, record.record.body.clone());
+        let held = inner.tokens.get(&connect.sid).filter(|c| c.expires > now);
+        match held.map(|c| c.holder.as_str()) {
+            Some("terminated") => return Ok(Connected::Terminated),
+            None if status == Some(Status::Ended) => return Ok(Connected::Terminated),
+            Some(holder) if holder != connect.holder => return Ok(Connected::Replayed),
+            _ => {}
+        }
+        let slotted = inner.leases.get(connect.agent).is_some_and(|l| l.contains_key(&connect.sid));
+        if !slotted && live_count(&inner, connect.agent, now) >= u64::from(connect.cap) {
+            inner.tokens.remove(&connect.sid);
+            return Ok(Connected::AtCapacity);
+        }
+        let consumed =
+            Consumed { holder: connect.holder.to_owned(), expires: now + connect.mark_ttl };
+        inner.tokens.insert(connect.sid, consumed);
+        let leases = inner.leases.entry(connect.agent.to_owned()).or_default();
+        leases.insert(connect.sid, now + connect.lease);
+        Ok(Connected::Ok { body: body.filter(|_| connect.want_body) })
+    }
+
     async fn consume_token(
         &self,
+        _agent: &str,
         sid: Uuid,
         holder: &str,
         ttl: Duration,
@@ -118,7 +203,12 @@ impl SessionStore for MemoryStore {
         Ok(true)
     }
 
-    async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
+    async fn release_token(
+        &self,
+        _agent: &str,
+        sid: Uuid,
+        holder: &str,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let ended =
             inner.sessions.get(&sid).is_some_and(|r| r.record.status == Some(Status::Ended));
@@ -129,47 +219,14 @@ impl SessionStore for MemoryStore {
         Ok(false)
     }
 
-    async fn rate_limit(
-        &self,
-        bucket: &str,
-        limit: u64,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let window_ms = window.as_millis().max(1) as u64;
-        let elapsed = self.started.elapsed().as_millis() as u64;
-        // Windows are identified by the time they end, which also tells the sweep when to drop them.
-        let window_end = (elapsed / window_ms + 1) * window_ms;
-        let mut inner = self.lock();
-        let entry = inner.rates.entry(bucket.to_owned()).or_insert((window_end, 0));
-        if entry.0 != window_end {
-            *entry = (window_end, 0);
-        }
-        entry.1 += 1;
-        Ok(entry.1 <= limit)
-    }
-
     async fn check(&self) -> Result<(), StoreError> {
         drop(self.lock());
         Ok(())
     }
 
-    async fn create_session(
-        &self,
-        sid: Uuid,
-        record: &SessionRecord,
-        ttl: Duration,
-        listed: Option<Listing<'_>>,
-    ) -> Result<(), StoreError> {
-        let record = Record { record: record.clone(), expires: Some(Instant::now() + ttl) };
-        self.lock().sessions.insert(sid, record);
-        match listed {
-            Some(listing) => self.index_session(sid, listing).await,
-            None => Ok(()),
-        }
-    }
-
     async fn update_session(
         &self,
+        _agent: &str,
         sid: Uuid,
         from: &[Option<Status>],
         update: &SessionRecord,
@@ -193,7 +250,11 @@ impl SessionStore for MemoryStore {
         Ok(true)
     }
 
-    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+    async fn get_session(
+        &self,
+        _agent: &str,
+        sid: Uuid,
+    ) -> Result<Option<SessionRecord>, StoreError> {
         let now = Instant::now();
         let inner = self.lock();
         let record = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
@@ -261,17 +322,11 @@ impl SessionStore for MemoryStore {
     }
 
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError> {
-        let now = Instant::now();
-        let inner = self.lock();
-        let live =
-            inner.leases.get(agent).map_or(0, |l| l.values().filter(|&&at| at > now).count());
-        Ok(live as u64)
+        Ok(live_count(&self.lock(), agent, Instant::now()))
     }
 
     async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let index = inner.session_index.entry(listing.agent.to_owned()).or_default();
-        index.push((listing.created_ms, sid));
+        index(&mut self.lock(), sid, listing);
         Ok(())
     }
 
@@ -397,27 +452,28 @@ impl RegistryStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::RateCount;
 
     #[tokio::test(start_paused = true)]
     async fn a_token_is_consumed_once_until_it_expires() {
         let store = MemoryStore::default();
         let sid = Uuid::new_v4();
-        assert!(store.consume_token(sid, "a", Duration::from_millis(50)).await.unwrap());
+        assert!(store.consume_token("a.o", sid, "a", Duration::from_millis(50)).await.unwrap());
         tokio::time::advance(Duration::from_millis(49)).await;
-        assert!(!store.consume_token(sid, "b", Duration::from_millis(50)).await.unwrap());
+        assert!(!store.consume_token("a.o", sid, "b", Duration::from_millis(50)).await.unwrap());
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(store.consume_token(sid, "c", Duration::from_secs(5)).await.unwrap());
+        assert!(store.consume_token("a.o", sid, "c", Duration::from_secs(5)).await.unwrap());
     }
 
     #[tokio::test]
     async fn only_the_holder_releases() {
         let store = MemoryStore::default();
         let sid = Uuid::new_v4();
-        assert!(store.consume_token(sid, "a", Duration::from_secs(5)).await.unwrap());
-        assert!(!store.release_token(sid, "b").await.unwrap());
-        assert!(!store.consume_token(sid, "b", Duration::from_secs(5)).await.unwrap());
-        assert!(store.release_token(sid, "a").await.unwrap());
-        assert!(store.consume_token(sid, "b", Duration::from_secs(5)).await.unwrap());
+        assert!(store.consume_token("a.o", sid, "a", Duration::from_secs(5)).await.unwrap());
+        assert!(!store.release_token("a.o", sid, "b").await.unwrap());
+        assert!(!store.consume_token("a.o", sid, "b", Duration::from_secs(5)).await.unwrap());
+        assert!(store.release_token("a.o", sid, "a").await.unwrap());
+        assert!(store.consume_token("a.o", sid, "b", Duration::from_secs(5)).await.unwrap());
     }
 
     #[tokio::test]
@@ -426,16 +482,22 @@ mod tests {
         let sid = Uuid::new_v4();
         let set = |status| SessionRecord { status: Some(status), ..SessionRecord::default() };
         let (pending, active) = (Some(Status::Pending), Some(Status::Active));
-        assert!(store.update_session(sid, &[None], &set(Status::Pending), None).await.unwrap());
-        assert!(!store.update_session(sid, &[None], &set(Status::Pending), None).await.unwrap());
-        assert!(store.update_session(sid, &[pending], &set(Status::Ended), None).await.unwrap());
+        assert!(
+            store.update_session("a.o", sid, &[None], &set(Status::Pending), None).await.unwrap()
+        );
+        assert!(
+            !store.update_session("a.o", sid, &[None], &set(Status::Pending), None).await.unwrap()
+        );
+        assert!(
+            store.update_session("a.o", sid, &[pending], &set(Status::Ended), None).await.unwrap()
+        );
         assert!(
             !store
-                .update_session(sid, &[pending, active], &set(Status::Active), None)
+                .update_session("a.o", sid, &[pending, active], &set(Status::Active), None)
                 .await
                 .unwrap()
         );
-        let record = store.get_session(sid).await.unwrap().unwrap();
+        let record = store.get_session("a.o", sid).await.unwrap().unwrap();
         assert_eq!(record.status, Some(Status::Ended));
     }
 
@@ -454,16 +516,91 @@ mod tests {
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn rate_limit_counts_per_bucket_and_window() {
-        let store = MemoryStore::default();
-        let window = Duration::from_secs(3600);
-        for _ in 0..3 {
-            assert!(store.rate_limit("k", 3, window).await.unwrap());
+    /// A `/start` that counts against `rates` and writes a pending record of `sid`.
+    fn mint<'a>(sid: Uuid, rates: &'a [RateCount], record: &'a SessionRecord) -> MintRequest<'a> {
+        let listing = Listing { agent: "a.o", created_ms: 0, retention: Duration::from_secs(60) };
+        MintRequest {
+            agent: "a.o",
+            sid,
+            cap: 1,
+            rates,
+            rate_window: Duration::from_secs(3600),
+            record: Some((record, Duration::from_secs(60), listing)),
         }
-        assert!(!store.rate_limit("k", 3, window).await.unwrap());
-        assert!(store.rate_limit("other", 3, window).await.unwrap());
-        tokio::time::advance(window).await;
-        assert!(store.rate_limit("k", 3, window).await.unwrap(), "a new window starts afresh");
+    }
+
+    fn connect<'a>(sid: Uuid, fence: &'a str, holder: &'a str) -> ConnectRequest<'a> {
+        ConnectRequest {
+            agent: "a.o",
+            sid,
+            fence,
+            holder,
+            mark_ttl: Duration::from_secs(60),
+            cap: 1,
+            lease: Duration::from_secs(60),
+            want_body: true,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mints_count_against_each_rate_per_window() {
+        let store = MemoryStore::default();
+        let record = SessionRecord { status: Some(Status::Pending), ..SessionRecord::default() };
+        let rates = [RateCount { bucket: "k".into(), limit: 3 }];
+        for _ in 0..3 {
+            let minted = store.mint_session(&mint(Uuid::new_v4(), &rates, &record)).await;
+            assert!(matches!(minted.unwrap(), Minted::Ok { fence: Some(_) }));
+        }
+        let sid = Uuid::new_v4();
+        let limited = store.mint_session(&mint(sid, &rates, &record)).await.unwrap();
+        assert_eq!(limited, Minted::RateLimited);
+        assert!(store.get_session("a.o", sid).await.unwrap().is_none(), "nothing written");
+        let other = [RateCount { bucket: "other".into(), limit: 3 }];
+        let minted = store.mint_session(&mint(Uuid::new_v4(), &other, &record)).await.unwrap();
+        assert!(matches!(minted, Minted::Ok { .. }));
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let minted = store.mint_session(&mint(Uuid::new_v4(), &rates, &record)).await.unwrap();
+        assert!(matches!(minted, Minted::Ok { .. }), "a new window starts afresh");
+    }
+
+    #[tokio::test]
+    async fn a_connect_is_fenced_consumed_once_and_capped() {
+        let store = MemoryStore::default();
+        let record = SessionRecord {
+            status: Some(Status::Pending),
+            body: Some("e30=".into()),
+            ..SessionRecord::default()
+        };
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let Minted::Ok { fence: Some(fence) } =
+            store.mint_session(&mint(a, &[], &record)).await.unwrap()
+        else {
+            panic!("minted")
+        };
+        store.mint_session(&mint(b, &[], &record)).await.unwrap();
+        // Another process's fence: its consumes are not here to be checked.
+        assert_eq!(
+            store.connect_session(&connect(a, "mem-other", "h1")).await.unwrap(),
+            Connected::Fenced
+        );
+        let first = store.connect_session(&connect(a, &fence, "h1")).await.unwrap();
+        assert_eq!(first, Connected::Ok { body: Some("e30=".into()) });
+        assert_eq!(
+            store.connect_session(&connect(a, &fence, "h2")).await.unwrap(),
+            Connected::Replayed
+        );
+        // At the cap of 1 the consume is undone: the token is still good once a slot frees.
+        assert_eq!(
+            store.connect_session(&connect(b, &fence, "h3")).await.unwrap(),
+            Connected::AtCapacity
+        );
+        store.release_slot("a.o", a).await.unwrap();
+        assert!(matches!(
+            store.connect_session(&connect(b, &fence, "h4")).await.unwrap(),
+            Connected::Ok { .. }
+        ));
+        // A session never minted (or lost) is fenced too.
+        let unknown = store.connect_session(&connect(Uuid::new_v4(), &fence, "h5")).await.unwrap();
+        assert_eq!(unknown, Connected::Fenced);
     }
 }

@@ -64,6 +64,14 @@ pub enum PrepareError {
          redis.on_evicting_policy = \"warn\" to accept the risk."
     )]
     EvictingPolicy { policy: String },
+    /// The TLS handshake with Redis failed: it would fail the same way on every attempt.
+    #[error(
+        "TLS with Redis failed ({0}). The servers' certificates must be signed by \
+         redis.tls_ca_file (or, without it, a system root) and name the host the broker dials; \
+         a server with tls-auth-clients needs redis.tls_client_cert_file and \
+         redis.tls_client_key_file."
+    )]
+    Tls(StoreError),
 }
 
 /// Told the round-trip time of each store operation, named as in `RedisStore::run`
@@ -81,6 +89,71 @@ pub struct Listing<'a> {
     pub retention: Duration,
 }
 
+/// A rate limit that a call counts against: its bucket, and the most calls a window allows.
+#[derive(Debug, Clone)]
+pub struct RateCount {
+    pub bucket: String,
+    pub limit: u64,
+}
+
+/// What `/start` asks of the store ([`SessionStore::mint_session`]).
+#[derive(Debug)]
+pub struct MintRequest<'a> {
+    /// The agent, `agent.org`.
+    pub agent: &'a str,
+    pub sid: Uuid,
+    /// The agent's cap on live sessions; 0 means none.
+    pub cap: u32,
+    /// Every limit the call counts against, all in windows of `rate_window`.
+    pub rates: &'a [RateCount],
+    pub rate_window: Duration,
+    /// For a token agent: the pending record, its time to live (the token's), and its listing.
+    pub record: Option<(&'a SessionRecord, Duration, Listing<'a>)>,
+}
+
+/// How [`SessionStore::mint_session`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Minted {
+    /// Go ahead; a recorded session's token must carry `fence`.
+    Ok {
+        fence: Option<String>,
+    },
+    RateLimited,
+    AtCapacity,
+}
+
+/// What a connect asks of the store ([`SessionStore::connect_session`]).
+#[derive(Debug)]
+pub struct ConnectRequest<'a> {
+    pub agent: &'a str,
+    pub sid: Uuid,
+    /// The fence the token was minted under (its `fe` claim; empty when it has none).
+    pub fence: &'a str,
+    /// Written in the consume mark: who consumed, so a retry recognises its own consume.
+    pub holder: &'a str,
+    /// How long the mark lives: the token's remaining lifetime and the clock skew margin.
+    pub mark_ttl: Duration,
+    pub cap: u32,
+    pub lease: Duration,
+    /// Whether to read the body minted with the token.
+    pub want_body: bool,
+}
+
+/// How [`SessionStore::connect_session`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connected {
+    /// Consumed and slotted; the minted body (standard base64) if asked for and there is one.
+    Ok {
+        body: Option<String>,
+    },
+    /// Minted before the store lost data (restart, failover, flush): call `/start` again.
+    Fenced,
+    Replayed,
+    /// The session was ended through the API before it connected.
+    Terminated,
+    AtCapacity,
+}
+
 /// The whole store: what the broker serves sessions with, and the shared registry.
 pub trait Store: SessionStore + RegistryStore {}
 
@@ -90,29 +163,34 @@ impl<T: SessionStore + RegistryStore> Store for T {}
 /// path and the background work need.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// Marks the token of session `sid` as used by `holder`, unless it already is. Returns
-    /// `true` for the one caller that wins. The mark lives for `ttl`, the token's remaining
-    /// lifetime, after which the token is refused as expired anyway.
+    /// Everything `/start` needs, in one request: counts the call against its rate limits,
+    /// checks the agent's cap and, for a token agent, makes sure of the fence and writes the
+    /// pending record and its listing. See `migrations-lua/007_mint_session.lua`.
+    async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError>;
+
+    /// Everything a connect needs before the bot is dialled, in one request: checks the token's
+    /// fence and record, consumes the token (once across all replicas, `holder` written in its
+    /// mark), takes a slot under the cap, and reads the minted body if asked. A refusal leaves
+    /// the token as it was. See `migrations-lua/008_connect_session.lua`.
+    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError>;
+
+    /// Marks the token of session `sid` of `agent` as used by `holder`, unless it already is.
+    /// Returns `true` for the one caller that wins. The mark lives for `ttl`, the token's
+    /// remaining lifetime, after which the token is refused as expired anyway. (DELETE spends a
+    /// pending session's token with it; connects consume through `connect_session`.)
     async fn consume_token(
         &self,
+        agent: &str,
         sid: Uuid,
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Undoes [`SessionStore::consume_token`] if, and only if, `holder` still holds it and the
-    /// session has not ended, so that a connect that could not reach the bot leaves the token
-    /// usable, but cannot undo a termination. Returns whether it did.
-    async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError>;
-
-    /// Counts one call against `bucket` in the current fixed window of length `window` and says
-    /// whether it stays within `limit`.
-    async fn rate_limit(
-        &self,
-        bucket: &str,
-        limit: u64,
-        window: Duration,
-    ) -> Result<bool, StoreError>;
+    /// Undoes a consume if, and only if, `holder` still holds it and the session has not ended,
+    /// so that a connect that could not reach the bot leaves the token usable, but cannot undo a
+    /// termination. Returns whether it did.
+    async fn release_token(&self, agent: &str, sid: Uuid, holder: &str)
+    -> Result<bool, StoreError>;
 
     /// Proves the store answers and accepts writes.
     async fn check(&self) -> Result<(), StoreError>;
@@ -132,31 +210,24 @@ pub trait SessionStore: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Writes the record of a new session, `sid` being freshly drawn (random UUID v4) so that no
-    /// record can exist yet: a plain write, cheaper than [`SessionStore::update_session`]'s script.
-    /// With `listed`, the session is also added to its agent's list ([`SessionStore::index_session`]),
-    /// in the same request where the topology allows (not on a Cluster: other hash tag).
-    async fn create_session(
-        &self,
-        sid: Uuid,
-        record: &SessionRecord,
-        ttl: Duration,
-        listed: Option<Listing<'_>>,
-    ) -> Result<(), StoreError>;
-
-    /// Sets the fields `update` holds on the record of session `sid` if its status is one of
+    /// Sets the fields `update` holds on the record of session `sid` of `agent` if its status is one of
     /// `from` (`None` standing for "no record yet"), then sets its time to live unless `ttl` is
     /// `None`. Returns whether it applied. This one conditional write is every session transition.
     async fn update_session(
         &self,
+        agent: &str,
         sid: Uuid,
         from: &[Option<Status>],
         update: &SessionRecord,
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError>;
 
-    /// The record of session `sid`.
-    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError>;
+    /// The record of session `sid` of `agent`.
+    async fn get_session(
+        &self,
+        agent: &str,
+        sid: Uuid,
+    ) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Takes a live-session slot of `agent` for `sid` with a lease of `lease`, unless `cap`
     /// slots are already held by live leases. Returns whether it did.

@@ -12,14 +12,14 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, Script, ScriptInvocation, Value};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    CredentialKind, CredentialRecord, DeployedAgent, Listing, PrepareError, RegistryEntries,
-    RegistryStore, SessionEvent, SessionRecord, SessionStore, Status, StoreError, StoreObserver,
-    TERMINATION_BACKLOG,
+    ConnectRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, Listing,
+    MintRequest, Minted, PrepareError, RateCount, RegistryEntries, RegistryStore, SessionEvent,
+    SessionRecord, SessionStore, Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
@@ -31,10 +31,12 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 9;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
-/// only with a change that older brokers would misread.
-pub const COMPATIBLE_FROM: u32 = 1;
+/// only with a change that older brokers would misread. Version 7 moved session records and
+/// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
+/// under other keys, and could consume a token a second time.
+pub const COMPATIBLE_FROM: u32 = 7;
 
 /// The migrations, in order; each documents itself in its header.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -44,10 +46,15 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/004_renew_leases.lua"),
     include_str!("../../migrations-lua/005_claim_lapsed_leases.lua"),
     include_str!("../../migrations-lua/006_release_token_unless_ended.lua"),
+    include_str!("../../migrations-lua/007_mint_session.lua"),
+    include_str!("../../migrations-lua/008_connect_session.lua"),
+    include_str!("../../migrations-lua/009_renew_leases_fenced.lua"),
 ];
 
 /// The scripts, by use.
 struct Scripts {
+    mint_session: Script,
+    connect_session: Script,
     release_token_unless_ended: Script,
     update_session: Script,
     acquire_slot: Script,
@@ -57,16 +64,21 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        // 001 is superseded by 006; `prepare` still loads every released migration.
+        // 001 is superseded by 006 and 004 by 009; `prepare` still loads every released one.
         let [
             _release_token,
             update_session,
             acquire_slot,
-            renew_leases,
+            _renew_leases,
             claim_lapsed_leases,
             release_token_unless_ended,
+            mint_session,
+            connect_session,
+            renew_leases,
         ] = MIGRATIONS.map(Script::new);
         Self {
+            mint_session,
+            connect_session,
             release_token_unless_ended,
             update_session,
             acquire_slot,
@@ -93,6 +105,9 @@ pub struct RedisStore {
     eviction_check: EvictionCheck,
     /// Told the time of every operation (metrics).
     observer: std::sync::OnceLock<std::sync::Arc<dyn StoreObserver>>,
+    /// The fence of each agent as this replica's last lease renewal saw it: a different one at
+    /// the next renewal means Redis lost its data meanwhile (see migration 009).
+    fences_seen: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Drop for RedisStore {
@@ -125,6 +140,7 @@ impl RedisStore {
             errors: Default::default(),
             subscriber,
             observer: std::sync::OnceLock::new(),
+            fences_seen: Default::default(),
             eviction_check: settings.on_evicting_policy,
         })
     }
@@ -202,67 +218,143 @@ impl SessionStore for RedisStore {
         let _ = self.observer.set(observer);
     }
 
+    async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError> {
+        let now = unix_ms();
+        let window_ms = mint.rate_window.as_millis().max(1) as u64;
+        // On a Cluster the counters hash elsewhere than the agent: counted by a request of their
+        // own, sent together with the script (one round trip still), whose work is undone if a
+        // limit was exceeded. Elsewhere the script counts them first and writes nothing then.
+        let apart = self.topology.is_cluster() && !mint.rates.is_empty();
+        let rate_keys: Vec<String> =
+            mint.rates.iter().map(|rate| self.keys.rate(&rate.bucket, now / window_ms)).collect();
+        let mut call = self.scripts.mint_session.key(self.keys.fence(mint.agent));
+        call.key(self.keys.live(mint.agent))
+            .key(self.keys.session(mint.agent, mint.sid))
+            .key(self.keys.sessions_of(mint.agent));
+        if !apart {
+            call.key(&rate_keys);
+        }
+        let (ttl, retention) = mint.record.as_ref().map_or((0, 0), |(_, ttl, listing)| {
+            (ttl.as_millis().max(1) as u64, listing.retention.as_millis() as u64)
+        });
+        call.arg(now).arg(mint.cap).arg(window_ms).arg(ttl).arg(retention);
+        call.arg(mint.sid.to_string());
+        if !apart {
+            call.arg(mint.rates.iter().map(|rate| rate.limit).collect::<Vec<_>>());
+        }
+        if let Some((record, ..)) = mint.record {
+            for (name, value) in record.to_fields() {
+                call.arg(name).arg(value);
+            }
+        }
+        let minted =
+            self.run::<Vec<Value>>("mint_session", Purpose::Commands, Request::Script(&call));
+        let answer = if apart {
+            let (minted, within) = futures_util::future::join(
+                minted,
+                self.count_apart(&rate_keys, mint.rates, window_ms),
+            )
+            .await;
+            if !within? {
+                if matches!(minted.as_deref().map(outcome), Ok(Some("ok"))) {
+                    self.unmint(mint).await;
+                }
+                return Ok(Minted::RateLimited);
+            }
+            minted?
+        } else {
+            minted.await?
+        };
+        match outcome(&answer) {
+            Some("ok") => Ok(Minted::Ok { fence: text_at(&answer, 1) }),
+            Some("rate_limited") => Ok(Minted::RateLimited),
+            Some("at_capacity") => Ok(Minted::AtCapacity),
+            _ => Err(unexpected("mint_session", &answer)),
+        }
+    }
+
+    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError> {
+        let agent = connect.agent;
+        let keys = [
+            self.keys.fence(agent),
+            self.keys.token(agent, connect.sid),
+            self.keys.session(agent, connect.sid),
+            self.keys.live(agent),
+        ];
+        let now = unix_ms();
+        let args: [String; 8] = [
+            connect.fence.to_owned(),
+            connect.holder.to_owned(),
+            connect.mark_ttl.as_millis().max(1).to_string(),
+            now.to_string(),
+            (now + connect.lease.as_millis() as u64).to_string(),
+            connect.sid.to_string(),
+            connect.cap.to_string(),
+            if connect.want_body { "1" } else { "0" }.to_owned(),
+        ];
+        let answer: Vec<Value> = match self.durability {
+            None => {
+                let mut call = self.scripts.connect_session.key(&keys);
+                call.arg(&args);
+                self.run("connect_session", Purpose::Commands, Request::Script(&call)).await?
+            }
+            Some((replicas, wait)) => {
+                let (answer, acked) = self.connect_durably(&keys, &args, replicas, wait).await?;
+                if outcome(&answer) == Some("ok") && acked < replicas {
+                    // The consume might not survive a failover: let go of it and refuse for now.
+                    self.release_token(agent, connect.sid, connect.holder).await?;
+                    self.release_slot(agent, connect.sid).await?;
+                    return Err(StoreError::NotReplicated {
+                        acked,
+                        wanted: replicas,
+                        within: wait,
+                    });
+                }
+                answer
+            }
+        };
+        match outcome(&answer) {
+            Some("ok") => Ok(Connected::Ok { body: text_at(&answer, 1) }),
+            Some("fenced") => Ok(Connected::Fenced),
+            Some("replayed") => Ok(Connected::Replayed),
+            Some("terminated") => Ok(Connected::Terminated),
+            Some("at_capacity") => Ok(Connected::AtCapacity),
+            _ => Err(unexpected("connect_session", &answer)),
+        }
+    }
+
     async fn consume_token(
         &self,
+        agent: &str,
         sid: Uuid,
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let key = self.keys.token(sid);
+        let key = self.keys.token(agent, sid);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg(holder).arg("NX").arg("PX").arg(ttl.as_millis().max(1) as u64);
-        let Some((replicas, wait)) = self.durability else {
-            // SET NX answers OK when it wrote and nil when the key existed.
-            let written: Option<String> =
-                self.run("consume_token", Purpose::Commands, Request::Cmd(&set)).await?;
-            if written.is_some() {
-                return Ok(true);
-            }
-            // A nil may follow our own earlier attempt whose answer was lost with its
-            // connection: the holder value tells, at the price of a GET on refusals only.
-            return self.holds(&key, holder).await;
-        };
-        // WAIT must follow the write on the same connection, and blocks it until the replicas
-        // answer: a connection of its own keeps that wait off every other command.
-        let mut pipe = redis::pipe();
-        pipe.add_command(set).cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
-        let (written, acked): (Option<String>, u32) =
-            self.run("consume_token_durable", Purpose::Durable, Request::Pipe(&pipe)).await?;
-        if written.is_none() {
-            return self.holds(&key, holder).await;
+        // SET NX answers OK when it wrote and nil when the key existed.
+        let written: Option<String> =
+            self.run("consume_token", Purpose::Commands, Request::Cmd(&set)).await?;
+        if written.is_some() {
+            return Ok(true);
         }
-        if acked < replicas {
-            // The mark might not survive a failover: give the token back and refuse for now.
-            self.release_token(sid, holder).await?;
-            return Err(StoreError::NotReplicated { acked, wanted: replicas, within: wait });
-        }
-        Ok(true)
+        // A nil may follow our own earlier attempt whose answer was lost with its connection:
+        // the holder value tells, at the price of a GET on refusals only.
+        self.holds(&key, holder).await
     }
 
-    async fn release_token(&self, sid: Uuid, holder: &str) -> Result<bool, StoreError> {
-        let mut call = self.scripts.release_token_unless_ended.key(self.keys.token(sid));
-        call.key(self.keys.session(sid)).arg(holder);
+    async fn release_token(
+        &self,
+        agent: &str,
+        sid: Uuid,
+        holder: &str,
+    ) -> Result<bool, StoreError> {
+        let mut call = self.scripts.release_token_unless_ended.key(self.keys.token(agent, sid));
+        call.key(self.keys.session(agent, sid)).arg(holder);
         let released: i64 =
             self.run("release_token", Purpose::Commands, Request::Script(&call)).await?;
         Ok(released == 1)
-    }
-
-    async fn rate_limit(
-        &self,
-        bucket: &str,
-        limit: u64,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let window_ms = window.as_millis().max(1) as u64;
-        let window_number = unix_ms() / window_ms;
-        let key = self.keys.rate(bucket, window_number);
-        // INCR and PEXPIRE in one MULTI: a counter never outlives its window by more than one
-        // window, even if this replica dies between the two.
-        let mut pipe = redis::pipe();
-        pipe.atomic().incr(&key, 1).pexpire(&key, (2 * window_ms) as i64).ignore();
-        let (count,): (u64,) =
-            self.run("rate_limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
-        Ok(count <= limit)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -272,6 +364,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn prepare(&self) -> Result<(), PrepareError> {
+        if let Some(source) = self.topology.tls_failure(self.timeout).await {
+            return Err(PrepareError::Tls(StoreError::Redis { op: "connect", source }));
+        }
         self.check_eviction_policy().await?;
         let key = self.keys.schema();
         let mut read = redis::cmd("HGETALL");
@@ -307,48 +402,15 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
-    async fn create_session(
-        &self,
-        sid: Uuid,
-        record: &SessionRecord,
-        ttl: Duration,
-        listed: Option<Listing<'_>>,
-    ) -> Result<(), StoreError> {
-        let key = self.keys.session(sid);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_multiple(&key, &record.to_fields())
-            .ignore()
-            .pexpire(&key, ttl.as_millis() as i64)
-            .ignore();
-        match listed {
-            None => self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await,
-            // One request: the record and its listing in one MULTI.
-            Some(listing) if !self.topology.is_cluster() => {
-                self.add_listing(&mut pipe, sid, listing);
-                self.run("create_session", Purpose::Commands, Request::Pipe(&pipe)).await
-            }
-            // A Cluster keeps them in different slots: two requests, sent together.
-            Some(listing) => {
-                let (created, listed) = futures_util::future::join(
-                    self.run::<()>("create_session", Purpose::Commands, Request::Pipe(&pipe)),
-                    self.index_session(sid, listing),
-                )
-                .await;
-                created?;
-                listed
-            }
-        }
-    }
-
     async fn update_session(
         &self,
+        agent: &str,
         sid: Uuid,
         from: &[Option<Status>],
         update: &SessionRecord,
         ttl: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let mut call = self.scripts.update_session.key(self.keys.session(sid));
+        let mut call = self.scripts.update_session.key(self.keys.session(agent, sid));
         // Migration 002 reads an empty item as "no record".
         let from: Vec<&str> = from.iter().map(|s| s.map_or("", Status::as_str)).collect();
         call.arg(from.join(","))
@@ -362,9 +424,13 @@ impl SessionStore for RedisStore {
         Ok(applied == 1)
     }
 
-    async fn get_session(&self, sid: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+    async fn get_session(
+        &self,
+        agent: &str,
+        sid: Uuid,
+    ) -> Result<Option<SessionRecord>, StoreError> {
         let mut get = redis::cmd("HGETALL");
-        get.arg(self.keys.session(sid));
+        get.arg(self.keys.session(agent, sid));
         let fields: HashMap<String, String> =
             self.run("get_session", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok((!fields.is_empty()).then(|| SessionRecord::from_fields(&fields)))
@@ -397,14 +463,22 @@ impl SessionStore for RedisStore {
         sids: &[Uuid],
         lease: Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
+        let seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner()).get(agent).cloned();
         let mut call = self.scripts.renew_leases.key(self.keys.live(agent));
-        call.arg(unix_ms() + lease.as_millis() as u64);
+        call.key(self.keys.fence(agent))
+            .arg(unix_ms() + lease.as_millis() as u64)
+            .arg(seen.unwrap_or_default());
         for sid in sids {
             call.arg(sid.to_string());
         }
-        let gone: Vec<String> =
+        let answer: Vec<String> =
             self.run("renew_leases", Purpose::Commands, Request::Script(&call)).await?;
-        Ok(gone.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
+        let mut answer = answer.into_iter();
+        if let Some(fence) = answer.next() {
+            let mut seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.insert(agent.to_owned(), fence);
+        }
+        Ok(answer.filter_map(|s| Uuid::parse_str(&s).ok()).collect())
     }
 
     async fn claim_lapsed_leases(
@@ -451,11 +525,10 @@ impl SessionStore for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        // The records live under other hash tags: a non-atomic pipeline, which a cluster
-        // connection splits by node.
+        // The records share the list's hash tag, but need not be read atomically with it.
         let mut pipe = redis::pipe();
         for sid in &ids {
-            pipe.hgetall(self.keys.session(*sid));
+            pipe.hgetall(self.keys.session(agent, *sid));
         }
         let records: Vec<HashMap<String, String>> =
             self.run("read_sessions", Purpose::Commands, Request::Pipe(&pipe)).await?;
@@ -587,6 +660,75 @@ impl RegistryStore for RedisStore {
 }
 
 impl RedisStore {
+    /// Counts a call against `rates` (their current counters are `keys`) in a request of its
+    /// own, for a Cluster, where they hash elsewhere than the agent. Returns whether every count
+    /// stays within its limit.
+    async fn count_apart(
+        &self,
+        keys: &[String],
+        rates: &[RateCount],
+        window_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // Each counter is made with its expiry before it is counted: a counter never outlives
+        // its window by more than one window, even if this replica dies between the two. Both
+        // commands name one key, so the cluster connection sends them to its node together.
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET").arg(key).arg(0).arg("NX").arg("PX").arg(2 * window_ms).ignore();
+            pipe.incr(key, 1);
+        }
+        let counts: Vec<u64> =
+            self.run("rate_limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
+        Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
+    }
+
+    /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):
+    /// its token was never handed out, so its record and listing go.
+    async fn unmint(&self, mint: &MintRequest<'_>) {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.keys.session(mint.agent, mint.sid))
+            .zrem(self.keys.sessions_of(mint.agent), mint.sid.to_string());
+        if let Err(e) = self.run::<()>("unmint", Purpose::Commands, Request::Pipe(&pipe)).await {
+            // Unreachable by its token, it expires with the token's lifetime.
+            tracing::warn!(session_id = %mint.sid, error = %e, "could not remove a rate-limited session's record");
+        }
+    }
+
+    /// `connect_session` followed by `WAIT` on a connection of its own: WAIT must follow the
+    /// write on the same connection, and blocks it until the replicas answer. Returns the
+    /// script's answer and how many replicas acknowledged.
+    async fn connect_durably(
+        &self,
+        keys: &[String; 4],
+        args: &[String; 8],
+        replicas: u32,
+        wait: Duration,
+    ) -> Result<(Vec<Value>, u32), StoreError> {
+        let pipe = |body: bool| {
+            let script = &self.scripts.connect_session;
+            let mut pipe = redis::pipe();
+            let mut eval = match body {
+                false => redis::cmd("EVALSHA").arg(script.get_hash()).to_owned(),
+                true => redis::cmd("EVAL").arg(MIGRATIONS[7]).to_owned(),
+            };
+            eval.arg(keys.len()).arg(keys).arg(args);
+            pipe.add_command(eval).cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
+            pipe
+        };
+        let first = pipe(false);
+        match self.run("connect_session_durable", Purpose::Durable, Request::Pipe(&first)).await {
+            // A Redis that lost its script cache (restart, failover) is sent the script itself.
+            Err(StoreError::Redis { source, .. })
+                if source.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                let second = pipe(true);
+                self.run("connect_session_durable", Purpose::Durable, Request::Pipe(&second)).await
+            }
+            answer => answer,
+        }
+    }
+
     /// Adds the session to its agent's list, keeping the list for the retention period.
     fn add_listing(&self, pipe: &mut Pipeline, sid: Uuid, listing: Listing<'_>) {
         let key = self.keys.sessions_of(listing.agent);
@@ -650,6 +792,31 @@ impl RedisStore {
             self.run("read_token", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok(mark.as_deref() == Some(holder))
     }
+}
+
+/// The outcome a script answers first: `ok` or why not.
+fn outcome(answer: &[Value]) -> Option<&str> {
+    match answer.first()? {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}
+
+/// The text at `index` of a script's answer; `None` for a Lua false (nil) or nothing.
+fn text_at(answer: &[Value], index: usize) -> Option<String> {
+    match answer.get(index)? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// A script answered something it never answers: a store of another version, or a bug.
+fn unexpected(op: &'static str, answer: &[Value]) -> StoreError {
+    tracing::error!(op, ?answer, "unexpected answer from a script");
+    let source = (redis::ErrorKind::UnexpectedReturnType, "unexpected script answer").into();
+    StoreError::Redis { op, source }
 }
 
 /// Forwards termination announcements from Redis pub/sub to this replica's listeners, and

@@ -13,5 +13,6 @@ mod sessions;
 mod start;
 mod support;
 mod telephony;
+mod tls;
 mod topologies;
 mod ws;

@@ -11,7 +11,10 @@ use secrecy::SecretString;
 use session_broker::{
     config::{EvictionCheck, RedisSettings, Settings},
     startup::Application,
-    store::{SessionRecord, SessionStore, Status, redis::RedisStore},
+    store::{
+        ConnectRequest, Connected, Listing, MintRequest, Minted, SessionRecord, SessionStore,
+        Status, redis::RedisStore,
+    },
 };
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use uuid::Uuid;
@@ -208,11 +211,12 @@ async fn pending_records_and_consume_marks_live_as_long_as_their_token() {
         async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
     };
     let lifetime_and_skew = (300 + 30) * 1000;
-    let record = pttl(format!("ttl:{{{sid}}}:session")).await;
+    let tag = format!("ttl:agent:{{{TOKEN_AGENT}.{ORG}}}");
+    let record = pttl(format!("{tag}:session:{sid}")).await;
     assert!(record > 0 && record <= lifetime_and_skew, "pending record ttl {record}");
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
     assert_echo(&mut ws, Message::text("hi")).await;
-    let mark = pttl(format!("ttl:{{{sid}}}:token")).await;
+    let mark = pttl(format!("{tag}:token:{sid}")).await;
     assert!(mark > 300_000 && mark <= lifetime_and_skew, "the mark outlives the token: {mark}");
 }
 
@@ -225,15 +229,40 @@ async fn a_terminated_session_s_token_is_never_given_back() {
     store.prepare().await.unwrap();
     let sid = Uuid::new_v4();
     let record = SessionRecord::pending("a.o", 0, u64::MAX / 2, "r");
-    store.create_session(sid, &record, Duration::from_secs(60), None).await.unwrap();
+    let listing = Listing { agent: "a.o", created_ms: 0, retention: Duration::from_secs(60) };
+    let minted = store
+        .mint_session(&MintRequest {
+            agent: "a.o",
+            sid,
+            cap: 5,
+            rates: &[],
+            rate_window: Duration::from_secs(60),
+            record: Some((&record, Duration::from_secs(60), listing)),
+        })
+        .await
+        .unwrap();
+    let Minted::Ok { fence: Some(fence) } = minted else { panic!("not minted: {minted:?}") };
     // A connect holds the token while it dials; meanwhile DELETE ends the session.
-    assert!(store.consume_token(sid, "connect", Duration::from_secs(60)).await.unwrap());
+    let connect = |holder| ConnectRequest {
+        agent: "a.o",
+        sid,
+        fence: &fence,
+        holder,
+        mark_ttl: Duration::from_secs(60),
+        cap: 5,
+        lease: Duration::from_secs(60),
+        want_body: false,
+    };
+    let connected = store.connect_session(&connect("connect")).await.unwrap();
+    assert_eq!(connected, Connected::Ok { body: None });
     let ended = SessionRecord { status: Some(Status::Ended), ..SessionRecord::default() };
-    assert!(store.update_session(sid, &[Some(Status::Pending)], &ended, None).await.unwrap());
-    assert!(!store.consume_token(sid, "terminated", Duration::from_secs(60)).await.unwrap());
+    let pending = [Some(Status::Pending)];
+    assert!(store.update_session("a.o", sid, &pending, &ended, None).await.unwrap());
+    assert!(!store.consume_token("a.o", sid, "terminated", Duration::from_secs(60)).await.unwrap());
     // The dial fails: the connect would give the token back, which would undo the DELETE.
-    assert!(!store.release_token(sid, "connect").await.unwrap());
-    assert!(!store.consume_token(sid, "replay", Duration::from_secs(60)).await.unwrap());
+    assert!(!store.release_token("a.o", sid, "connect").await.unwrap());
+    let replay = store.connect_session(&connect("replay")).await.unwrap();
+    assert_eq!(replay, Connected::Replayed);
 }
 
 #[tokio::test]

@@ -141,6 +141,7 @@ async fn signing_keys_rotate_across_replicas_without_refusing_a_token() {
         "local",
         session_broker::store::unix_ms() + 60_000,
         None,
+        "",
     );
     match connect(&b.ws_url(TOKEN_AGENT, ORG), Some((&stale, Via::Path))).await {
         Err((403, body, _)) => assert_eq!(body["reason"], "token_bad_signature"),

@@ -2,10 +2,11 @@
 //!
 //! Everything that can refuse a connect happens before the upgrade, with a plain HTTP answer:
 //! the handshake is checked first (so a token is never spent on a request that cannot upgrade),
-//! then the token is verified and consumed exactly once and a slot taken ([`reservation`]),
-//! then the bot is dialled. Only when the bot has answered is the client upgraded and the relay
-//! started. If the bot cannot be reached, the reservation is let go and the token works again
-//! for the rest of its lifetime.
+//! then the token is verified and, in one store request, fenced, consumed exactly once and a
+//! slot taken ([`reservation`]), then the bot is dialled. Only when the bot has answered is the
+//! client upgraded and the relay started; the record is marked active beside the relay, so one
+//! store round trip is all a connect waits for. If the bot cannot be reached, the reservation is
+//! let go and the token works again for the rest of its lifetime.
 
 pub mod providers;
 pub mod request;
@@ -18,7 +19,7 @@ use tracing::Instrument;
 
 use self::{
     request::{WsQuery, decode_body, encode_body, find_token, parse_path},
-    reservation::{Activated, Reservation, TokenFate, release_slot},
+    reservation::{Activated, Reservation, release_slot},
 };
 use crate::{
     agents::WebsocketAuth,
@@ -66,18 +67,11 @@ pub async fn connect(
             tracing::warn!(session_id = %sid, %agent, error = %e, "bot unreachable");
             let text = format!("session {sid} could not reach its bot; the token stays usable");
             state.log_event(agent, sid, text);
-            reservation.abandon(&state, TokenFate::GiveBack(EndReason::BotUnreachable)).await;
+            reservation.abandon(&state, EndReason::BotUnreachable).await;
             return Err(ApiError::BotUnreachable);
         }
     };
-    let session = match reservation.activate(&state).await {
-        Ok(activated) => LiveSession::new(state.into_inner(), activated),
-        Err(refused) => {
-            let mut bot = bot;
-            let _ = bot.close(None).await;
-            return Err(refused);
-        }
-    };
+    let session = LiveSession::new(state.into_inner(), reservation.activate());
     actix_web::rt::spawn(session.run(client, stream, bot));
     Ok(response)
 }
@@ -106,13 +100,13 @@ struct LiveSession {
 
 impl LiveSession {
     fn new(state: Arc<AppState>, activated: Activated) -> Self {
-        let agent = &activated.agent.service_host;
-        let sid = activated.session_id;
+        let session = &activated.session;
+        let (agent, sid) = (&session.agent.service_host, session.session_id);
         tracing::info!(%agent, "session connected");
         state.metrics.connects_accepted.with_label_values(&[agent]).inc();
-        if activated.agent.websocket_auth == WebsocketAuth::None {
+        if session.agent.websocket_auth == WebsocketAuth::None {
             // Token sessions were indexed when minted; these begin here.
-            let (store, agent, at) = (state.store.clone(), agent.clone(), activated.connected_ms);
+            let (store, agent, at) = (state.store.clone(), agent.clone(), session.connected_ms);
             let retention = state.leases.retention;
             tokio::spawn(async move {
                 let listing = Listing { agent: &agent, created_ms: at, retention };
@@ -133,7 +127,9 @@ impl LiveSession {
         bot: bridge::BotSocket,
     ) {
         let Self { state, activated } = self;
-        let Activated { agent, session_id: sid, connected_ms, registration, stop } = activated;
+        let Activated { session, registration, stop } = activated;
+        let (sid, agent, connected_ms) =
+            (session.session_id, session.agent.clone(), session.connected_ms);
         let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
         async move {
             let metrics = &state.metrics;
@@ -141,9 +137,11 @@ impl LiveSession {
             active.inc();
             let max_duration = agent.max_session_duration.min(state.max_session);
             let counters = bridge::RelayCounters::new(metrics);
-            let outcome =
-                bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters)
-                    .await;
+            // The record is marked active while the relay runs; its end is written after both.
+            let relay =
+                bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters);
+            let (outcome, ()) =
+                futures_util::future::join(relay, session.record_active(&state)).await;
             active.dec();
             metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
             let now = unix_ms();
@@ -151,7 +149,8 @@ impl LiveSession {
                 SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
             let from = [Some(Status::Pending), Some(Status::Active)];
             let retention = Some(state.leases.retention);
-            if let Err(e) = state.store.update_session(sid, &from, &ended, retention).await {
+            let host = &agent.service_host;
+            if let Err(e) = state.store.update_session(host, sid, &from, &ended, retention).await {
                 tracing::warn!(error = %e, "could not record the end of the session");
             }
             drop(registration);
@@ -192,7 +191,9 @@ async fn dial_bot(
         ("x-forwarded-for", forwarded_for),
     ];
     let dialling = Instant::now();
-    let dialled = bridge::dial(&url, &headers, &state.bridge, state.bot_connect_timeout).await;
+    let dialled =
+        bridge::dial(&url, &headers, &state.bridge, &state.bot_tls, state.bot_connect_timeout)
+            .await;
     let outcome = if dialled.is_ok() { "connected" } else { "failed" };
     let histogram = state.metrics.bot_dial_seconds.with_label_values(&[outcome]);
     histogram.observe(dialling.elapsed().as_secs_f64());

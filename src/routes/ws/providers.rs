@@ -15,11 +15,7 @@ use actix_ws::{CloseCode, CloseReason, Message};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message as BotMessage;
 
-use super::{
-    LiveSession, dial_bot,
-    request::WsQuery,
-    reservation::{Reservation, TokenFate},
-};
+use super::{LiveSession, dial_bot, request::WsQuery, reservation::Reservation};
 use crate::{
     agents::WebsocketAuth,
     error::ApiError,
@@ -121,7 +117,7 @@ async fn route(
         Ok(bot) => bot,
         Err(e) => {
             tracing::warn!(session_id = %reservation.session_id, error = %e, "bot unreachable");
-            reservation.abandon(&state, TokenFate::GiveBack(EndReason::BotUnreachable)).await;
+            reservation.abandon(&state, EndReason::BotUnreachable).await;
             let reason =
                 CloseReason { code: CloseCode::Error, description: Some("bot unreachable".into()) };
             return drop(client.close(Some(reason)).await);
@@ -130,7 +126,7 @@ async fn route(
     // The bot parses the provider's opening itself, from the first messages, as text.
     for text in messages {
         if bot.send(BotMessage::Text(text.into())).await.is_err() {
-            reservation.abandon(&state, TokenFate::GiveBack(EndReason::BotClosed)).await;
+            reservation.abandon(&state, EndReason::BotClosed).await;
             let reason = CloseReason {
                 code: CloseCode::Error,
                 description: Some("bot connection failed".into()),
@@ -138,13 +134,7 @@ async fn route(
             return drop(client.close(Some(reason)).await);
         }
     }
-    match reservation.activate(&state).await {
-        Ok(activated) => LiveSession::new(state, activated).run(client, stream, bot).await,
-        Err(e) => {
-            let reason = CloseReason { code: CloseCode::Error, description: Some(e.to_string()) };
-            drop(client.close(Some(reason)).await)
-        }
-    }
+    LiveSession::new(state, reservation.activate()).run(client, stream, bot).await
 }
 
 /// The opening messages up to and including `start`, and the service host they name. `Err`

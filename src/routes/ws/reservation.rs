@@ -3,18 +3,20 @@
 //! becomes a live session ([`Reservation::activate`]) or is let go whole
 //! ([`Reservation::abandon`]): there is one way to undo it, so no path forgets a part.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::{
-    agents::{Agent, WebsocketAuth},
+    agents::Agent,
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
-    store::StoreError,
-    store::{SessionRecord, unix_ms},
+    store::{ConnectRequest, Connected, SessionRecord, Store, StoreError, unix_ms},
     token::{body_digest, redact},
 };
 
@@ -36,28 +38,29 @@ pub struct Reservation {
 
 /// A reservation made live: what the running session holds until it ends.
 pub struct Activated {
-    pub agent: Arc<Agent>,
-    pub session_id: Uuid,
-    pub connected_ms: u64,
+    pub session: ActiveSession,
     /// The session's place on this replica; dropped when it ends.
     pub registration: Registration,
     /// Fires when the session must end: terminated, lease lost or drain deadline.
     pub stop: oneshot::Receiver<Stop>,
 }
 
-/// What becomes of the token when a reservation is let go.
-pub enum TokenFate {
-    /// Given back, so the client may connect again within the token's lifetime; the record notes
-    /// why this attempt failed.
-    GiveBack(EndReason),
-    /// Stays spent: the session was ended meanwhile.
-    Spent,
+/// What a live session's record says of it.
+pub struct ActiveSession {
+    pub agent: Arc<Agent>,
+    pub session_id: Uuid,
+    pub connected_ms: u64,
+    /// Region that minted the token (this replica's for agents without tokens).
+    minted_in: String,
+    /// Whether the session came with a consumed token (and so has a pending record).
+    token: bool,
 }
 
 impl Reservation {
-    /// Consumes the token (when the agent requires one), then takes a slot under the agent's
-    /// cap and registers the session on this replica. The cap is taken after the token so that
-    /// a replay never touches it; at the cap the token is given back.
+    /// Takes the right to start the session, in one store request: for a token agent the token's
+    /// fence and record are checked, the token consumed and a slot taken under the agent's cap
+    /// (at the cap, the script gives the token back itself); without tokens, a slot. Then the
+    /// session is registered on this replica.
     pub async fn take(
         state: &AppState,
         agent: Arc<Agent>,
@@ -68,104 +71,109 @@ impl Reservation {
         if state.live.len() >= state.max_live_sessions {
             return Err(ApiError::ReplicaBusy);
         }
-        let (session_id, minted_in, consumed, minted_body) = match token {
-            None => (Uuid::new_v4(), state.region.clone(), None, false),
-            Some(token) => consume(state, &agent, token, body.as_deref()).await?,
+        let (session_id, minted_in, consumed, body, slot) = match token {
+            None => {
+                let sid = Uuid::new_v4();
+                let slot = take_slot(state, &agent, sid).await?;
+                (sid, state.region.clone(), None, body, slot)
+            }
+            Some(token) => {
+                let taken = consume(state, &agent, token, body).await?;
+                let slot = taken.holder.is_some();
+                (taken.sid, taken.minted_in, taken.holder, taken.body, slot)
+            }
         };
         tracing::Span::current().record("session_id", tracing::field::display(session_id));
-        let body = match minted_body && body.is_none() {
-            false => body,
-            true => match read_minted_body(state, session_id).await {
-                Ok(body) => Some(body),
-                Err(e) => {
-                    give_back(state, session_id, consumed.as_deref()).await;
-                    return Err(e);
-                }
-            },
-        };
-        let cap = state.cap_of(&agent);
-        let slot = match state
-            .store
-            .acquire_slot(&agent.service_host, session_id, cap, state.leases.lease)
-            .await
-        {
-            Ok(true) => true,
-            Ok(false) => {
-                give_back(state, session_id, consumed.as_deref()).await;
-                tracing::info!(%session_id, agent = %agent.service_host, "connect refused: agent at capacity");
-                return Err(ApiError::AtCapacity);
-            }
-            // Failing open means no cap either: the session runs without a lease.
-            Err(e) if state.fail_open => {
-                tracing::warn!(%session_id, error = %e, "UNCHECKED ACCEPT: concurrency cap not enforced");
-                false
-            }
-            Err(e) => {
-                give_back(state, session_id, consumed.as_deref()).await;
-                return Err(e.into());
-            }
-        };
         // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
         let (registration, stop) = state.live.register(session_id, &agent.service_host);
         Ok(Self { agent, session_id, minted_in, body, consumed, slot, registration, stop })
     }
 
-    /// Marks the session active on this replica. A token session must still be pending (or
-    /// unrecorded, if Redis lost it in a failover): if DELETE ended it meanwhile, the
-    /// reservation is let go and the connect refused.
-    pub async fn activate(self, state: &AppState) -> Result<Activated, ApiError> {
+    /// Makes the reservation a live session. Its record is marked active by
+    /// [`ActiveSession::record_active`], which runs beside the relay: the store is not waited for
+    /// between the bot's answer and the client's upgrade.
+    pub fn activate(self) -> Activated {
+        let Self { agent, session_id, minted_in, consumed, registration, stop, .. } = self;
+        let connected_ms = unix_ms();
+        let token = consumed.is_some();
+        let session = ActiveSession { agent, session_id, connected_ms, minted_in, token };
+        Activated { session, registration, stop }
+    }
+
+    /// Lets go of everything the reservation holds: its place on this replica, its slot and its
+    /// token, given back so the client may connect again within the token's lifetime; the record
+    /// notes `why` this attempt failed.
+    pub async fn abandon(self, state: &AppState, why: EndReason) {
+        drop(self.registration);
+        let host = &self.agent.service_host;
+        if self.slot {
+            release_slot(state, &self.agent, self.session_id).await;
+        }
+        give_back(state, host, self.session_id, self.consumed.as_deref()).await;
+        if self.consumed.is_some() {
+            let note = SessionRecord::connect_failed(why);
+            let from = [Some(Status::Pending)];
+            if let Err(e) =
+                state.store.update_session(host, self.session_id, &from, &note, None).await
+            {
+                tracing::debug!(session_id = %self.session_id, error = %e, "could not note the failed connect");
+            }
+        }
+    }
+}
+
+impl ActiveSession {
+    /// Marks the session's record active (creating it for an agent without tokens). A token
+    /// session's record must still be pending: if DELETE ended it meanwhile, the record stays
+    /// ended, and the termination reaches the session through the store's announcement (or,
+    /// failing that, its next lease renewal), which closes it.
+    pub async fn record_active(&self, state: &AppState) {
         let agent = &self.agent;
         let max_duration = agent.max_session_duration.min(state.max_session);
-        let connected_ms = unix_ms();
         let active = SessionRecord {
             status: Some(Status::Active),
             // Sessions of agents without tokens have no record before this.
-            created_ms: (agent.websocket_auth == WebsocketAuth::None).then_some(connected_ms),
+            created_ms: (!self.token).then_some(self.connected_ms),
             service: Some(agent.service_host.clone()),
             replica: Some(state.replica_id.clone()),
             region: Some(state.region.clone()),
             minted_region: Some(self.minted_in.clone()),
-            connected_ms: Some(connected_ms),
+            connected_ms: Some(self.connected_ms),
             ..SessionRecord::default()
         };
+        // A token session's record is pending, or missing when fail-open let it in unchecked.
         let from: &[Option<Status>] =
-            if self.consumed.is_some() { &[None, Some(Status::Pending)] } else { &[None] };
+            if self.token { &[None, Some(Status::Pending)] } else { &[None] };
         let ttl = state.active_record_ttl(max_duration);
-        match state.store.update_session(self.session_id, from, &active, Some(ttl)).await {
+        let (host, sid) = (&agent.service_host, self.session_id);
+        match state.store.update_session(host, sid, from, &active, Some(ttl)).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::info!(session_id = %self.session_id, "connect refused: session was terminated");
-                self.abandon(state, TokenFate::Spent).await;
-                return Err(ApiError::TokenRefused(TokenRefusal::Terminated));
+                tracing::info!(session_id = %sid, "session was terminated while it connected")
             }
             // The session goes on; its record says pending until it ends.
             Err(e) => {
-                tracing::warn!(session_id = %self.session_id, error = %e, "could not mark the session active")
+                tracing::warn!(session_id = %sid, error = %e, "could not mark the session active")
             }
         }
-        let Self { agent, session_id, registration, stop, .. } = self;
-        Ok(Activated { agent, session_id, connected_ms, registration, stop })
     }
+}
 
-    /// Lets go of everything the reservation holds: its place on this replica, its slot, and
-    /// (per `token`) the token.
-    pub async fn abandon(self, state: &AppState, token: TokenFate) {
-        drop(self.registration);
-        if self.slot {
-            release_slot(state, &self.agent, self.session_id).await;
+/// Takes a slot under the agent's cap for a session without a token. Failing open means no cap
+/// either: the session runs without a lease. Returns whether a slot is held.
+async fn take_slot(state: &AppState, agent: &Agent, sid: Uuid) -> Result<bool, ApiError> {
+    let cap = state.cap_of(agent);
+    match state.store.acquire_slot(&agent.service_host, sid, cap, state.leases.lease).await {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
+            Err(ApiError::AtCapacity)
         }
-        if let TokenFate::GiveBack(why) = token {
-            give_back(state, self.session_id, self.consumed.as_deref()).await;
-            if self.consumed.is_some() {
-                let note = SessionRecord::connect_failed(why);
-                let from = [Some(Status::Pending)];
-                if let Err(e) =
-                    state.store.update_session(self.session_id, &from, &note, None).await
-                {
-                    tracing::debug!(session_id = %self.session_id, error = %e, "could not note the failed connect");
-                }
-            }
+        Err(e) if state.fail_open => {
+            tracing::warn!(session_id = %sid, error = %e, "UNCHECKED ACCEPT: concurrency cap not enforced");
+            Ok(false)
         }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -177,16 +185,25 @@ pub async fn release_slot(state: &AppState, agent: &Agent, sid: Uuid) {
     }
 }
 
-/// Verifies the token, checks that a `?body=` is the one minted with it, and consumes it,
-/// exactly once across all replicas. Returns the session id, the minting region, the value
-/// written to consume it (`None` when fail-open let the connect through unchecked), and whether
-/// a body was minted with the token.
+/// What a token connect took: the session, where it was minted, the value written to consume
+/// the token (`None` when fail-open let the connect through unchecked, without a slot), and the
+/// body for the bot.
+struct Taken {
+    sid: Uuid,
+    minted_in: String,
+    holder: Option<String>,
+    body: Option<Vec<u8>>,
+}
+
+/// Verifies the token, checks that a `?body=` is the one minted with it, then in one store
+/// request checks the token's fence, consumes it exactly once across all replicas, takes a slot,
+/// and reads the minted body when the client sent none.
 async fn consume(
     state: &AppState,
     agent: &Agent,
     token: &str,
-    body: Option<&[u8]>,
-) -> Result<(Uuid, String, Option<String>, bool), ApiError> {
+    body: Option<Vec<u8>>,
+) -> Result<Taken, ApiError> {
     let now = unix_ms();
     let refuse = |refusal: TokenRefusal| {
         if let Some(suppressed) = state.refusal_log.take() {
@@ -200,71 +217,119 @@ async fn consume(
         .verify(token, &agent.service_host, now)
         .map_err(|e| refuse(TokenRefusal::Invalid(e)))?;
     // Before anything is spent: a client cannot change what a trusted back end minted.
-    if let Some(body) = body
+    if let Some(body) = &body
         && claims.bd.as_deref() != Some(&*body_digest(body))
     {
         return Err(refuse(TokenRefusal::BodyMismatch));
     }
-    let minted_body = claims.bd.is_some();
     let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
-    // The mark needs to outlive the token only: after expiry the token is refused anyway. The
-    // skew margin covers a replica whose clock runs behind this one's.
-    let remaining = std::time::Duration::from_millis(claims.exp - now) + state.clock_skew;
+    let request = ConnectRequest {
+        agent: &agent.service_host,
+        sid: claims.sid,
+        fence: &claims.fe,
+        holder: &holder,
+        // The mark needs to outlive the token only: after expiry the token is refused anyway.
+        // The skew margin covers a replica whose clock runs behind this one's.
+        mark_ttl: Duration::from_millis(claims.exp - now) + state.clock_skew,
+        cap: state.cap_of(agent),
+        lease: state.leases.lease,
+        want_body: claims.bd.is_some() && body.is_none(),
+    };
     let consuming = Instant::now();
-    let consumed = state.store.consume_token(claims.sid, &holder, remaining).await;
-    let outcome = match consumed {
-        Ok(true) => "consumed",
-        Ok(false) => "already_used",
+    let connected = state.store.connect_session(&request).await;
+    let outcome = match &connected {
+        Ok(Connected::Ok { .. }) => "consumed",
+        Ok(Connected::Replayed | Connected::Terminated) => "already_used",
+        Ok(Connected::Fenced) => "fenced",
+        Ok(Connected::AtCapacity) => "at_capacity",
         Err(_) => "failed",
     };
     let histogram = state.metrics.token_consume_seconds.with_label_values(&[outcome]);
     histogram.observe(consuming.elapsed().as_secs_f64());
-    match consumed {
-        Ok(true) => Ok((claims.sid, claims.rg, Some(holder), minted_body)),
-        Ok(false) => {
-            if let Some(suppressed) = state.refusal_log.take() {
-                tracing::info!(session_id = %claims.sid, agent = %agent.service_host, suppressed, "connect refused: token already used");
-            }
-            Err(ApiError::TokenRefused(TokenRefusal::Replayed))
+    let (sid, minted_in) = (claims.sid, claims.rg);
+    match connected {
+        Ok(Connected::Ok { body: minted }) => {
+            let body = match (body, minted) {
+                (Some(body), _) => Some(body),
+                (None, Some(minted)) => Some(decode_minted(&minted)?),
+                (None, None) if request.want_body => {
+                    give_back(state, &agent.service_host, sid, Some(&holder)).await;
+                    release_slot(state, agent, sid).await;
+                    return Err(StoreError::Missing { what: "minted body" }.into());
+                }
+                (None, None) => None,
+            };
+            Ok(Taken { sid, minted_in, holder: Some(holder), body })
         }
-        // A consume that timed out may still have been applied: give it back once Redis
-        // answers, so the client's retry finds the token unspent.
-        Err(e @ crate::store::StoreError::Timeout { .. }) if !state.fail_open => {
-            let (store, sid) = (state.store.clone(), claims.sid);
-            tokio::spawn(async move { store.release_token(sid, &holder).await });
+        Ok(Connected::Replayed) => Err(refuse(TokenRefusal::Replayed)),
+        Ok(Connected::Terminated) => Err(refuse(TokenRefusal::Terminated)),
+        Ok(Connected::Fenced) => Err(refuse(TokenRefusal::StoreReset)),
+        Ok(Connected::AtCapacity) => {
+            tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
+            Err(ApiError::AtCapacity)
+        }
+        // A request that timed out may still be applied, late: give the token and the slot
+        // back once Redis answers, so the client's retry finds the token unspent.
+        Err(e @ StoreError::Timeout { .. }) if !state.fail_open => {
+            let store = state.store.clone();
+            let (host, ttl) = (agent.service_host.clone(), request.mark_ttl);
+            tokio::spawn(async move { give_back_late(&*store, &host, sid, &holder, ttl).await });
             Err(e.into())
         }
         Err(e) if state.fail_open => {
             state.metrics.unchecked_accepts.inc();
             let count = state.metrics.unchecked_accepts.get();
             tracing::warn!(
-                session_id = %claims.sid, agent = %agent.service_host, error = %e,
+                session_id = %sid, agent = %agent.service_host, error = %e,
                 unchecked_accepts = count,
                 "UNCHECKED ACCEPT: Redis unreachable and on_unavailable = open; the token's \
                  one-time use is not enforced for this connect"
             );
-            Ok((claims.sid, claims.rg, None, minted_body))
+            Ok(Taken { sid, minted_in, holder: None, body })
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// The body minted with the token of `sid`, from its record.
-async fn read_minted_body(state: &AppState, sid: Uuid) -> Result<Vec<u8>, ApiError> {
+/// The body minted with a token, as its record keeps it (standard base64, written by /start).
+fn decode_minted(stored: &str) -> Result<Vec<u8>, ApiError> {
     use base64::Engine;
-    let record = state.store.get_session(sid).await?;
-    let body = record.and_then(|r| r.body).ok_or(StoreError::Missing { what: "minted body" })?;
-    // Written by /start as standard base64.
     base64::engine::general_purpose::STANDARD
-        .decode(body)
+        .decode(stored)
         .map_err(|_| StoreError::Missing { what: "minted body" }.into())
 }
 
+/// How often a late give-back asks again.
+const GIVE_BACK_RETRY: Duration = Duration::from_millis(200);
+
+/// Gives back the token and slot of a connect whose store request timed out: the request may be
+/// waiting, unanswered, on a connection the broker dropped, and run when Redis answers again.
+/// Asks until Redis has answered twice, a retry apart (the late request runs no later than the
+/// turn of Redis's event loop that answers the first), or until the token is past its life.
+async fn give_back_late(store: &dyn Store, agent: &str, sid: Uuid, holder: &str, ttl: Duration) {
+    let deadline = Instant::now() + ttl;
+    let mut answers = 0;
+    while answers < 2 && Instant::now() < deadline {
+        match store.release_token(agent, sid, holder).await {
+            // Ours: so was the slot, taken by the same request.
+            Ok(true) => {
+                if let Err(e) = store.release_slot(agent, sid).await {
+                    tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
+                }
+                return;
+            }
+            Ok(false) => answers += 1,
+            Err(_) => {}
+        }
+        tokio::time::sleep(GIVE_BACK_RETRY).await;
+    }
+}
+
 /// Gives a consumed token back, so the client can connect again within its lifetime.
-async fn give_back(state: &AppState, sid: Uuid, holder: Option<&str>) {
+async fn give_back(state: &AppState, agent: &str, sid: Uuid, holder: Option<&str>) {
     let Some(holder) = holder else { return };
     // If this fails the token stays spent: the client must call /start again.
-    if let Err(e) = state.store.release_token(sid, holder).await {
+    if let Err(e) = state.store.release_token(agent, sid, holder).await {
         tracing::warn!(session_id = %sid, error = %e, "could not give the token back");
     }
 }

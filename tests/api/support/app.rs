@@ -150,8 +150,9 @@ impl TestApp {
     /// `/start` for a token agent; returns `(token, wsUrl, sessionId)`.
     pub async fn start_session(&self, agent: &str) -> (String, String, String) {
         let resp = self.post_start(agent, Some(KEY), r#"{"transport":"websocket"}"#).await;
-        assert_eq!(resp.status(), 200);
+        let status = resp.status();
         let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(status, 200, "/start answered {json}");
         (
             json["token"].as_str().unwrap().to_owned(),
             json["wsUrl"].as_str().unwrap().to_owned(),

@@ -1,5 +1,5 @@
 //! A WebSocket bot that echoes, obeys a few text commands (`close`, `flood`, `silent`) and
-//! records every handshake and close frame it sees.
+//! records every handshake and close frame it sees; on `ws://`, or on `wss://` behind TLS.
 
 use std::{
     collections::HashMap,
@@ -11,7 +11,10 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+};
 use tokio_tungstenite::tungstenite::{self, Message, handshake::server};
 
 /// What the bot saw of one handshake.
@@ -25,6 +28,8 @@ pub struct Handshake {
 #[derive(Clone)]
 pub struct TestBot {
     pub addr: SocketAddr,
+    /// `ws`, or `wss` for a bot behind TLS.
+    scheme: &'static str,
     pub handshakes: Arc<Mutex<Vec<Handshake>>>,
     connections: Arc<AtomicUsize>,
     /// Frames a `flood` command has sent so far.
@@ -37,15 +42,11 @@ impl TestBot {
     }
 
     pub fn start_on(listener: TcpListener) -> Self {
-        let bot = Self {
-            addr: listener.local_addr().unwrap(),
-            handshakes: Arc::default(),
-            connections: Arc::default(),
-            flooded: Arc::default(),
-        };
+        let bot = Self::new(&listener, "ws");
         let shared = bot.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
                 let bot = shared.clone();
                 tokio::spawn(async move { bot.serve(stream).await });
             }
@@ -53,10 +54,39 @@ impl TestBot {
         bot
     }
 
+    /// The bot behind TLS (`wss://`), presenting the certificate of `tls`. A connection whose
+    /// TLS handshake fails goes no further.
+    pub async fn start_tls(tls: Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bot = Self::new(&listener, "wss");
+        let (shared, acceptor) = (bot.clone(), tokio_rustls::TlsAcceptor::from(tls));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                let (bot, acceptor) = (shared.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        bot.serve(stream).await;
+                    }
+                });
+            }
+        });
+        bot
+    }
+
+    fn new(listener: &TcpListener, scheme: &'static str) -> Self {
+        Self {
+            addr: listener.local_addr().unwrap(),
+            scheme,
+            handshakes: Arc::default(),
+            connections: Arc::default(),
+            flooded: Arc::default(),
+        }
+    }
+
     // The handshake callback's error type is tungstenite's, large or not.
     #[allow(clippy::result_large_err)]
-    async fn serve(self, stream: tokio::net::TcpStream) {
-        self.connections.fetch_add(1, Ordering::SeqCst);
+    async fn serve(self, stream: impl AsyncRead + AsyncWrite + Unpin) {
         let record = |req: &server::Request, resp: server::Response| {
             let headers = req
                 .headers()
@@ -122,7 +152,7 @@ impl TestBot {
     }
 
     pub fn url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        format!("{}://{}/ws", self.scheme, self.addr)
     }
 
     /// The close frames the bot received, as (code, reason).

@@ -37,6 +37,22 @@ pub async fn race(apps: &[&TestApp], agent: &str, tokens: &[String]) -> (usize, 
     (upgrades, refusals)
 }
 
+/// Connects with each of `tokens` on each of `apps` and asserts every attempt is refused as
+/// minted before the store lost its data, with no bot touched by any.
+pub async fn assert_all_fenced(apps: &[&TestApp], agent: &str, tokens: &[String]) {
+    for token in tokens {
+        for app in apps {
+            match connect(&app.ws_url(agent, ORG), Some((token, Via::Path))).await {
+                Err((403, body, _)) => {
+                    assert_eq!(body["reason"], "token_predates_store_reset", "{body}");
+                    assert!(body["message"].as_str().unwrap().contains("call /start again"));
+                }
+                other => panic!("a token minted before the loss: {:?}", other.map(|_| "upgrade")),
+            }
+        }
+    }
+}
+
 /// Where a connect puts its token.
 #[derive(Debug, Clone, Copy)]
 pub enum Via {
