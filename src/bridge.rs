@@ -1,43 +1,60 @@
 //! The client <-> bot relay.
 //!
 //! The broker dials the bot *before* it upgrades the client (see `routes::ws`), so a session
-//! only exists once both ends do. Then [`relay`] moves frames both ways, unchanged and in order:
-//! text stays text, binary stays binary, and a close from one side is passed on to the other
-//! with its code and reason.
+//! only exists once both ends do. Then [`relay`] passes frames both ways as they are on the
+//! wire, in order and unchanged: a client's frames are masked, as a bot expects of its client,
+//! and a bot's are not, as a client expects of its server (see [`crate::wire`]). Pings, pongs
+//! and closes go through too, so each side's close reaches the other with its code and reason.
+//! The broker adds frames of its own only between frames: heartbeat pings, and the closes of a
+//! session it ends.
 //!
-//! Each direction is its own loop that awaits its write before its next read. That makes every
-//! buffer bounded (actix-ws's outbound channel, tungstenite's write buffer): a slow reader on one
-//! side slows its writer on the other through TCP flow control, instead of growing memory, and
-//! never stalls the opposite direction.
+//! One task runs a session, the one that read its request: it waits on both sockets at once and
+//! each read lands in a buffer of the worker thread, is checked and counted frame by frame, and
+//! goes straight on. A session holds a buffer only while its receiver is slower than its sender,
+//! and then reads nothing more from that sender until the receiver has taken it: memory stays
+//! bounded and TCP flow control slows the sender, without stalling the other direction. An idle
+//! session holds its two sockets, one timer and a few hundred bytes of state.
 
-use std::time::Duration;
-
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
-use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, time::Instant};
-use tokio_tungstenite::{
-    Connector, MaybeTlsStream, WebSocketStream,
-    tungstenite::{
-        self, Message as BotMessage,
-        client::IntoClientRequest,
-        http::{HeaderName, HeaderValue},
-        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as BotCloseCode},
-    },
+use std::{
+    cell::RefCell,
+    future::{Future, poll_fn},
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
 };
+
+use actix_ws::CloseCode;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+    sync::oneshot,
+    time::{Instant, Sleep},
+};
+use tokio_rustls::client::TlsStream;
 use url::Url;
 
-use crate::sessions::{EndReason, Stop, TERMINATED_CLOSE_CODE};
+use crate::{
+    sessions::{EndReason, Stop, TERMINATED_CLOSE_CODE},
+    wire::{self, Event, FrameReader, Refused, Sender, Violation, opcode},
+};
 
-pub type BotSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type BotSink = futures_util::stream::SplitSink<BotSocket, BotMessage>;
-type BotStream = futures_util::stream::SplitStream<BotSocket>;
-
-/// How long the broker waits for the second side's close reply once it has passed a close on.
+/// How long the broker waits, once a session ends, for the closes it awaits and for both
+/// sockets to close.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Read buffer of each bot connection. tungstenite zero-fills the whole buffer before every read,
-/// so its 128 KiB default would make every idle session cost 128 KiB of resident memory. Audio
-/// frames are a few hundred bytes; larger messages just take several reads.
-const BOT_READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes read at a time, into the worker thread's buffer (HAProxy's default `bufsize`).
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads one direction makes in a row before the other gets its turn.
+const READS_PER_TURN: usize = 16;
+/// Most bytes of the bot's handshake answer.
+const MAX_HANDSHAKE_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// Where each read lands before it goes on: one per worker thread, so a session holds no
+    /// read buffer of its own.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
 
 /// Per-session limits, from `[limits]`.
 #[derive(Debug, Clone, Copy)]
@@ -47,12 +64,28 @@ pub struct BridgeLimits {
     pub heartbeat_timeout: Duration,
 }
 
+/// A bot's connection: plain, or TLS for a `wss://` bot (boxed: a TLS session is large, and
+/// most bots are reached in plain on a private network).
+pub enum BotStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A bot that answered its handshake, with what it sent after the handshake (the first bytes
+/// of its frames, if it spoke first).
+pub struct Bot {
+    pub stream: BotStream,
+    pub prefix: Vec<u8>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("bot did not complete the handshake within {0:?}")]
     Timeout(Duration),
+    #[error("bot connection failed: {0}")]
+    Io(#[from] io::Error),
     #[error("bot handshake failed: {0}")]
-    Handshake(#[from] tungstenite::Error),
+    Handshake(String),
 }
 
 /// Opens the bot's WebSocket with the given extra handshake headers; a `wss://` bot over TLS
@@ -60,29 +93,129 @@ pub enum DialError {
 pub async fn dial(
     url: &Url,
     headers: &[(&'static str, String)],
-    limits: &BridgeLimits,
-    tls: &Connector,
+    tls: &Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> Result<BotSocket, DialError> {
-    let mut request = url.as_str().into_client_request()?;
+) -> Result<Bot, DialError> {
+    tokio::time::timeout(timeout, handshake(url, headers, tls))
+        .await
+        .map_err(|_| DialError::Timeout(timeout))?
+}
+
+async fn open(url: &Url, tls: &Arc<rustls::ClientConfig>) -> Result<BotStream, DialError> {
+    let refused = |why: &str| DialError::Handshake(why.to_owned());
+    let port = url.port_or_known_default().ok_or_else(|| refused("the bot URL has no port"))?;
+    let tcp = match url.host() {
+        Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await?,
+        Some(url::Host::Ipv4(ip)) => TcpStream::connect((ip, port)).await?,
+        Some(url::Host::Ipv6(ip)) => TcpStream::connect((ip, port)).await?,
+        None => return Err(refused("the bot URL has no host")),
+    };
+    tcp.set_nodelay(true)?;
+    match url.scheme() {
+        "ws" => Ok(BotStream::Plain(tcp)),
+        "wss" => {
+            let name = crate::tls::server_name(url)
+                .ok_or_else(|| refused("the bot's host cannot carry a certificate"))?;
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            Ok(BotStream::Tls(Box::new(connector.connect(name, tcp).await?)))
+        }
+        _ => Err(refused("the bot URL is neither ws:// nor wss://")),
+    }
+}
+
+/// The client side of the opening handshake (RFC 6455 §4.1), offering no extension and no
+/// subprotocol, so the frames that follow are plain frames the relay can pass on.
+async fn handshake(
+    url: &Url,
+    headers: &[(&'static str, String)],
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Bot, DialError> {
+    use std::fmt::Write as _;
+    let mut stream = open(url, tls).await?;
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
+    let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let mut request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    );
     for (name, value) in headers {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            request.headers_mut().insert(HeaderName::from_static(name), value);
+        // A value that cannot be a header value (a control character) is left out.
+        if value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80) {
+            let _ = write!(request, "{name}: {value}\r\n");
         }
     }
-    let config = WebSocketConfig::default()
-        .read_buffer_size(BOT_READ_BUFFER_BYTES)
-        .max_frame_size(Some(limits.max_frame_bytes))
-        .max_message_size(Some(limits.max_frame_bytes));
-    let connect = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(config),
-        true,
-        Some(tls.clone()),
-    );
-    let (socket, _) =
-        tokio::time::timeout(timeout, connect).await.map_err(|_| DialError::Timeout(timeout))??;
-    Ok(socket)
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+
+    let mut answer = Vec::with_capacity(1024);
+    loop {
+        if answer.len() >= MAX_HANDSHAKE_BYTES {
+            return Err(DialError::Handshake("the answer's head is too large".into()));
+        }
+        answer.reserve(1024);
+        if stream.read_buf(&mut answer).await? == 0 {
+            return Err(DialError::Handshake("the bot closed the connection".into()));
+        }
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut fields);
+        match response.parse(&answer) {
+            Ok(httparse::Status::Complete(head)) => {
+                check_answer(&response, &key).map_err(|why| DialError::Handshake(why.into()))?;
+                let prefix = answer[head..].to_vec();
+                return Ok(Bot { stream, prefix });
+            }
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(DialError::Handshake(format!("not an HTTP answer: {e}"))),
+        }
+    }
+}
+
+fn check_answer(response: &httparse::Response, key: &str) -> Result<(), &'static str> {
+    if response.code != Some(101) {
+        return Err("the bot did not switch protocols (no 101)");
+    }
+    fn values<'a>(
+        fields: &'a [httparse::Header<'a>],
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a [u8]> {
+        fields.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+    let field = |name: &'static str| values(response.headers, name);
+    let has_token = |name: &'static str, token: &str| {
+        field(name).any(|v| {
+            v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err("the answer does not upgrade to websocket");
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if !field("sec-websocket-accept").any(|v| v == accept.as_bytes()) {
+        return Err("wrong Sec-WebSocket-Accept");
+    }
+    if field("sec-websocket-extensions").next().is_some() {
+        return Err("the bot chose an extension the broker did not offer");
+    }
+    if field("sec-websocket-protocol").next().is_some() {
+        return Err("the bot chose a subprotocol the broker did not offer");
+    }
+    Ok(())
+}
+
+/// Refuses an upgraded client with a close: written, then the socket shut and read until the
+/// client closes too (within the grace), so that no unread byte turns the close into a reset.
+pub async fn refuse(mut client: impl AsyncRead + AsyncWrite + Unpin, code: CloseCode, why: &str) {
+    let frame = wire::close_frame(code.into(), why, Sender::Client);
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        client.write_all(&frame).await?;
+        client.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while client.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
 }
 
 /// Relay traffic counters of one session, resolved once so that each frame costs an atomic add.
@@ -104,14 +237,13 @@ impl RelayCounters {
         }
     }
 
-    fn up(&self, len: usize) {
-        self.up_bytes.inc_by(len as u64);
-        self.up_frames.inc();
-    }
-
-    fn down(&self, len: usize) {
-        self.down_bytes.inc_by(len as u64);
-        self.down_frames.inc();
+    fn count(&self, from: Side, len: u64) {
+        let (bytes, frames) = match from {
+            Side::Client => (&self.up_bytes, &self.up_frames),
+            Side::Bot => (&self.down_bytes, &self.down_frames),
+        };
+        bytes.inc_by(len);
+        frames.inc();
     }
 }
 
@@ -122,218 +254,522 @@ pub struct Outcome {
     pub detail: &'static str,
 }
 
-/// Relays one session until either side ends it, `max_duration` passes or `stop` fires, then
-/// closes both sides. Returns how it ended.
-pub async fn relay(
-    client: actix_ws::Session,
-    client_stream: actix_ws::MessageStream,
-    bot: BotSocket,
+/// Relays one session until either side ends it, `max_duration` passes or `stop` fires. Each
+/// side's stream starts with its `prefix`: bytes read from it before the relay began. Returns
+/// how the session ended, and the [`Teardown`] that closes both sides.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay<C, B>(
+    client: C,
+    client_prefix: Vec<u8>,
+    bot: B,
+    bot_prefix: Vec<u8>,
     limits: BridgeLimits,
     max_duration: Duration,
-    stop: tokio::sync::oneshot::Receiver<Stop>,
+    stop: oneshot::Receiver<Stop>,
     counters: RelayCounters,
-) -> Outcome {
-    let client_rx = client_stream
-        .max_frame_size(limits.max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(limits.max_frame_bytes);
-    let (mut bot_tx, mut bot_rx) = bot.split();
-    let ending = tokio::select! {
-        ending = client_to_bot(client_rx, &mut bot_tx, client.clone(), &limits, &counters) => ending,
-        ending = bot_to_client(&mut bot_rx, client.clone(), &limits, &counters) => ending,
-        () = tokio::time::sleep(max_duration) => Ending::duration_reached(),
-        Ok(why) = stop => Ending::stopped(why),
+) -> (Outcome, Teardown<C, B>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let now = Instant::now();
+    let mut relay = Relay {
+        client,
+        bot,
+        up: Pipe::new(Side::Client, limits.max_frame_bytes, now),
+        down: Pipe::new(Side::Bot, limits.max_frame_bytes, now),
+        limits,
+        counters,
+        stop: Some(stop),
+        ends_at: now + max_duration,
+        next_beat: now + limits.heartbeat_interval,
+        closing: None,
+        grace_until: now,
+        shut: (false, false),
     };
-
-    // Pass the close on. The bot gets a close frame and a short grace to answer it; the client's
-    // close is sent by actix-ws, which then ends the response stream.
-    let outcome = ending.outcome;
-    let bot_close = async {
-        let _ = bot_tx.send(BotMessage::Close(ending.to_bot)).await;
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Some(Ok(msg)) = bot_rx.next().await {
-                if msg.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
-    };
-    let client_close = client.close(ending.to_client);
-    let _ = tokio::join!(bot_close, client_close);
-    outcome
-}
-
-/// Moves the client's messages to the bot, answers the client's pings and pings the bot, until
-/// one side fails or the client closes or falls silent. Awaits each write before the next read.
-async fn client_to_bot(
-    mut client_rx: AggregatedMessageStream,
-    bot_tx: &mut BotSink,
-    mut client_pinger: actix_ws::Session,
-    limits: &BridgeLimits,
-    counters: &RelayCounters,
-) -> Ending {
-    let mut client_seen = Instant::now();
-    let mut beat = heartbeat(limits.heartbeat_interval);
-    loop {
-        tokio::select! {
-            msg = client_rx.recv() => {
-                client_seen = Instant::now();
-                let forwarded = match msg {
-                    Some(Ok(AggregatedMessage::Text(text))) => {
-                        // actix-ws validated the UTF-8 already; this re-check is cheap.
-                        counters.up(text.len());
-                        match tungstenite::Utf8Bytes::try_from(text.into_bytes()) {
-                            Ok(text) => bot_tx.send(BotMessage::Text(text)).await,
-                            Err(_) => return Ending::client_error(CloseCode::Invalid, "client sent invalid UTF-8"),
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Binary(data))) => {
-                        counters.up(data.len());
-                        bot_tx.send(BotMessage::Binary(data)).await
-                    }
-                    Some(Ok(AggregatedMessage::Ping(data))) => {
-                        if client_pinger.pong(&data).await.is_err() {
-                            return Ending::client_gone();
-                        }
-                        Ok(())
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
-                    Some(Ok(AggregatedMessage::Close(reason))) => {
-                        return Ending {
-                            outcome: Outcome { reason: EndReason::ClientClosed, detail: "client closed" },
-                            to_client: reason.clone(),
-                            to_bot: reason.map(bot_close),
-                        };
-                    }
-                    Some(Err(ProtocolError::Overflow)) => {
-                        return Ending::client_error(CloseCode::Size, "client message too big");
-                    }
-                    Some(Err(_)) => return Ending::client_error(CloseCode::Protocol, "client protocol error"),
-                    None => return Ending::client_gone(),
-                };
-                if forwarded.is_err() {
-                    return Ending::bot_gone();
-                }
-            }
-            _ = beat.tick() => {
-                if client_seen.elapsed() > limits.heartbeat_timeout {
-                    return Ending::silent(Side::Client);
-                }
-                if bot_tx.send(BotMessage::Ping(Default::default())).await.is_err() {
-                    return Ending::bot_gone();
-                }
+    for (side, prefix) in [(Side::Client, client_prefix), (Side::Bot, bot_prefix)] {
+        if !prefix.is_empty() {
+            let pipe = match side {
+                Side::Client => &mut relay.up,
+                Side::Bot => &mut relay.down,
+            };
+            let (pass, turn) = pipe.read(&prefix, &relay.counters);
+            pipe.out.extend_from_slice(&prefix[..pass]);
+            if let Some(turn) = turn {
+                relay.turn(side, turn);
             }
         }
     }
+    let timer = tokio::time::sleep_until(relay.deadline());
+    let mut timer = std::pin::pin!(timer);
+    let outcome = poll_fn(|cx| relay.poll(cx, timer.as_mut(), false)).await;
+    (outcome, Teardown(relay))
 }
 
-/// Moves the bot's messages to the client and pings the client, until one side fails or the
-/// bot closes or falls silent. Awaits each write before the next read.
-async fn bot_to_client(
-    bot_rx: &mut BotStream,
-    mut client: actix_ws::Session,
-    limits: &BridgeLimits,
-    counters: &RelayCounters,
-) -> Ending {
-    let mut bot_seen = Instant::now();
-    let mut beat = heartbeat(limits.heartbeat_interval);
-    loop {
-        tokio::select! {
-            msg = bot_rx.next() => {
-                bot_seen = Instant::now();
-                let forwarded = match msg {
-                    Some(Ok(BotMessage::Text(text))) => {
-                        counters.down(text.len());
-                        match bytestring::ByteString::try_from(bytes::Bytes::from(text)) {
-                            Ok(text) => client.text(text).await,
-                            Err(_) => return Ending::bot_error(BotCloseCode::Invalid, "bot sent invalid UTF-8"),
-                        }
-                    }
-                    Some(Ok(BotMessage::Binary(data))) => {
-                        counters.down(data.len());
-                        client.binary(data).await
-                    }
-                    // tungstenite answers the bot's pings itself.
-                    Some(Ok(BotMessage::Ping(_) | BotMessage::Pong(_) | BotMessage::Frame(_))) => Ok(()),
-                    Some(Ok(BotMessage::Close(frame))) => {
-                        let normal = frame.as_ref().is_some_and(|f| f.code == BotCloseCode::Normal);
-                        let outcome = if normal {
-                            Outcome { reason: EndReason::Completed, detail: "bot closed normally" }
-                        } else {
-                            Outcome { reason: EndReason::BotClosed, detail: "bot closed" }
-                        };
-                        return Ending { outcome, to_client: frame.map(client_close), to_bot: None };
-                    }
-                    Some(Err(tungstenite::Error::Capacity(_))) => {
-                        return Ending::bot_error(BotCloseCode::Size, "bot message too big");
-                    }
-                    Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
-                        return Ending::bot_gone();
-                    }
-                    Some(Err(_)) => return Ending::bot_error(BotCloseCode::Protocol, "bot protocol error"),
-                };
-                if forwarded.is_err() {
-                    return Ending::client_gone();
-                }
-            }
-            _ = beat.tick() => {
-                if bot_seen.elapsed() > limits.heartbeat_timeout {
-                    return Ending::silent(Side::Bot);
-                }
-                if client.ping(b"").await.is_err() {
-                    return Ending::client_gone();
-                }
-            }
-        }
+/// What is left of a session once its end is decided: the closes to pass on and await, and
+/// the sockets to close, within the grace. The end can be recorded meanwhile.
+pub struct Teardown<C, B>(Relay<C, B>);
+
+impl<C, B> Teardown<C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    pub async fn finish(mut self) {
+        let timer = tokio::time::sleep_until(self.0.deadline());
+        let mut timer = std::pin::pin!(timer);
+        poll_fn(|cx| self.0.poll(cx, timer.as_mut(), true)).await;
     }
 }
 
-/// How a session ends: the outcome, and the close frames each side receives.
-struct Ending {
-    outcome: Outcome,
-    to_client: Option<CloseReason>,
-    to_bot: Option<CloseFrame>,
-}
-
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Client,
     Bot,
 }
 
+/// One direction of a session: the frames of one side (the sender) on their way to the other
+/// (the receiver).
+struct Pipe {
+    from: Side,
+    reader: FrameReader,
+    /// Bytes taken from the sender that the receiver has not taken yet; empty (and unallocated)
+    /// whenever the receiver keeps up.
+    out: Vec<u8>,
+    out_at: usize,
+    /// Bytes were written since the last flush (a TLS stream may hold them until flushed).
+    unflushed: bool,
+    /// When the sender last sent anything.
+    seen: Instant,
+    /// The sender's frames go on to the receiver (until the session ends, or the sender closed).
+    forward: bool,
+    /// The sender's stream ended, or failed.
+    ended: bool,
+    /// The sender broke the protocol: its stream is no longer followed, only read and dropped.
+    broken: bool,
+    /// The receiver's socket failed: nothing more is written to it.
+    dead: bool,
+    /// The sender's close frame came, and whether one is awaited before the session ends.
+    close_seen: bool,
+    awaiting_close: bool,
+}
+
+/// What a turn of a pipe ended with, beyond moving bytes.
+#[derive(Debug)]
+enum Turn {
+    Idle,
+    SenderGone,
+    ReceiverGone,
+    Refused(Violation),
+    Closed(Option<u16>),
+}
+
+impl Pipe {
+    fn new(from: Side, max_message: usize, now: Instant) -> Self {
+        let sender = match from {
+            Side::Client => Sender::Client,
+            Side::Bot => Sender::Server,
+        };
+        Self {
+            from,
+            reader: FrameReader::new(sender, max_message),
+            out: Vec::new(),
+            out_at: 0,
+            unflushed: false,
+            seen: now,
+            forward: true,
+            ended: false,
+            broken: false,
+            dead: false,
+            close_seen: false,
+            awaiting_close: false,
+        }
+    }
+
+    /// Takes a chunk from the sender: how many of its bytes go on, and what it ended with.
+    fn read(&mut self, chunk: &[u8], counters: &RelayCounters) -> (usize, Option<Turn>) {
+        self.seen = Instant::now();
+        if self.broken {
+            return (0, None);
+        }
+        let (from, mut closed) = (self.from, None);
+        let read = self.reader.feed(chunk, &mut |event| match event {
+            Event::Data { len, .. } => counters.count(from, len),
+            Event::Close { code } => closed = Some(code),
+            Event::Ping | Event::Pong => {}
+        });
+        let pass = |n: usize| if self.forward { n } else { 0 };
+        match read {
+            Ok(()) => {
+                let pass = pass(chunk.len());
+                if closed.is_some() {
+                    self.close_seen = true;
+                }
+                (pass, closed.map(Turn::Closed))
+            }
+            Err(Refused { violation, at }) => {
+                // Nothing of the refused frame goes on. If it began in this chunk, the stream to
+                // the receiver ends at a frame boundary and may still take a close.
+                let pass = at.map_or(0, |at| {
+                    self.reader.abandon_frame();
+                    pass(at)
+                });
+                self.broken = true;
+                (pass, Some(Turn::Refused(violation)))
+            }
+        }
+    }
+
+    /// Queues a frame of the broker's own for the receiver, if the stream to it is between
+    /// frames and the receiver can still take it. Returns whether it was queued.
+    fn inject(&mut self, frame: Vec<u8>) -> bool {
+        if self.dead || !self.reader.at_boundary() {
+            return false;
+        }
+        self.out.extend_from_slice(&frame);
+        true
+    }
+
+    fn flushed(&self) -> bool {
+        self.dead || (self.out.is_empty() && !self.unflushed)
+    }
+
+    /// Moves the sender's bytes to the receiver until neither has more to give or take.
+    fn pump<S, D>(
+        &mut self,
+        src: &mut S,
+        dst: &mut D,
+        cx: &mut Context<'_>,
+        counters: &RelayCounters,
+    ) -> Turn
+    where
+        S: AsyncRead + Unpin,
+        D: AsyncWrite + Unpin,
+    {
+        for _ in 0..READS_PER_TURN {
+            // What the receiver has not taken yet goes first; the sender waits until it has.
+            if !self.dead {
+                while self.out_at < self.out.len() {
+                    match Pin::new(&mut *dst).poll_write(cx, &self.out[self.out_at..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            self.out_at += n;
+                            self.unflushed = true;
+                        }
+                        Poll::Ready(_) => return self.receiver_gone(),
+                        Poll::Pending => return Turn::Idle,
+                    }
+                }
+                if !self.out.is_empty() {
+                    // Nothing is held while idle.
+                    (self.out, self.out_at) = (Vec::new(), 0);
+                }
+                if self.unflushed {
+                    match Pin::new(&mut *dst).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => self.unflushed = false,
+                        Poll::Ready(Err(_)) => return self.receiver_gone(),
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            if self.ended {
+                return Turn::Idle;
+            }
+            let step = SCRATCH.with_borrow_mut(|buf| {
+                let mut filled = ReadBuf::new(&mut buf[..]);
+                match Pin::new(&mut *src).poll_read(cx, &mut filled) {
+                    Poll::Pending => Some(Turn::Idle),
+                    Poll::Ready(Err(_)) => Some(self.sender_gone()),
+                    Poll::Ready(Ok(())) if filled.filled().is_empty() => Some(self.sender_gone()),
+                    Poll::Ready(Ok(())) => self.pass_on(filled.filled(), dst, cx, counters),
+                }
+            });
+            if let Some(turn) = step {
+                return turn;
+            }
+        }
+        // A busy pair of sockets yields to the other sessions of this thread.
+        cx.waker().wake_by_ref();
+        Turn::Idle
+    }
+
+    /// Checks a chunk read from the sender and writes what may go on straight to the receiver;
+    /// what it does not take now waits in `out`.
+    fn pass_on<D: AsyncWrite + Unpin>(
+        &mut self,
+        chunk: &[u8],
+        dst: &mut D,
+        cx: &mut Context<'_>,
+        counters: &RelayCounters,
+    ) -> Option<Turn> {
+        let (pass, turn) = self.read(chunk, counters);
+        let mut written = 0;
+        if !self.dead {
+            while written < pass {
+                match Pin::new(&mut *dst).poll_write(cx, &chunk[written..pass]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        written += n;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(_) => return Some(self.receiver_gone()),
+                    Poll::Pending => break,
+                }
+            }
+            self.out.extend_from_slice(&chunk[written..pass]);
+        }
+        turn
+    }
+
+    fn sender_gone(&mut self) -> Turn {
+        self.ended = true;
+        Turn::SenderGone
+    }
+
+    fn receiver_gone(&mut self) -> Turn {
+        self.dead = true;
+        (self.out, self.out_at) = (Vec::new(), 0);
+        Turn::ReceiverGone
+    }
+}
+
+struct Relay<C, B> {
+    client: C,
+    bot: B,
+    /// Client to bot, and bot to client.
+    up: Pipe,
+    down: Pipe,
+    limits: BridgeLimits,
+    counters: RelayCounters,
+    stop: Option<oneshot::Receiver<Stop>>,
+    ends_at: Instant,
+    next_beat: Instant,
+    /// How the session ended, once it has; it then has until `grace_until` to close.
+    closing: Option<Outcome>,
+    grace_until: Instant,
+    /// Whether the client's and the bot's sockets were shut for writing.
+    shut: (bool, bool),
+}
+
+impl<C, B> Relay<C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    fn pipe(&mut self, from: Side) -> &mut Pipe {
+        match from {
+            Side::Client => &mut self.up,
+            Side::Bot => &mut self.down,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self.closing {
+            Some(_) => self.grace_until,
+            None => self.ends_at.min(self.next_beat),
+        }
+    }
+
+    /// Relays until the session's end is decided (`to_the_end` false) or until it is closed.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        to_the_end: bool,
+    ) -> Poll<Outcome> {
+        loop {
+            let mut changed = false;
+            if self.closing.is_none()
+                && let Some(stop) = &mut self.stop
+                && let Poll::Ready(why) = Pin::new(stop).poll(cx)
+            {
+                self.stop = None;
+                if let Ok(why) = why {
+                    self.end(Ending::stopped(why));
+                }
+                changed = true;
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                if let Some(outcome) = self.on_timer() {
+                    return Poll::Ready(outcome);
+                }
+                timer.as_mut().reset(self.deadline());
+                continue;
+            }
+            let turn = self.up.pump(&mut self.client, &mut self.bot, cx, &self.counters);
+            changed |= self.turn(Side::Client, turn);
+            let turn = self.down.pump(&mut self.bot, &mut self.client, cx, &self.counters);
+            changed |= self.turn(Side::Bot, turn);
+            if let Some(outcome) = self.closing
+                && self.may_shut()
+            {
+                // FIN after the last frame. A side that broke the protocol may still be
+                // sending: it is read until it closes too, so that no unread byte turns the
+                // close into a reset that loses the close frame on its way.
+                self.up.forward = false;
+                self.down.forward = false;
+                if !self.shut.0 {
+                    self.shut.0 = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
+                }
+                if !self.shut.1 {
+                    self.shut.1 = Pin::new(&mut self.bot).poll_shutdown(cx).is_ready();
+                }
+                let drained = |p: &Pipe| !p.broken || p.ended;
+                if self.shut == (true, true) && drained(&self.up) && drained(&self.down) {
+                    return Poll::Ready(outcome);
+                }
+            }
+            if let (Some(outcome), false) = (self.closing, to_the_end) {
+                return Poll::Ready(outcome);
+            }
+            if !changed {
+                return Poll::Pending;
+            }
+            if timer.deadline() != self.deadline() {
+                timer.as_mut().reset(self.deadline());
+            }
+        }
+    }
+
+    /// Acts on what a pipe's turn ended with; returns whether anything changed.
+    fn turn(&mut self, from: Side, turn: Turn) -> bool {
+        let other = match from {
+            Side::Client => Side::Bot,
+            Side::Bot => Side::Client,
+        };
+        match turn {
+            Turn::Idle => return false,
+            Turn::SenderGone => self.end(Ending::gone(from)),
+            Turn::ReceiverGone => self.end(Ending::gone(other)),
+            Turn::Refused(violation) => self.end(Ending::refused(from, violation)),
+            Turn::Closed(code) => {
+                if self.closing.is_none() {
+                    // The close went on as it was; the receiver's answer goes back the same way.
+                    self.closing = Some(Ending::closed_by(from, code));
+                    self.grace_until = Instant::now() + CLOSE_GRACE;
+                    self.pipe(from).forward = false;
+                    self.pipe(other).awaiting_close = true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Ends the session (the first ending counts): no more data either way, and each side that
+    /// can still take one gets the broker's close.
+    fn end(&mut self, ending: Ending) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(ending.outcome);
+        self.grace_until = Instant::now() + CLOSE_GRACE;
+        self.up.forward = false;
+        self.down.forward = false;
+        if let Some((code, reason)) = ending.to_bot
+            && self.up.inject(wire::close_frame(code.into(), reason, Sender::Server))
+        {
+            self.down.awaiting_close = true;
+        }
+        if let Some((code, reason)) = ending.to_client
+            && self.down.inject(wire::close_frame(code.into(), reason, Sender::Client))
+        {
+            self.up.awaiting_close = true;
+        }
+    }
+
+    /// Whether everything is written and each awaited close came (or its side went away).
+    fn may_shut(&self) -> bool {
+        let answered = |p: &Pipe| !p.awaiting_close || p.close_seen || p.ended || p.broken;
+        self.up.flushed() && self.down.flushed() && answered(&self.up) && answered(&self.down)
+    }
+
+    /// The timer fired: the grace is over (returns the outcome), the duration is reached, or a
+    /// heartbeat is due.
+    fn on_timer(&mut self) -> Option<Outcome> {
+        let now = Instant::now();
+        if let Some(outcome) = self.closing {
+            return (now >= self.grace_until).then_some(outcome);
+        }
+        if now >= self.ends_at {
+            self.end(Ending::duration_reached());
+        } else if now >= self.next_beat {
+            self.next_beat = now + self.limits.heartbeat_interval;
+            let timeout = self.limits.heartbeat_timeout;
+            if now.duration_since(self.up.seen) > timeout {
+                self.end(Ending::silent(Side::Client));
+            } else if now.duration_since(self.down.seen) > timeout {
+                self.end(Ending::silent(Side::Bot));
+            } else {
+                // A ping to each side, unless the stream to it is mid-frame or backed up: then
+                // the next beat tries again.
+                if self.up.out.is_empty() {
+                    self.up.inject(wire::encode(opcode::PING, b"", Sender::Server));
+                }
+                if self.down.out.is_empty() {
+                    self.down.inject(wire::encode(opcode::PING, b"", Sender::Client));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// How a session ends: the outcome, and the close each side receives from the broker.
+struct Ending {
+    outcome: Outcome,
+    to_client: Option<(CloseCode, &'static str)>,
+    to_bot: Option<(CloseCode, &'static str)>,
+}
+
 impl Ending {
-    fn client_error(code: CloseCode, detail: &'static str) -> Self {
-        Self {
-            outcome: Outcome { reason: EndReason::ClientClosed, detail },
-            to_client: Some(client_reason(code, detail)),
-            to_bot: Some(bot_frame(BotCloseCode::Away, "client connection failed")),
+    /// A side closed; its close went on to the other unchanged.
+    fn closed_by(from: Side, code: Option<u16>) -> Outcome {
+        match (from, code) {
+            (Side::Client, _) => {
+                Outcome { reason: EndReason::ClientClosed, detail: "client closed" }
+            }
+            (Side::Bot, Some(1000)) => {
+                Outcome { reason: EndReason::Completed, detail: "bot closed normally" }
+            }
+            (Side::Bot, _) => Outcome { reason: EndReason::BotClosed, detail: "bot closed" },
         }
     }
 
-    fn bot_error(code: BotCloseCode, detail: &'static str) -> Self {
-        Self {
-            outcome: Outcome { reason: EndReason::BotClosed, detail },
-            to_client: Some(client_reason(CloseCode::Error, "bot connection failed")),
-            to_bot: Some(bot_frame(code, detail)),
+    /// A side broke the protocol or sent a message over the size limit.
+    fn refused(from: Side, violation: Violation) -> Self {
+        let (code, detail) = match (from, violation) {
+            (Side::Client, Violation::TooBig) => (CloseCode::Size, "client message too big"),
+            (Side::Client, Violation::Protocol(_)) => {
+                (CloseCode::Protocol, "client protocol error")
+            }
+            (Side::Bot, Violation::TooBig) => (CloseCode::Size, "bot message too big"),
+            (Side::Bot, Violation::Protocol(_)) => (CloseCode::Protocol, "bot protocol error"),
+        };
+        match from {
+            Side::Client => Self {
+                outcome: Outcome { reason: EndReason::ClientClosed, detail },
+                to_client: Some((code, detail)),
+                to_bot: Some((CloseCode::Away, "client connection failed")),
+            },
+            Side::Bot => Self {
+                outcome: Outcome { reason: EndReason::BotClosed, detail },
+                to_client: Some((CloseCode::Error, "bot connection failed")),
+                to_bot: Some((code, detail)),
+            },
         }
     }
 
-    /// The client vanished without a close frame.
-    fn client_gone() -> Self {
-        Self {
-            outcome: Outcome { reason: EndReason::ClientClosed, detail: "client disconnected" },
-            to_client: None,
-            to_bot: Some(bot_frame(BotCloseCode::Away, "client disconnected")),
-        }
-    }
-
-    /// The bot vanished without a close frame.
-    fn bot_gone() -> Self {
-        Self {
-            outcome: Outcome { reason: EndReason::BotClosed, detail: "bot disconnected" },
-            to_client: Some(client_reason(CloseCode::Error, "bot disconnected")),
-            to_bot: None,
+    /// A side vanished without a close frame.
+    fn gone(side: Side) -> Self {
+        match side {
+            Side::Client => Self {
+                outcome: Outcome { reason: EndReason::ClientClosed, detail: "client disconnected" },
+                to_client: None,
+                to_bot: Some((CloseCode::Away, "client disconnected")),
+            },
+            Side::Bot => Self {
+                outcome: Outcome { reason: EndReason::BotClosed, detail: "bot disconnected" },
+                to_client: Some((CloseCode::Error, "bot disconnected")),
+                to_bot: None,
+            },
         }
     }
 
@@ -345,8 +781,8 @@ impl Ending {
         };
         Self {
             outcome: Outcome { reason: EndReason::Timeout, detail },
-            to_client: Some(client_reason(CloseCode::Away, detail)),
-            to_bot: Some(bot_frame(BotCloseCode::Away, detail)),
+            to_client: Some((CloseCode::Away, detail)),
+            to_bot: Some((CloseCode::Away, detail)),
         }
     }
 
@@ -354,8 +790,8 @@ impl Ending {
         let detail = "max_session_duration reached";
         Self {
             outcome: Outcome { reason: EndReason::Timeout, detail },
-            to_client: Some(client_reason(CloseCode::Normal, detail)),
-            to_bot: Some(bot_frame(BotCloseCode::Normal, detail)),
+            to_client: Some((CloseCode::Normal, detail)),
+            to_bot: Some((CloseCode::Normal, detail)),
         }
     }
 
@@ -363,53 +799,61 @@ impl Ending {
         let (outcome, code) = match why {
             Stop::Terminated => (
                 Outcome { reason: EndReason::Terminated, detail: "session terminated" },
-                TERMINATED_CLOSE_CODE,
+                CloseCode::from(TERMINATED_CLOSE_CODE),
             ),
             Stop::LeaseLost => (
                 Outcome { reason: EndReason::ReplicaLost, detail: "session lease lost" },
-                u16::from(CloseCode::Away),
+                CloseCode::Away,
             ),
             Stop::Draining => (
                 Outcome { reason: EndReason::Terminated, detail: "replica shutting down" },
-                u16::from(CloseCode::Away),
+                CloseCode::Away,
             ),
         };
         Self {
             outcome,
-            to_client: Some(client_reason(CloseCode::from(code), outcome.detail)),
-            to_bot: Some(bot_frame(BotCloseCode::from(code), outcome.detail)),
+            to_client: Some((code, outcome.detail)),
+            to_bot: Some((code, outcome.detail)),
         }
     }
 }
 
-/// Ticks every `period`, first one `period` from now (a plain interval ticks at once).
-fn heartbeat(period: Duration) -> tokio::time::Interval {
-    let mut beat = tokio::time::interval_at(Instant::now() + period, period);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    beat
-}
-
-fn client_reason(code: CloseCode, text: &str) -> CloseReason {
-    CloseReason { code, description: (!text.is_empty()).then(|| text.to_owned()) }
-}
-
-fn bot_frame(code: BotCloseCode, text: &'static str) -> CloseFrame {
-    CloseFrame { code, reason: text.into() }
-}
-
-/// A client's close, as the bot receives it: same code, same reason.
-fn bot_close(reason: CloseReason) -> CloseFrame {
-    CloseFrame {
-        code: BotCloseCode::from(u16::from(reason.code)),
-        reason: reason.description.unwrap_or_default().into(),
+impl AsyncRead for BotStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
-/// A bot's close, as the client receives it: same code, same reason.
-fn client_close(frame: CloseFrame) -> CloseReason {
-    let text = frame.reason.as_str();
-    CloseReason {
-        code: CloseCode::from(u16::from(frame.code)),
-        description: (!text.is_empty()).then(|| text.to_owned()),
+impl AsyncWrite for BotStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }

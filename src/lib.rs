@@ -11,7 +11,8 @@
 //!    shared [`store`], a concurrency slot leased, the session registered on this replica), the
 //!    bot dialled, the session marked active, and only then the client upgraded. A failure at
 //!    any step lets the reservation go whole.
-//! 3. [`bridge`] relays frames both ways, one pump per direction, until either side ends the
+//! 3. [`upgrade`] hands the client's socket to [`bridge`], which passes frames both ways as they
+//!    are on the wire ([`wire`] checks them), in the connection's one task, until either side ends the
 //!    session, `max_session_duration` passes, or the session is terminated (from any replica) or
 //!    the replica drains. [`sessions`] keeps the leases of live sessions and sweeps those of
 //!    lost replicas.
@@ -43,3 +44,5 @@ pub mod telemetry;
 pub mod telephony;
 pub mod tls;
 pub mod token;
+pub mod upgrade;
+pub mod wire;

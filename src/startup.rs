@@ -12,7 +12,13 @@ use std::{
     time::Duration,
 };
 
-use actix_web::{App, HttpServer, dev::Server, web};
+use actix_http::{Extensions, HttpService};
+use actix_service::{IntoServiceFactory, map_config};
+use actix_web::{
+    App, HttpServer,
+    dev::{AppConfig, Server},
+    web,
+};
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
@@ -32,6 +38,7 @@ use crate::{
     state::AppState,
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
     token::SigningKeys,
+    upgrade,
 };
 
 /// How long sessions closed at the drain deadline get to finish their close handshakes.
@@ -370,23 +377,38 @@ fn http_server(
     state: web::Data<AppState>,
 ) -> anyhow::Result<Server> {
     let connections = state.connections.clone();
-    let mut server = HttpServer::new(move || {
+    let local = listener.local_addr()?;
+    let limits = &settings.limits;
+    let (head_timeout, disconnect_timeout) =
+        (limits.request_head_timeout, limits.client_disconnect_timeout);
+    let app = move || {
         App::new()
             .app_data(state.clone())
             .configure(routes::configure)
             .wrap_fn(routes::middleware::request_span)
-    })
-    // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
-    .disable_signals()
-    .on_connect(move |_, extensions| {
-        extensions.insert(ConnectionCount::open(&connections));
-    })
-    // Past `max_connections` requests are answered 503 (see `AppState::check_connections`);
-    // past twice that per worker, the worker stops accepting, the last resort.
-    .max_connections(settings.limits.max_connections.saturating_mul(2))
-    .client_disconnect_timeout(settings.limits.client_disconnect_timeout)
-    .client_request_timeout(settings.limits.request_head_timeout)
-    .listen(listener)?;
+    };
+    // actix-web's `HttpServer` has no upgrade service: this is what it builds, plus one (see
+    // `upgrade`), so that a WebSocket session runs on its socket in the connection's task.
+    let mut server = actix_server::Server::build()
+        // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
+        .disable_signals()
+        // Past `max_connections` requests are answered 503 (see `AppState::check_connections`);
+        // past twice that per worker, the worker stops accepting, the last resort.
+        .max_concurrent_connections(limits.max_connections.saturating_mul(2))
+        .listen("public", listener, move || {
+            let connections = connections.clone();
+            HttpService::build()
+                .client_request_timeout(head_timeout)
+                .client_disconnect_timeout(disconnect_timeout)
+                .tcp_nodelay(true)
+                .local_addr(local)
+                .on_connect_ext(move |_: &tokio::net::TcpStream, extensions: &mut Extensions| {
+                    extensions.insert(ConnectionCount::open(&connections));
+                })
+                .upgrade(upgrade::service(app().into_factory()))
+                .finish(map_config(app(), |_| AppConfig::default()))
+                .tcp()
+        })?;
     if settings.workers > 0 {
         server = server.workers(settings.workers);
     }

@@ -50,7 +50,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub bridge: BridgeLimits,
     /// How `wss://` bots are dialled: whom they must be vouched for by (`bots.tls_ca_file`).
-    pub bot_tls: tokio_tungstenite::Connector,
+    pub bot_tls: Arc<rustls::ClientConfig>,
     pub bot_connect_timeout: Duration,
     /// `/start` calls allowed per public key and per client address in each window; `None` is
     /// unlimited.
@@ -127,7 +127,7 @@ impl AppState {
                 heartbeat_interval: limits.heartbeat_interval,
                 heartbeat_timeout: limits.heartbeat_timeout,
             },
-            bot_tls: tokio_tungstenite::Connector::Rustls(bot_tls),
+            bot_tls,
             bot_connect_timeout: limits.bot_connect_timeout,
             start_rate_per_key: (limits.start_rate_per_key > 0)
                 .then_some(limits.start_rate_per_key),

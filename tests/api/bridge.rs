@@ -1,4 +1,4 @@
-//! The relay's limits: message size, backpressure, heartbeats, session duration, per-hop pings.
+//! The relay's limits: message size, backpressure, heartbeats, session duration, pings.
 
 use std::{
     sync::atomic::Ordering,
@@ -168,7 +168,7 @@ async fn the_session_duration_is_enforced_with_a_clean_close() {
 }
 
 #[tokio::test]
-async fn pings_are_answered_per_hop() {
+async fn a_client_ping_reaches_the_bot_and_its_pong_comes_back() {
     let (app, _redis) = TestApp::spawn(Store::Redis).await;
     let (token, ws_url, _) = app.start_session(TOKEN_AGENT).await;
     let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();

@@ -19,16 +19,17 @@ use tracing::Instrument;
 
 use self::{
     request::{WsQuery, decode_body, encode_body, find_token, parse_path},
-    reservation::{Activated, Reservation, release_slot},
+    reservation::{Activated, ActiveSession, Reservation, release_slot},
 };
 use crate::{
     agents::WebsocketAuth,
     bridge,
     error::{ApiError, TokenRefusal},
     routes::peer::Peer,
-    sessions::{EndReason, Status},
+    sessions::{EndReason, Registration, Status},
     state::AppState,
     store::{Listing, SessionRecord, unix_ms},
+    upgrade::{self, ClientSocket},
 };
 
 /// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
@@ -36,7 +37,6 @@ pub const PREFIX: &str = "/ws/generic";
 
 pub async fn connect(
     req: HttpRequest,
-    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (path_service, path_token) = check_request(&req, &state)?;
@@ -46,8 +46,7 @@ pub async fn connect(
         named => named,
     };
     // Builds the 101 answer without sending it; it is only returned once the bot is connected.
-    let (response, client, stream) = actix_ws::handle(&req, payload)
-        .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
+    let handshake = upgrade::handshake(&req).ok_or_else(not_an_upgrade)?;
     let agent = state.registry.load().agents.by_service_host(service).cloned();
     let agent = agent.ok_or(ApiError::AgentNotFound)?;
     let body = query.body.as_deref().map(decode_body).transpose()?;
@@ -60,7 +59,8 @@ pub async fn connect(
     };
 
     let reservation = Reservation::take(&state, agent, token, body).await?;
-    let bot = match dial_bot(&req, &state, &reservation).await {
+    let forwarded_for = Peer::of(&req, &state.trusted_proxies).forwarded_for;
+    let bot = match dial_bot(forwarded_for, &state, &reservation).await {
         Ok(bot) => bot,
         Err(e) => {
             let (sid, agent) = (reservation.session_id, &reservation.agent.service_host);
@@ -72,8 +72,11 @@ pub async fn connect(
         }
     };
     let session = LiveSession::new(state.into_inner(), reservation.activate());
-    actix_web::rt::spawn(session.run(client, stream, bot));
-    Ok(response)
+    Ok(upgrade::switch(handshake, move |client, early| session.run(client, early, bot)))
+}
+
+fn not_an_upgrade() -> ApiError {
+    ApiError::BadRequest("Expected a WebSocket upgrade request".into())
 }
 
 /// The checks that need neither the handshake nor the store: method, drain and path. Returns
@@ -120,16 +123,10 @@ impl LiveSession {
     }
 
     /// Relays until the session ends, then records how it ended and lets go of its slot.
-    async fn run(
-        self,
-        client: actix_ws::Session,
-        stream: actix_ws::MessageStream,
-        bot: bridge::BotSocket,
-    ) {
+    async fn run(self, client: ClientSocket, early: Vec<u8>, bot: bridge::Bot) {
         let Self { state, activated } = self;
         let Activated { session, registration, stop } = activated;
-        let (sid, agent, connected_ms) =
-            (session.session_id, session.agent.clone(), session.connected_ms);
+        let (sid, agent) = (session.session_id, session.agent.clone());
         let span = tracing::info_span!("session", session_id = %sid, agent = %agent.service_host);
         async move {
             let metrics = &state.metrics;
@@ -138,50 +135,64 @@ impl LiveSession {
             let max_duration = agent.max_session_duration.min(state.max_session);
             let counters = bridge::RelayCounters::new(metrics);
             // The record is marked active while the relay runs; its end is written after both.
+            let bridge::Bot { stream, prefix } = bot;
+            let limits = state.bridge;
             let relay =
-                bridge::relay(client, stream, bot, state.bridge, max_duration, stop, counters);
-            let (outcome, ()) =
+                bridge::relay(client, early, stream, prefix, limits, max_duration, stop, counters);
+            let ((outcome, teardown), ()) =
                 futures_util::future::join(relay, session.record_active(&state)).await;
-            active.dec();
-            metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
-            let now = unix_ms();
-            let ended =
-                SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
-            let from = [Some(Status::Pending), Some(Status::Active)];
-            let retention = Some(state.leases.retention);
-            let host = &agent.service_host;
-            if let Err(e) = state.store.update_session(host, sid, &from, &ended, retention).await {
-                tracing::warn!(error = %e, "could not record the end of the session");
-            }
-            drop(registration);
-            release_slot(&state, &agent, sid).await;
-            let reason = outcome.reason.as_str();
-            let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
-            state.log_event(&agent.service_host, sid, text);
-            tracing::info!(
-                reason = outcome.reason.as_str(),
-                detail = outcome.detail,
-                duration_ms = now.saturating_sub(connected_ms),
-                "session ended"
-            );
+            // The sockets close while the end is recorded.
+            let ending = end(&state, outcome, session, registration, active);
+            futures_util::future::join(teardown.finish(), ending).await;
         }
         .instrument(span)
         .await
     }
 }
 
+/// Records how a session ended and lets go of its slot.
+async fn end(
+    state: &AppState,
+    outcome: bridge::Outcome,
+    session: ActiveSession,
+    registration: Registration,
+    active: prometheus::IntGauge,
+) {
+    let (sid, agent, connected_ms) = (session.session_id, &session.agent, session.connected_ms);
+    active.dec();
+    state.metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
+    let now = unix_ms();
+    let ended = SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
+    let from = [Some(Status::Pending), Some(Status::Active)];
+    let retention = Some(state.leases.retention);
+    let host = &agent.service_host;
+    if let Err(e) = state.store.update_session(host, sid, &from, &ended, retention).await {
+        tracing::warn!(error = %e, "could not record the end of the session");
+    }
+    drop(registration);
+    release_slot(state, agent, sid).await;
+    let reason = outcome.reason.as_str();
+    let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
+    state.log_event(host, sid, text);
+    tracing::info!(
+        reason,
+        detail = outcome.detail,
+        duration_ms = now.saturating_sub(connected_ms),
+        "session ended"
+    );
+}
+
 /// Opens the bot's WebSocket for a reserved session, timing the dial.
 async fn dial_bot(
-    req: &HttpRequest,
+    forwarded_for: String,
     state: &AppState,
     reservation: &Reservation,
-) -> Result<bridge::BotSocket, bridge::DialError> {
+) -> Result<bridge::Bot, bridge::DialError> {
     let agent = &reservation.agent;
     let mut url = agent.bot_for(&state.region).clone();
     if let Some(body) = &reservation.body {
         url.query_pairs_mut().append_pair("body", &encode_body(body));
     }
-    let forwarded_for = Peer::of(req, &state.trusted_proxies).forwarded_for;
     let headers = [
         // What Pipecat Cloud's base image reads the session id from.
         ("x-daily-session-id", reservation.session_id.to_string()),
@@ -191,9 +202,7 @@ async fn dial_bot(
         ("x-forwarded-for", forwarded_for),
     ];
     let dialling = Instant::now();
-    let dialled =
-        bridge::dial(&url, &headers, &state.bridge, &state.bot_tls, state.bot_connect_timeout)
-            .await;
+    let dialled = bridge::dial(&url, &headers, &state.bot_tls, state.bot_connect_timeout).await;
     let outcome = if dialled.is_ok() { "connected" } else { "failed" };
     let histogram = state.metrics.bot_dial_seconds.with_label_values(&[outcome]);
     histogram.observe(dialling.elapsed().as_secs_f64());

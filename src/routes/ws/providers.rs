@@ -5,23 +5,26 @@
 //!
 //! Twilio names the agent inside the stream, so the client is upgraded first. The broker then
 //! reads only the opening messages it needs (up to `start`; within a bounded time, count and
-//! size), picks and dials the bot, replays those messages to it unchanged and in order, and
-//! relays the rest. What goes wrong after the upgrade is told with a close code and reason.
+//! size), picks and dials the bot, passes those frames on to it as they came, and relays the
+//! rest. What goes wrong after the upgrade is told with a close code and reason.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use actix_web::{HttpRequest, HttpResponse, http::Method, web};
-use actix_ws::{CloseCode, CloseReason, Message};
-use futures_util::SinkExt;
-use tokio_tungstenite::tungstenite::Message as BotMessage;
+use actix_ws::CloseCode;
+use tokio::io::AsyncReadExt;
 
-use super::{LiveSession, dial_bot, request::WsQuery, reservation::Reservation};
+use super::{LiveSession, dial_bot, not_an_upgrade, request::WsQuery, reservation::Reservation};
 use crate::{
     agents::WebsocketAuth,
+    bridge,
     error::ApiError,
+    routes::peer::Peer,
     sessions::EndReason,
     state::AppState,
     telephony::{Opening, Provider, opening},
+    upgrade::{self, ClientSocket},
+    wire::{self, Sender, Violation, opcode},
 };
 
 /// How long a provider has to send its opening messages, through `start`.
@@ -47,7 +50,6 @@ pub mod close {
 
 pub async fn connect(
     req: HttpRequest,
-    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let provider =
@@ -60,30 +62,30 @@ pub async fn connect(
     }
     state.check_connections()?;
     let query = WsQuery::read(req.query_string(), state.max_query_bytes)?;
-    let (response, client, stream) = actix_ws::handle(&req, payload)
-        .map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
+    let handshake = upgrade::handshake(&req).ok_or_else(not_an_upgrade)?;
+    let forwarded_for = Peer::of(&req, &state.trusted_proxies).forwarded_for;
     let state = state.into_inner();
-    actix_web::rt::spawn(route(req, state, provider, query.service_host, client, stream));
-    Ok(response)
+    let host = query.service_host;
+    Ok(upgrade::switch(handshake, move |client, early| {
+        route(forwarded_for, state, provider, host, client, early)
+    }))
 }
 
-/// Reads the opening, finds and reserves the agent, dials its bot, replays the opening to it and
-/// relays the session.
+/// Reads the opening, finds and reserves the agent, dials its bot and relays the session, the
+/// opening first: the bot receives the provider's frames exactly as they came.
 async fn route(
-    req: HttpRequest,
-    state: std::sync::Arc<AppState>,
+    forwarded_for: String,
+    state: Arc<AppState>,
     provider: Provider,
     query_host: Option<String>,
-    mut client: actix_ws::Session,
-    mut stream: actix_ws::MessageStream,
+    mut client: ClientSocket,
+    early: Vec<u8>,
 ) {
-    let refuse = |code: u16, why: &str| CloseReason {
-        code: CloseCode::Other(code),
-        description: Some(why.to_owned()),
-    };
-    let (messages, named) = match read_opening(provider, &mut client, &mut stream).await {
-        Ok(opening) => opening,
-        Err(Some(reason)) => return drop(client.close(Some(reason)).await),
+    let mut read = early;
+    let max_frame = state.bridge.max_frame_bytes;
+    let named = match read_opening(provider, &mut client, &mut read, max_frame).await {
+        Ok(named) => named,
+        Err(Some((code, why))) => return bridge::refuse(client, code, why).await,
         Err(None) => return,
     };
     let Some(host) = named.or(query_host) else {
@@ -91,89 +93,105 @@ async fn route(
             Provider::Twilio => "no _pipecatCloudServiceHost custom parameter in start",
             _ => "no ?serviceHost=agent.org on the stream URL",
         };
-        return drop(client.close(Some(refuse(close::BAD_OPENING, why))).await);
+        return bridge::refuse(client, CloseCode::Other(close::BAD_OPENING), why).await;
     };
     let agent = state.registry.load().agents.by_service_host(&host).cloned();
     let Some(agent) = agent else {
-        return drop(
-            client.close(Some(refuse(close::UNKNOWN_AGENT, "unknown service host"))).await,
-        );
+        return bridge::refuse(
+            client,
+            CloseCode::Other(close::UNKNOWN_AGENT),
+            "unknown service host",
+        )
+        .await;
     };
     if agent.websocket_auth == WebsocketAuth::Token {
         let why = "this agent requires session tokens: answer calls with the broker's webhook";
-        return drop(client.close(Some(refuse(close::TOKEN_REQUIRED, why))).await);
+        return bridge::refuse(client, CloseCode::Other(close::TOKEN_REQUIRED), why).await;
     }
     let reservation = match Reservation::take(&state, agent, None, None).await {
         Ok(reservation) => reservation,
         Err(ApiError::AtCapacity) => {
-            return drop(client.close(Some(refuse(close::AT_CAPACITY, "agent at capacity"))).await);
+            return bridge::refuse(
+                client,
+                CloseCode::Other(close::AT_CAPACITY),
+                "agent at capacity",
+            )
+            .await;
         }
         Err(e) => {
-            let reason = CloseReason { code: CloseCode::Again, description: Some(e.to_string()) };
-            return drop(client.close(Some(reason)).await);
+            let why = e.to_string();
+            return bridge::refuse(client, CloseCode::Again, &why).await;
         }
     };
-    let mut bot = match dial_bot(&req, &state, &reservation).await {
+    let bot = match dial_bot(forwarded_for, &state, &reservation).await {
         Ok(bot) => bot,
         Err(e) => {
             tracing::warn!(session_id = %reservation.session_id, error = %e, "bot unreachable");
             reservation.abandon(&state, EndReason::BotUnreachable).await;
-            let reason =
-                CloseReason { code: CloseCode::Error, description: Some("bot unreachable".into()) };
-            return drop(client.close(Some(reason)).await);
+            return bridge::refuse(client, CloseCode::Error, "bot unreachable").await;
         }
     };
-    // The bot parses the provider's opening itself, from the first messages, as text.
-    for text in messages {
-        if bot.send(BotMessage::Text(text.into())).await.is_err() {
-            reservation.abandon(&state, EndReason::BotClosed).await;
-            let reason = CloseReason {
-                code: CloseCode::Error,
-                description: Some("bot connection failed".into()),
-            };
-            return drop(client.close(Some(reason)).await);
-        }
-    }
-    LiveSession::new(state, reservation.activate()).run(client, stream, bot).await
+    // The bot parses the provider's opening itself, from the first messages: the relay starts
+    // with every byte read so far.
+    LiveSession::new(state, reservation.activate()).run(client, read, bot).await
 }
 
-/// The opening messages up to and including `start`, and the service host they name. `Err`
-/// carries the close to send (`None`: the client went away).
+/// Reads the client's frames into `read` up to and including `start`; returns the service host
+/// they name. `Err` carries the close to send (`None`: the client went away).
 async fn read_opening(
     provider: Provider,
-    client: &mut actix_ws::Session,
-    stream: &mut actix_ws::MessageStream,
-) -> Result<(Vec<String>, Option<String>), Option<CloseReason>> {
-    let refuse = |code: u16, why: &str| {
-        Some(CloseReason { code: CloseCode::Other(code), description: Some(why.to_owned()) })
-    };
-    let read = async {
+    client: &mut ClientSocket,
+    read: &mut Vec<u8>,
+    max_frame: usize,
+) -> Result<Option<String>, Option<(CloseCode, &'static str)>> {
+    let refuse = |code: u16, why: &'static str| Some((CloseCode::from(code), why));
+    let reading = async {
         let mut opened = OpeningMessages::new(provider, MAX_OPENING_MESSAGES, MAX_OPENING_BYTES);
-        while let Some(message) = stream.recv().await {
-            match message {
-                Ok(Message::Text(text)) => match opened.take(&text) {
-                    Ok(Opening::Start { service_host }) => {
-                        return Ok((opened.messages, service_host));
+        let mut at = 0;
+        loop {
+            loop {
+                let frame = match wire::decode(&read[at..], Sender::Client, max_frame) {
+                    Ok(Some((frame, size))) => {
+                        at += size;
+                        frame
                     }
-                    Ok(_) => {}
-                    Err(why) => return Err(refuse(close::BAD_OPENING, why)),
-                },
-                Ok(Message::Ping(data)) => {
-                    if client.pong(&data).await.is_err() {
-                        return Err(None);
+                    Ok(None) => break,
+                    Err(Violation::TooBig) => {
+                        return Err(refuse(u16::from(CloseCode::Size), "client message too big"));
                     }
-                }
-                Ok(Message::Pong(_)) => {}
-                Ok(Message::Close(_)) => return Err(None),
-                Ok(_) => return Err(refuse(close::BAD_OPENING, "the opening messages are text")),
-                Err(_) => {
-                    return Err(Some(CloseReason { code: CloseCode::Protocol, description: None }));
+                    Err(Violation::Protocol(why)) => {
+                        return Err(refuse(u16::from(CloseCode::Protocol), why));
+                    }
+                };
+                match frame.opcode {
+                    opcode::TEXT if frame.fin => {
+                        let Ok(text) = std::str::from_utf8(&frame.payload) else {
+                            return Err(refuse(u16::from(CloseCode::Invalid), "text is not UTF-8"));
+                        };
+                        match opened.take(text) {
+                            Ok(Opening::Start { service_host }) => return Ok(service_host),
+                            Ok(_) => {}
+                            Err(why) => return Err(refuse(close::BAD_OPENING, why)),
+                        }
+                    }
+                    // Pings and pongs go on to the bot with the rest.
+                    opcode::PING | opcode::PONG => {}
+                    opcode::CLOSE => return Err(None),
+                    _ => return Err(refuse(close::BAD_OPENING, "the opening messages are text")),
                 }
             }
+            if read.len() > 2 * MAX_OPENING_BYTES {
+                let why = "no start message among the opening messages";
+                return Err(refuse(close::BAD_OPENING, why));
+            }
+            read.reserve(4096);
+            match client.read_buf(read).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
         }
-        Err(None)
     };
-    tokio::time::timeout(OPENING_WAIT, read)
+    tokio::time::timeout(OPENING_WAIT, reading)
         .await
         .unwrap_or_else(|_| Err(refuse(close::OPENING_TIMEOUT, "no start message in time")))
 }
