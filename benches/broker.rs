@@ -146,6 +146,24 @@ async fn run(plan: Plan, pinning: bool) {
         plan.warmup, plan.measure
     );
 
+    if std::env::args().any(|a| a == "--memory") {
+        // Only the idle-memory figure, beside HAProxy's: for working on it.
+        let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
+        for count in plan.idle_counts {
+            let broker = idle_bytes_per_session(broker_addr, broker.pid(), count, true).await;
+            let peer = match &peer {
+                Some(peer) => idle_bytes_per_session(peer.addr, peer.pid(), count, false).await,
+                None => f64::NAN,
+            };
+            println!(
+                "{count} idle sessions: broker {:.1} KiB, HAProxy {:.1} KiB per session",
+                broker / 1024.0,
+                peer / 1024.0
+            );
+        }
+        return;
+    }
+
     let mut rows = Vec::new();
     // The ceiling: a trivial GET on the same process and core (probes are on the internal
     // listener, also one worker).

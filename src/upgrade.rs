@@ -105,17 +105,21 @@ where
     let (mut head, body) = response.into_parts();
     match switch {
         Some(Switch(then)) if head.status() == actix_web::http::StatusCode::SWITCHING_PROTOCOLS => {
+            drop(body);
             let written = framed.send(Message::Item((head, BodySize::None))).await;
-            let parts = framed.into_parts();
-            // Bytes the client sent after its request are its first frames; the HTTP buffers
-            // themselves are let go with the rest of the HTTP state.
-            let early = parts.read_buf.to_vec();
+            // Bytes the client sent after its request are its first frames. The HTTP buffers
+            // themselves are let go here, with the rest of the HTTP state, not when the session
+            // ends.
+            let (socket, early) = {
+                let parts = framed.into_parts();
+                (parts.io, parts.read_buf.to_vec())
+            };
             if written.is_err() {
                 tracing::debug!("client gone before the 101 was written");
             }
             // The work runs even if the 101 could not be written: it owns a reserved session,
             // which it ends as the client's disconnect.
-            then(parts.io, early).await;
+            then(socket, early).await;
             Ok(())
         }
         _ => {

@@ -139,11 +139,13 @@ impl LiveSession {
             let limits = state.bridge;
             let relay =
                 bridge::relay(client, early, stream, prefix, limits, max_duration, stop, counters);
-            let ((outcome, teardown), ()) =
-                futures_util::future::join(relay, session.record_active(&state)).await;
+            // What runs only at the start or at the end of a session is boxed, so that an idle
+            // session's task holds neither (it is most of a session's memory).
+            let activating = Box::pin(session.record_active(&state));
+            let ((outcome, teardown), ()) = futures_util::future::join(relay, activating).await;
             // The sockets close while the end is recorded.
             let ending = end(&state, outcome, session, registration, active);
-            futures_util::future::join(teardown.finish(), ending).await;
+            Box::pin(futures_util::future::join(teardown.finish(), ending)).await;
         }
         .instrument(span)
         .await
