@@ -115,12 +115,9 @@ fn main() {
     local.block_on(&runtime, run(plan, pinning));
 }
 
-async fn run(plan: Plan, pinning: bool) {
-    let server_prefix: Vec<String> =
-        if pinning { vec!["taskset".into(), "-c".into(), "0".into()] } else { Vec::new() };
-    let redis = Proc::redis(&server_prefix);
-    let bot = Proc::bot(&server_prefix);
-    // Pipecat Cloud deploy files of org `bench`; their bot comes from the broker's settings.
+/// Pipecat Cloud deploy files of org `bench`: `bench` (token sessions) and `open` (none); their
+/// bot comes from the broker's settings.
+fn agent_dir() -> tempfile::TempDir {
     let agents = tempfile::tempdir().unwrap();
     let org_dir = agents.path().join("bench");
     std::fs::create_dir(&org_dir).unwrap();
@@ -128,6 +125,15 @@ async fn run(plan: Plan, pinning: bool) {
         let text = format!("agent_name = \"{name}\"\nwebsocket_auth = \"{auth}\"\n");
         std::fs::write(org_dir.join(format!("{name}.toml")), text).unwrap();
     }
+    agents
+}
+
+async fn run(plan: Plan, pinning: bool) {
+    let server_prefix: Vec<String> =
+        if pinning { vec!["taskset".into(), "-c".into(), "0".into()] } else { Vec::new() };
+    let redis = Proc::redis(&server_prefix);
+    let bot = Proc::bot(&server_prefix);
+    let agents = agent_dir();
     let bot_url = format!("ws://{}/", bot.addr);
     let broker = Proc::broker(&server_prefix, &redis.addr, agents.path(), &bot_url, &[]);
     let broker_addr = broker.addr;

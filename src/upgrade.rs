@@ -31,12 +31,11 @@ struct Switch(Takeover);
 /// Answers a WebSocket handshake with `handshake` (a 101 built by
 /// `actix_http::ws::handshake`), then runs `then` on the client's socket, with the bytes the
 /// client sent after its request (the start of its first frames, if any).
-pub fn switch<F, Fut>(handshake: actix_http::ResponseBuilder, then: F) -> HttpResponse
+pub fn switch<F, Fut>(mut handshake: actix_http::ResponseBuilder, then: F) -> HttpResponse
 where
     F: FnOnce(ClientSocket, Vec<u8>) -> Fut + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    let mut handshake = handshake;
     let mut response = HttpResponse::from(handshake.finish().map_into_boxed_body());
     let takeover: Takeover = Box::new(move |socket, early| Box::pin(then(socket, early)));
     response.extensions_mut().insert(Switch(takeover));
@@ -96,11 +95,10 @@ where
     B: MessageBody + 'static,
 {
     req.extensions_mut().insert(Upgradable);
-    let response: Response<BoxBody> = match app.call(req).await {
+    let mut response: Response<BoxBody> = match app.call(req).await {
         Ok(response) => response.map_into_boxed_body().into(),
         Err(e) => e.error_response().into(),
     };
-    let mut response = response;
     let switch = response.extensions_mut().remove::<Switch>();
     let (mut head, body) = response.into_parts();
     match switch {

@@ -60,13 +60,7 @@ pub async fn run(duration: Duration, pinning: bool) {
     let redis_addr = redis.addr;
     let mut bot = Proc::bot(&prefix);
     let bot_addr = bot.addr;
-    let agents = tempfile::tempdir().unwrap();
-    let org_dir = agents.path().join("bench");
-    std::fs::create_dir(&org_dir).unwrap();
-    for (name, auth) in [("bench", "token"), ("open", "none")] {
-        let text = format!("agent_name = \"{name}\"\nwebsocket_auth = \"{auth}\"\n");
-        std::fs::write(org_dir.join(format!("{name}.toml")), text).unwrap();
-    }
+    let agents = super::agent_dir();
     let bot_url = format!("ws://{bot_addr}/");
     let (lifetime, retention) = (TOKEN_LIFETIME_SECS.to_string(), RETENTION_SECS.to_string());
     let skew = (CLOCK_SKEW_SECS * 1000).to_string();

@@ -36,16 +36,18 @@ pub const MAX_OPENING_BYTES: usize = 64 * 1024;
 
 /// Close codes of a provider-direct stream refused after the upgrade.
 pub mod close {
+    use actix_ws::CloseCode;
+
     /// The opening messages are not the provider's, or name no agent.
-    pub const BAD_OPENING: u16 = 4400;
+    pub const BAD_OPENING: CloseCode = CloseCode::Other(4400);
     /// The agent requires session tokens: it takes calls through the answer webhooks.
-    pub const TOKEN_REQUIRED: u16 = 4403;
+    pub const TOKEN_REQUIRED: CloseCode = CloseCode::Other(4403);
     /// No agent by the service host named.
-    pub const UNKNOWN_AGENT: u16 = 4404;
+    pub const UNKNOWN_AGENT: CloseCode = CloseCode::Other(4404);
     /// No `start` within the opening wait.
-    pub const OPENING_TIMEOUT: u16 = 4408;
+    pub const OPENING_TIMEOUT: CloseCode = CloseCode::Other(4408);
     /// The agent is at its cap.
-    pub const AT_CAPACITY: u16 = 4429;
+    pub const AT_CAPACITY: CloseCode = CloseCode::Other(4429);
 }
 
 pub async fn connect(
@@ -93,30 +95,20 @@ async fn route(
             Provider::Twilio => "no _pipecatCloudServiceHost custom parameter in start",
             _ => "no ?serviceHost=agent.org on the stream URL",
         };
-        return bridge::refuse(client, CloseCode::Other(close::BAD_OPENING), why).await;
+        return bridge::refuse(client, close::BAD_OPENING, why).await;
     };
     let agent = state.registry.load().agents.by_service_host(&host).cloned();
     let Some(agent) = agent else {
-        return bridge::refuse(
-            client,
-            CloseCode::Other(close::UNKNOWN_AGENT),
-            "unknown service host",
-        )
-        .await;
+        return bridge::refuse(client, close::UNKNOWN_AGENT, "unknown service host").await;
     };
     if agent.websocket_auth == WebsocketAuth::Token {
         let why = "this agent requires session tokens: answer calls with the broker's webhook";
-        return bridge::refuse(client, CloseCode::Other(close::TOKEN_REQUIRED), why).await;
+        return bridge::refuse(client, close::TOKEN_REQUIRED, why).await;
     }
     let reservation = match Reservation::take(&state, agent, None, None).await {
         Ok(reservation) => reservation,
         Err(ApiError::AtCapacity) => {
-            return bridge::refuse(
-                client,
-                CloseCode::Other(close::AT_CAPACITY),
-                "agent at capacity",
-            )
-            .await;
+            return bridge::refuse(client, close::AT_CAPACITY, "agent at capacity").await;
         }
         Err(e) => {
             let why = e.to_string();
@@ -144,7 +136,7 @@ async fn read_opening(
     read: &mut Vec<u8>,
     max_frame: usize,
 ) -> Result<Option<String>, Option<(CloseCode, &'static str)>> {
-    let refuse = |code: u16, why: &'static str| Some((CloseCode::from(code), why));
+    let refuse = |code: CloseCode, why: &'static str| Some((code, why));
     let reading = async {
         let mut opened = OpeningMessages::new(provider, MAX_OPENING_MESSAGES, MAX_OPENING_BYTES);
         let mut at = 0;
@@ -157,16 +149,16 @@ async fn read_opening(
                     }
                     Ok(None) => break,
                     Err(Violation::TooBig) => {
-                        return Err(refuse(u16::from(CloseCode::Size), "client message too big"));
+                        return Err(refuse(CloseCode::Size, "client message too big"));
                     }
                     Err(Violation::Protocol(why)) => {
-                        return Err(refuse(u16::from(CloseCode::Protocol), why));
+                        return Err(refuse(CloseCode::Protocol, why));
                     }
                 };
                 match frame.opcode {
                     opcode::TEXT if frame.fin => {
                         let Ok(text) = std::str::from_utf8(&frame.payload) else {
-                            return Err(refuse(u16::from(CloseCode::Invalid), "text is not UTF-8"));
+                            return Err(refuse(CloseCode::Invalid, "text is not UTF-8"));
                         };
                         match opened.take(text) {
                             Ok(Opening::Start { service_host }) => return Ok(service_host),
