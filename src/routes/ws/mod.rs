@@ -28,7 +28,7 @@ use crate::{
     routes::peer::Peer,
     sessions::{EndReason, Registration, Status},
     state::AppState,
-    store::{Listing, SessionRecord, unix_ms},
+    store::{SessionRecord, unix_ms},
     upgrade::{self, ClientSocket},
 };
 
@@ -107,15 +107,6 @@ impl LiveSession {
         let (agent, sid) = (&session.agent.service_host, session.session_id);
         tracing::info!(%agent, "session connected");
         state.metrics.connects_accepted.with_label_values(&[agent]).inc();
-        if session.agent.websocket_auth == WebsocketAuth::None {
-            // Token sessions were indexed when minted; these begin here.
-            let (store, agent, at) = (state.store.clone(), agent.clone(), session.connected_ms);
-            let retention = state.leases.retention;
-            tokio::spawn(async move {
-                let listing = Listing { agent: &agent, created_ms: at, retention };
-                store.index_session(sid, listing).await
-            });
-        }
         let connected =
             format!("session {sid} connected on {} ({})", state.replica_id, state.region);
         state.log_event(agent, sid, connected);
@@ -168,11 +159,15 @@ async fn end(
     let from = [Some(Status::Pending), Some(Status::Active)];
     let retention = Some(state.leases.retention);
     let host = &agent.service_host;
-    if let Err(e) = state.store.update_session(host, sid, &from, &ended, retention).await {
+    // Off this replica's list before the slot goes, so that no renewal puts its lease back;
+    // then the record and the slot in one round trip.
+    drop(registration);
+    let recorded = state.store.update_session(host, sid, &from, &ended, retention);
+    let (recorded, ()) =
+        futures_util::future::join(recorded, release_slot(state, agent, sid)).await;
+    if let Err(e) = recorded {
         tracing::warn!(error = %e, "could not record the end of the session");
     }
-    drop(registration);
-    release_slot(state, agent, sid).await;
     let reason = outcome.reason.as_str();
     let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
     state.log_event(host, sid, text);

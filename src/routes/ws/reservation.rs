@@ -12,11 +12,11 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::{
-    agents::Agent,
+    agents::{Agent, WebsocketAuth},
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
-    store::{ConnectRequest, Connected, SessionRecord, Store, StoreError, unix_ms},
+    store::{ConnectRequest, Connected, Listing, SessionRecord, Store, StoreError, unix_ms},
     token::{body_digest, redact},
 };
 
@@ -146,7 +146,21 @@ impl ActiveSession {
             if self.token { &[None, Some(Status::Pending)] } else { &[None] };
         let ttl = state.active_record_ttl(max_duration);
         let (host, sid) = (&agent.service_host, self.session_id);
-        match state.store.update_session(host, sid, from, &active, Some(ttl)).await {
+        let marked = state.store.update_session(host, sid, from, &active, Some(ttl));
+        // Token sessions were listed when minted; the others begin here, in the same round trip.
+        let listed = async {
+            if agent.websocket_auth == WebsocketAuth::Token {
+                return Ok(());
+            }
+            let retention = state.leases.retention;
+            let listing = Listing { agent: host, created_ms: self.connected_ms, retention };
+            state.store.index_session(sid, listing).await
+        };
+        let (marked, listed) = futures_util::future::join(marked, listed).await;
+        if let Err(e) = listed {
+            tracing::warn!(session_id = %sid, error = %e, "could not list the session");
+        }
+        match marked {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(session_id = %sid, "session was terminated while it connected")
