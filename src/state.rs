@@ -193,11 +193,14 @@ impl AppState {
         let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
         let (store, agent, retention) =
             (self.store.clone(), service_host.to_owned(), self.leases.retention);
-        tokio::spawn(async move {
-            if let Err(e) = store.log_event(&agent, &event, EVENTS_PER_AGENT, retention).await {
-                tracing::debug!(%agent, error = %e, "could not log a session event");
-            }
-        });
+        tokio::spawn(async move { store_event(&*store, &agent, &event, retention).await });
+    }
+
+    /// [`AppState::log_event`], awaited: for sending beside other store requests of the same
+    /// moment, in one round trip.
+    pub async fn write_event(&self, service_host: &str, sid: uuid::Uuid, text: String) {
+        let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
+        store_event(&*self.store, service_host, &event, self.leases.retention).await
     }
 
     /// An agent's concurrent-session cap across all replicas.
@@ -240,5 +243,13 @@ impl AppState {
         let mut last = self.readiness.last.lock().unwrap_or_else(|e| e.into_inner());
         *last = Some((Instant::now(), result.clone()));
         result
+    }
+}
+
+/// Appends a session event to its agent's list; an event that cannot be written is only logged
+/// (events are a convenience for operators, never a session's fate).
+async fn store_event(store: &dyn Store, agent: &str, event: &SessionEvent, retention: Duration) {
+    if let Err(e) = store.log_event(agent, event, EVENTS_PER_AGENT, retention).await {
+        tracing::debug!(%agent, error = %e, "could not log a session event");
     }
 }

@@ -103,13 +103,9 @@ struct LiveSession {
 
 impl LiveSession {
     fn new(state: Arc<AppState>, activated: Activated) -> Self {
-        let session = &activated.session;
-        let (agent, sid) = (&session.agent.service_host, session.session_id);
+        let agent = &activated.session.agent.service_host;
         tracing::info!(%agent, "session connected");
         state.metrics.connects_accepted.with_label_values(&[agent]).inc();
-        let connected =
-            format!("session {sid} connected on {} ({})", state.replica_id, state.region);
-        state.log_event(agent, sid, connected);
         Self { state, activated }
     }
 
@@ -132,8 +128,12 @@ impl LiveSession {
                 bridge::relay(client, early, stream, prefix, limits, max_duration, stop, counters);
             // What runs only at the start or at the end of a session is boxed, so that an idle
             // session's task holds neither (it is most of a session's memory).
-            let activating = Box::pin(session.record_active(&state));
-            let ((outcome, teardown), ()) = futures_util::future::join(relay, activating).await;
+            let connected =
+                format!("session {sid} connected on {} ({})", state.replica_id, state.region);
+            let connected = state.write_event(&agent.service_host, sid, connected);
+            let activating =
+                Box::pin(futures_util::future::join(session.record_active(&state), connected));
+            let ((outcome, teardown), _) = futures_util::future::join(relay, activating).await;
             // The sockets close while the end is recorded.
             let ending = end(&state, outcome, session, registration, active);
             Box::pin(futures_util::future::join(teardown.finish(), ending)).await;
@@ -160,17 +160,20 @@ async fn end(
     let retention = Some(state.leases.retention);
     let host = &agent.service_host;
     // Off this replica's list before the slot goes, so that no renewal puts its lease back;
-    // then the record and the slot in one round trip.
+    // then the record, the slot and the event in one round trip.
     drop(registration);
+    let reason = outcome.reason.as_str();
     let recorded = state.store.update_session(host, sid, &from, &ended, retention);
-    let (recorded, ()) =
-        futures_util::future::join(recorded, release_slot(state, agent, sid)).await;
+    let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
+    let (recorded, (), ()) = futures_util::future::join3(
+        recorded,
+        release_slot(state, agent, sid),
+        state.write_event(host, sid, text),
+    )
+    .await;
     if let Err(e) = recorded {
         tracing::warn!(error = %e, "could not record the end of the session");
     }
-    let reason = outcome.reason.as_str();
-    let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
-    state.log_event(host, sid, text);
     tracing::info!(
         reason,
         detail = outcome.detail,
