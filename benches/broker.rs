@@ -152,6 +152,20 @@ async fn run(plan: Plan, pinning: bool) {
         plan.warmup, plan.measure
     );
 
+    if let Some(at) = std::env::args().position(|a| a == "--profile") {
+        // Churn of token-less sessions for a profiler to watch: `perf record -p <pid>`.
+        let seconds = std::env::args().nth(at + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
+        println!(
+            "broker pid {} (redis {}, bot {}): {seconds} s of connect+echo+close",
+            broker.pid(),
+            redis.pid(),
+            bot.pid()
+        );
+        let plan = Plan { measure: Duration::from_secs(seconds), ..plan };
+        let churn = phase(&plan, 32, session_worker(broker_addr, Target::Open)).await;
+        println!("{:.0} sessions/s", churn.rate);
+        return;
+    }
     if std::env::args().any(|a| a == "--memory") {
         // Only the idle-memory figure, beside HAProxy's: for working on it.
         let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
