@@ -7,6 +7,8 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, client::IntoClientRequest},
 };
 
+use session_broker::wire;
+
 use super::app::{ORG, TestApp};
 
 pub type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -114,4 +116,87 @@ pub async fn next_data(ws: &mut Client) -> Option<Message> {
         }
     }
     None
+}
+
+/// A WebSocket client written by hand, for what a library client will not send: frames in the
+/// same write as the handshake, fragments, frames that break the protocol.
+pub struct RawClient {
+    stream: tokio::net::TcpStream,
+    read: Vec<u8>,
+}
+
+impl RawClient {
+    /// Opens `ws_url/token` and sends `early` in the same write as the handshake. Returns the
+    /// client once upgraded, or the answer's head if it was not a 101.
+    pub async fn open(ws_url: &str, token: &str, early: &[u8]) -> Result<Self, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = url::Url::parse(&format!("{ws_url}/{token}")).unwrap();
+        let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut request = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            url.path()
+        )
+        .into_bytes();
+        request.extend_from_slice(early);
+        stream.write_all(&request).await.unwrap();
+        let mut read = Vec::new();
+        let head = loop {
+            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&chunk[..n]);
+        };
+        let answer = String::from_utf8_lossy(&read[..head]).into_owned();
+        if !answer.starts_with("HTTP/1.1 101") {
+            return Err(answer);
+        }
+        read.drain(..head);
+        Ok(Self { stream, read })
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame from the broker, unmasked as a server's must be; `None` once the
+    /// connection closes.
+    pub async fn frame(&mut self) -> Option<wire::Frame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let decoded = wire::decode(&self.read, wire::Sender::Server, 1 << 24)
+                .expect("the broker sent a frame a client must refuse");
+            if let Some((frame, size)) = decoded {
+                self.read.drain(..size);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.stream.read(&mut chunk),
+            )
+            .await
+            .expect("no frame within 5 s")
+            .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.read.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next frame that is not a ping.
+    pub async fn data(&mut self) -> Option<wire::Frame> {
+        loop {
+            match self.frame().await? {
+                f if f.opcode == wire::opcode::PING => continue,
+                f => return Some(f),
+            }
+        }
+    }
 }
