@@ -166,6 +166,42 @@ async fn run(plan: Plan, pinning: bool) {
         println!("{:.0} sessions/s", churn.rate);
         return;
     }
+    if std::env::args().any(|a| a == "--cpu") {
+        // Only the CPU per session, beside HAProxy's, with the two ratios: for working on them.
+        let servers = [("broker", broker.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
+        let mut cpu = Vec::new();
+        for (name, target) in [
+            ("connect + echo + close, agent without token", Target::Open),
+            ("/start + connect + echo + close, token agent", Target::Broker),
+        ] {
+            let meter = CpuMeter::new(&servers);
+            let figures = phase(&plan, 32, session_worker(broker_addr, target)).await;
+            cpu.push((name, figures.rate, meter.per_op(figures.count)));
+        }
+        let Some(peer) = haproxy::HaProxy::start(&server_prefix, bot.addr) else {
+            println!("HAProxy could not be started: no ratios");
+            return;
+        };
+        let meter = CpuMeter::new(&[("haproxy", peer.pid()), ("bot", bot.pid())]);
+        let figures = phase(&plan, 32, session_worker(peer.addr, Target::Direct)).await;
+        let peer_cpu = meter.per_op(figures.count);
+        println!(
+            "| per session | sessions/s | broker (µs) | redis (µs) | bot (µs) | ÷ HAProxy's |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (name, rate, cpu) in &cpu {
+            let ratio = (cpu[0] + cpu[1]) / peer_cpu[0];
+            println!(
+                "| {name} | {rate:.0} | {:.0} | {:.0} | {:.0} | {ratio:.2} |",
+                cpu[0], cpu[1], cpu[2]
+            );
+        }
+        println!(
+            "| connect + echo + close via HAProxy | {:.0} | {:.0} | — | {:.0} | 1.00 |",
+            figures.rate, peer_cpu[0], peer_cpu[1]
+        );
+        return;
+    }
     if std::env::args().any(|a| a == "--memory") {
         // Only the idle-memory figure, beside HAProxy's: for working on it.
         let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
