@@ -11,6 +11,10 @@ use session_broker::{
     telemetry,
 };
 
+/// See Cargo.toml: the allocator is a measurable share of a session's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Authorizes WebSocket sessions to Pipecat bots and relays them")]
 #[command(args_conflicts_with_subcommands = true)]
