@@ -7,10 +7,10 @@
 //!    shared registry in Redis, see [`agents`]); a short-lived signed token is minted ([`token`])
 //!    and the session's record written as pending ([`store::records`]). No bot is contacted.
 //! 2. `GET /ws/generic/{agent}.{org}[/{token}]` ([`routes::ws`]) reads as its steps: the request
-//!    is checked, a reservation taken (the token verified and consumed exactly once in the
-//!    shared [`store`], a concurrency slot leased, the session registered on this replica), the
-//!    bot dialled, the session marked active, and only then the client upgraded. A failure at
-//!    any step lets the reservation go whole.
+//!    is checked, a reservation taken (the token verified, then in one request to the shared
+//!    [`store`] consumed exactly once, a concurrency slot leased and the session's record made
+//!    active; the session registered on this replica), the bot dialled, and only then the
+//!    client upgraded. A failure at any step lets the reservation go whole.
 //! 3. [`upgrade`] hands the client's socket to [`bridge`], which passes frames both ways as they
 //!    are on the wire ([`wire`] checks them), in the connection's one task, until either side ends the
 //!    session, `max_session_duration` passes, or the session is terminated (from any replica) or

@@ -12,7 +12,7 @@ use crate::store::StoreObserver;
 /// Store operations on the request path, shown from the first scrape (with no observations yet)
 /// so that dashboards and alerts find the series before the first request.
 const STORE_OPERATIONS: &[&str] =
-    &["consume_token", "acquire_slot", "create_session", "update_session", "rate_limit", "check"];
+    &["mint_session", "open_session", "end_session", "update_session", "rate_limit", "check"];
 
 /// Buckets for Redis and bot-dial latencies: 100 µs to 2.5 s.
 const LATENCY_BUCKETS: &[f64] =

@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     registry::LiveRegistry,
     sessions::{LeaseTiming, LiveSessions},
-    store::{SessionEvent, Store, unix_ms},
+    store::{EventLog, SessionEvent, Store, unix_ms},
     token::SigningKeys,
 };
 
@@ -196,11 +196,9 @@ impl AppState {
         tokio::spawn(async move { store_event(&*store, &agent, &event, retention).await });
     }
 
-    /// [`AppState::log_event`], awaited: for sending beside other store requests of the same
-    /// moment, in one round trip.
-    pub async fn write_event(&self, service_host: &str, sid: uuid::Uuid, text: String) {
-        let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
-        store_event(&*self.store, service_host, &event, self.leases.retention).await
+    /// Where session events go: [`EVENTS_PER_AGENT`] per agent, kept for the retention period.
+    pub fn event_log(&self) -> EventLog {
+        EventLog { cap: EVENTS_PER_AGENT, retention: self.leases.retention }
     }
 
     /// An agent's concurrent-session cap across all replicas.

@@ -59,8 +59,8 @@ pub async fn terminate(
     let from = [Some(Status::Pending), Some(Status::Active)];
     state.store.update_session(&agent.service_host, sid, &from, &ended, retention).await?;
     if let Some(expires) = record.token_expires_at_ms {
-        // Spend the token: a connect racing this DELETE either lost already, or finds the record
-        // ended when it tries to mark it active, and is refused.
+        // Spend the token: a connect racing this DELETE either opened its session first (which
+        // the announcement below then ends) or finds the record ended, and is refused.
         let remaining = expires.saturating_sub(unix_ms());
         if remaining > 0 {
             let ttl = std::time::Duration::from_millis(remaining) + state.clock_skew;

@@ -11,9 +11,9 @@ use tokio::{sync::broadcast, time::Instant};
 use uuid::Uuid;
 
 use super::{
-    ConnectRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, Listing,
-    MintRequest, Minted, RegistryEntries, RegistryStore, SessionEvent, SessionRecord, SessionStore,
-    Status, StoreError, TERMINATION_BACKLOG,
+    AbandonRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, EndRequest,
+    Listing, MintRequest, Minted, OpenRequest, RegistryEntries, RegistryStore, SessionEvent,
+    SessionRecord, SessionStore, Status, StoreError, TERMINATION_BACKLOG,
 };
 
 /// How often expired entries are swept out. Between sweeps they are only ignored, so memory
@@ -100,6 +100,13 @@ fn index(inner: &mut Inner, sid: Uuid, listing: Listing<'_>) {
     index.push((listing.created_ms, sid));
 }
 
+/// Adds `event` to `agent`'s log, which keeps the newest `cap`.
+fn push_event(inner: &mut Inner, agent: &str, event: &SessionEvent, cap: usize) {
+    let events = inner.events.entry(agent.to_owned()).or_default();
+    events.push_front(event.clone());
+    events.truncate(cap);
+}
+
 impl MemoryStore {
     /// Counts a call against `bucket` in the current fixed window of length `window`; returns
     /// whether it stays within `limit`.
@@ -156,35 +163,111 @@ impl SessionStore for MemoryStore {
         Ok(Minted::Ok { fence: Some(self.fence.clone()) })
     }
 
-    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError> {
+    async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        // Tokens minted by another process (before a restart) carry another fence: their
-        // consumes were lost with that process's memory.
-        let record =
-            inner.sessions.get(&connect.sid).filter(|r| r.expires.is_none_or(|at| at > now));
-        let Some(record) = record.filter(|_| connect.fence == self.fence) else {
-            return Ok(Connected::Fenced);
-        };
-        let (status, body) = (record.record.status, record.record.body.clone());
-        let held = inner.tokens.get(&connect.sid).filter(|c| c.expires > now);
-        match held.map(|c| c.holder.as_str()) {
-            Some("terminated") => return Ok(Connected::Terminated),
-            None if status == Some(Status::Ended) => return Ok(Connected::Terminated),
-            Some(holder) if holder != connect.holder => return Ok(Connected::Replayed),
-            _ => {}
+        let sid = open.sid;
+        let mut body = None;
+        if let Some(token) = &open.token {
+            // Tokens minted by another process (before a restart) carry another fence: their
+            // consumes were lost with that process's memory.
+            let record = inner.sessions.get(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
+            let Some(record) = record.filter(|_| token.fence == self.fence) else {
+                return Ok(Connected::Fenced);
+            };
+            let status = record.record.status;
+            body = record.record.body.clone().filter(|_| token.want_body);
+            let held = inner.tokens.get(&sid).filter(|c| c.expires > now);
+            match held.map(|c| c.holder.as_str()) {
+                Some("terminated") => return Ok(Connected::Terminated),
+                None if status == Some(Status::Ended) => return Ok(Connected::Terminated),
+                Some(holder) if holder != token.holder => return Ok(Connected::Replayed),
+                // Ended after this caller's first attempt consumed: the token stays spent.
+                Some(_) if status == Some(Status::Ended) => return Ok(Connected::Terminated),
+                _ => {}
+            }
         }
-        let slotted = inner.leases.get(connect.agent).is_some_and(|l| l.contains_key(&connect.sid));
-        if !slotted && live_count(&inner, connect.agent, now) >= u64::from(connect.cap) {
-            inner.tokens.remove(&connect.sid);
+        let slotted = inner.leases.get(open.agent).is_some_and(|l| l.contains_key(&sid));
+        if !slotted && live_count(&inner, open.agent, now) >= u64::from(open.cap) {
+            inner.tokens.remove(&sid);
             return Ok(Connected::AtCapacity);
         }
-        let consumed =
-            Consumed { holder: connect.holder.to_owned(), expires: now + connect.mark_ttl };
-        inner.tokens.insert(connect.sid, consumed);
-        let leases = inner.leases.entry(connect.agent.to_owned()).or_default();
-        leases.insert(connect.sid, now + connect.lease);
-        Ok(Connected::Ok { body: body.filter(|_| connect.want_body) })
+        if let Some(token) = &open.token {
+            let consumed =
+                Consumed { holder: token.holder.to_owned(), expires: now + token.mark_ttl };
+            inner.tokens.insert(sid, consumed);
+        }
+        inner.leases.entry(open.agent.to_owned()).or_default().insert(sid, now + open.lease);
+        let record = inner
+            .sessions
+            .entry(sid)
+            .or_insert_with(|| Record { record: SessionRecord::default(), expires: None });
+        record.record.merge(open.active);
+        record.expires = Some(now + open.record_ttl);
+        if let Some(listing) = open.listing {
+            index(&mut inner, sid, listing);
+        }
+        push_event(&mut inner, open.agent, open.event, open.events.cap);
+        Ok(Connected::Ok { body })
+    }
+
+    async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let record =
+            inner.sessions.get_mut(&end.sid).filter(|r| r.expires.is_none_or(|at| at > now));
+        let applied = match record {
+            Some(r) if matches!(r.record.status, Some(Status::Pending | Status::Active)) => {
+                r.record.merge(end.ended);
+                r.expires = Some(now + end.retention);
+                true
+            }
+            _ => false,
+        };
+        if let Some(leases) = inner.leases.get_mut(end.agent) {
+            leases.remove(&end.sid);
+        }
+        push_event(&mut inner, end.agent, end.event, end.events.cap);
+        Ok(applied)
+    }
+
+    async fn abandon_session(&self, abandon: &AbandonRequest<'_>) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let sid = abandon.sid;
+        if let Some(leases) = inner.leases.get_mut(abandon.agent) {
+            leases.remove(&sid);
+        }
+        let record = inner.sessions.get_mut(&sid).filter(|r| r.expires.is_none_or(|at| at > now));
+        let mut ended = true;
+        if let Some(r) = record {
+            if r.record.status == Some(Status::Active) {
+                let record = &mut r.record;
+                if abandon.token {
+                    record.status = Some(Status::Pending);
+                    record.last_error = abandon.why.or(record.last_error);
+                    (record.replica, record.region, record.connected_ms) = (None, None, None);
+                } else {
+                    record.status = Some(Status::Ended);
+                    record.end_reason = abandon.why;
+                    record.ended_ms = Some(super::unix_ms());
+                    record.detail = Some("the bot could not be reached".into());
+                }
+                r.expires = Some(now + abandon.record_ttl);
+            }
+            ended = r.record.status == Some(Status::Ended);
+        }
+        let ours = abandon.holder.is_some_and(|holder| {
+            inner.tokens.get(&sid).is_some_and(|c| c.expires > now && c.holder == holder)
+        });
+        let given_back = ours && !ended;
+        if given_back {
+            inner.tokens.remove(&sid);
+        }
+        if let Some(event) = abandon.event {
+            push_event(&mut inner, abandon.agent, event, abandon.events.cap);
+        }
+        Ok(given_back)
     }
 
     async fn consume_token(
@@ -261,24 +344,6 @@ impl SessionStore for MemoryStore {
         Ok(record.map(|r| r.record.clone()))
     }
 
-    async fn acquire_slot(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        cap: u32,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let leases = inner.leases.entry(agent.to_owned()).or_default();
-        let live = leases.values().filter(|&&expiry| expiry > now).count() as u64;
-        if live >= u64::from(cap) {
-            return Ok(false);
-        }
-        leases.insert(sid, now + lease);
-        Ok(true)
-    }
-
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
         if let Some(leases) = self.lock().leases.get_mut(agent) {
             leases.remove(&sid);
@@ -325,11 +390,6 @@ impl SessionStore for MemoryStore {
         Ok(live_count(&self.lock(), agent, Instant::now()))
     }
 
-    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError> {
-        index(&mut self.lock(), sid, listing);
-        Ok(())
-    }
-
     async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError> {
         if let Some(index) = self.lock().session_index.get_mut(agent) {
             index.retain(|(at, _)| *at >= before_ms);
@@ -364,10 +424,7 @@ impl SessionStore for MemoryStore {
         cap: usize,
         _retention: Duration,
     ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let events = inner.events.entry(agent.to_owned()).or_default();
-        events.push_front(event.clone());
-        events.truncate(cap);
+        push_event(&mut self.lock(), agent, event, cap);
         Ok(())
     }
 
@@ -452,7 +509,7 @@ impl RegistryStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RateCount;
+    use crate::store::{EndReason, EventLog, RateCount, TokenUse};
 
     #[tokio::test(start_paused = true)]
     async fn a_token_is_consumed_once_until_it_expires() {
@@ -504,16 +561,65 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slots_respect_the_cap_and_lapse() {
         let store = MemoryStore::default();
+        let opening = Opening::new();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let short = Duration::from_millis(30);
-        assert!(store.acquire_slot("x", a, 1, short).await.unwrap());
-        assert!(!store.acquire_slot("x", b, 1, short).await.unwrap());
+        let open = |sid, lease| opening.open(&store, "x", sid, None, lease);
+        assert!(matches!(open(a, short).await.unwrap(), Connected::Ok { .. }));
+        assert_eq!(open(b, short).await.unwrap(), Connected::AtCapacity);
+        assert!(store.get_session("x", b).await.unwrap().is_none(), "nothing written at the cap");
         tokio::time::advance(Duration::from_millis(30)).await;
         assert_eq!(store.live_sessions("x").await.unwrap(), 0);
-        assert!(store.acquire_slot("x", b, 1, Duration::from_secs(5)).await.unwrap());
+        assert!(matches!(open(b, Duration::from_secs(5)).await.unwrap(), Connected::Ok { .. }));
         assert_eq!(store.claim_lapsed_leases("x", 10).await.unwrap(), vec![a]);
         assert!(store.claim_lapsed_leases("x", 10).await.unwrap().is_empty());
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
+    }
+
+    /// What a connect writes besides its token: the active record and the `connected` event.
+    struct Opening {
+        active: SessionRecord,
+        event: SessionEvent,
+    }
+
+    impl Opening {
+        fn new() -> Self {
+            let active = SessionRecord {
+                status: Some(Status::Active),
+                service: Some("a.o".into()),
+                replica: Some("r1".into()),
+                connected_ms: Some(1),
+                ..SessionRecord::default()
+            };
+            let event =
+                SessionEvent { at_ms: 1, session_id: Uuid::nil(), text: "connected".into() };
+            Self { active, event }
+        }
+
+        /// Opens `sid` of `agent` under a cap of 1, listed when it has no token.
+        async fn open(
+            &self,
+            store: &MemoryStore,
+            agent: &str,
+            sid: Uuid,
+            token: Option<TokenUse<'_>>,
+            lease: Duration,
+        ) -> Result<Connected, StoreError> {
+            let listing = Listing { agent, created_ms: 1, retention: Duration::from_secs(60) };
+            let request = OpenRequest {
+                agent,
+                sid,
+                listing: token.is_none().then_some(listing),
+                token,
+                cap: 1,
+                lease,
+                active: &self.active,
+                record_ttl: Duration::from_secs(60),
+                event: &self.event,
+                events: EventLog { cap: 10, retention: Duration::from_secs(60) },
+            };
+            store.open_session(&request).await
+        }
     }
 
     /// A `/start` that counts against `rates` and writes a pending record of `sid`.
@@ -529,17 +635,8 @@ mod tests {
         }
     }
 
-    fn connect<'a>(sid: Uuid, fence: &'a str, holder: &'a str) -> ConnectRequest<'a> {
-        ConnectRequest {
-            agent: "a.o",
-            sid,
-            fence,
-            holder,
-            mark_ttl: Duration::from_secs(60),
-            cap: 1,
-            lease: Duration::from_secs(60),
-            want_body: true,
-        }
+    fn token<'a>(fence: &'a str, holder: &'a str) -> Option<TokenUse<'a>> {
+        Some(TokenUse { fence, holder, mark_ttl: Duration::from_secs(60), want_body: true })
     }
 
     #[tokio::test(start_paused = true)]
@@ -578,29 +675,93 @@ mod tests {
             panic!("minted")
         };
         store.mint_session(&mint(b, &[], &record)).await.unwrap();
+        let opening = Opening::new();
+        let connect = |sid, fence, holder| {
+            opening.open(&store, "a.o", sid, token(fence, holder), Duration::from_secs(60))
+        };
         // Another process's fence: its consumes are not here to be checked.
-        assert_eq!(
-            store.connect_session(&connect(a, "mem-other", "h1")).await.unwrap(),
-            Connected::Fenced
-        );
-        let first = store.connect_session(&connect(a, &fence, "h1")).await.unwrap();
+        assert_eq!(connect(a, "mem-other", "h1").await.unwrap(), Connected::Fenced);
+        let first = connect(a, &fence, "h1").await.unwrap();
         assert_eq!(first, Connected::Ok { body: Some("e30=".into()) });
-        assert_eq!(
-            store.connect_session(&connect(a, &fence, "h2")).await.unwrap(),
-            Connected::Replayed
-        );
+        let active = store.get_session("a.o", a).await.unwrap().unwrap();
+        assert_eq!((active.status, active.replica.as_deref()), (Some(Status::Active), Some("r1")));
+        assert_eq!(connect(a, &fence, "h2").await.unwrap(), Connected::Replayed);
         // At the cap of 1 the consume is undone: the token is still good once a slot frees.
-        assert_eq!(
-            store.connect_session(&connect(b, &fence, "h3")).await.unwrap(),
-            Connected::AtCapacity
-        );
+        assert_eq!(connect(b, &fence, "h3").await.unwrap(), Connected::AtCapacity);
+        let pending = store.get_session("a.o", b).await.unwrap().unwrap();
+        assert_eq!(pending.status, Some(Status::Pending), "a refused connect writes nothing");
         store.release_slot("a.o", a).await.unwrap();
-        assert!(matches!(
-            store.connect_session(&connect(b, &fence, "h4")).await.unwrap(),
-            Connected::Ok { .. }
-        ));
+        assert!(matches!(connect(b, &fence, "h4").await.unwrap(), Connected::Ok { .. }));
         // A session never minted (or lost) is fenced too.
-        let unknown = store.connect_session(&connect(Uuid::new_v4(), &fence, "h5")).await.unwrap();
+        let unknown = connect(Uuid::new_v4(), &fence, "h5").await.unwrap();
         assert_eq!(unknown, Connected::Fenced);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_connect_gives_its_token_back_and_its_record_goes_back_to_pending() {
+        let store = MemoryStore::default();
+        let record = SessionRecord { status: Some(Status::Pending), ..SessionRecord::default() };
+        let sid = Uuid::new_v4();
+        let Minted::Ok { fence: Some(fence) } =
+            store.mint_session(&mint(sid, &[], &record)).await.unwrap()
+        else {
+            panic!("minted")
+        };
+        let opening = Opening::new();
+        let open = |holder| {
+            opening.open(&store, "a.o", sid, token(&fence, holder), Duration::from_secs(60))
+        };
+        assert!(matches!(open("h1").await.unwrap(), Connected::Ok { .. }));
+        let abandon = |holder, token| AbandonRequest {
+            agent: "a.o",
+            sid,
+            holder,
+            token,
+            why: Some(EndReason::BotUnreachable),
+            record_ttl: Duration::from_secs(60),
+            event: Some(&opening.event),
+            events: EventLog { cap: 10, retention: Duration::from_secs(60) },
+        };
+        assert!(store.abandon_session(&abandon(Some("h1"), true)).await.unwrap());
+        let pending = store.get_session("a.o", sid).await.unwrap().unwrap();
+        assert_eq!(pending.status, Some(Status::Pending));
+        assert_eq!(pending.last_error, Some(EndReason::BotUnreachable));
+        assert_eq!((pending.replica, pending.connected_ms), (None, None), "not held anywhere");
+        assert_eq!(store.live_sessions("a.o").await.unwrap(), 0, "the slot is free");
+        assert!(matches!(open("h2").await.unwrap(), Connected::Ok { .. }), "the token works again");
+
+        // Without a token, the session ends with the failure.
+        let open_sid = Uuid::new_v4();
+        opening.open(&store, "b.o", open_sid, None, Duration::from_secs(60)).await.unwrap();
+        let abandon = AbandonRequest { agent: "b.o", sid: open_sid, ..abandon(None, false) };
+        assert!(!store.abandon_session(&abandon).await.unwrap());
+        let ended = store.get_session("b.o", open_sid).await.unwrap().unwrap();
+        assert_eq!(ended.status, Some(Status::Ended));
+        assert_eq!(ended.end_reason, Some(EndReason::BotUnreachable));
+        assert_eq!(store.events("b.o").await.unwrap().len(), 2, "connected, then the failure");
+    }
+
+    #[tokio::test]
+    async fn an_end_keeps_a_termination_and_frees_the_slot_either_way() {
+        let store = MemoryStore::default();
+        let opening = Opening::new();
+        let sid = Uuid::new_v4();
+        opening.open(&store, "b.o", sid, None, Duration::from_secs(60)).await.unwrap();
+        let terminated = SessionRecord::ended(EndReason::Terminated, "api", Some(1), 2);
+        let live = [Some(Status::Pending), Some(Status::Active)];
+        assert!(store.update_session("b.o", sid, &live, &terminated, None).await.unwrap());
+        let closed = SessionRecord::ended(EndReason::ClientClosed, "bye", Some(1), 3);
+        let end = EndRequest {
+            agent: "b.o",
+            sid,
+            ended: &closed,
+            retention: Duration::from_secs(60),
+            event: &opening.event,
+            events: EventLog { cap: 10, retention: Duration::from_secs(60) },
+        };
+        assert!(!store.end_session(&end).await.unwrap(), "the first end reason stays");
+        let record = store.get_session("b.o", sid).await.unwrap().unwrap();
+        assert_eq!(record.end_reason, Some(EndReason::Terminated));
+        assert_eq!(store.live_sessions("b.o").await.unwrap(), 0);
     }
 }

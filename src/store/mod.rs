@@ -122,27 +122,85 @@ pub enum Minted {
     AtCapacity,
 }
 
-/// What a connect asks of the store ([`SessionStore::connect_session`]).
+/// Where session events go: the agent's log keeps the newest `cap` for `retention` after the
+/// newest.
+#[derive(Debug, Clone, Copy)]
+pub struct EventLog {
+    pub cap: usize,
+    pub retention: Duration,
+}
+
+/// What a connect asks of the store, and the start of its session
+/// ([`SessionStore::open_session`]).
 #[derive(Debug)]
-pub struct ConnectRequest<'a> {
+pub struct OpenRequest<'a> {
     pub agent: &'a str,
     pub sid: Uuid,
+    /// The token's consume, for a token session.
+    pub token: Option<TokenUse<'a>>,
+    pub cap: u32,
+    pub lease: Duration,
+    /// The record's fields once active, and how long it then lives.
+    pub active: &'a SessionRecord,
+    pub record_ttl: Duration,
+    /// Where a session without a token is listed (a token session was listed when minted).
+    pub listing: Option<Listing<'a>>,
+    /// The `connected` event.
+    pub event: &'a SessionEvent,
+    pub events: EventLog,
+}
+
+/// The consume of a token, within an [`OpenRequest`].
+#[derive(Debug)]
+pub struct TokenUse<'a> {
     /// The fence the token was minted under (its `fe` claim; empty when it has none).
     pub fence: &'a str,
     /// Written in the consume mark: who consumed, so a retry recognises its own consume.
     pub holder: &'a str,
     /// How long the mark lives: the token's remaining lifetime and the clock skew margin.
     pub mark_ttl: Duration,
-    pub cap: u32,
-    pub lease: Duration,
     /// Whether to read the body minted with the token.
     pub want_body: bool,
 }
 
-/// How [`SessionStore::connect_session`] went.
+/// The end of a session ([`SessionStore::end_session`]).
+#[derive(Debug)]
+pub struct EndRequest<'a> {
+    pub agent: &'a str,
+    pub sid: Uuid,
+    /// The ended record's fields, and how long it is kept.
+    pub ended: &'a SessionRecord,
+    pub retention: Duration,
+    /// The `ended` event.
+    pub event: &'a SessionEvent,
+    pub events: EventLog,
+}
+
+/// A connect undone because its bot could not be reached ([`SessionStore::abandon_session`]).
+#[derive(Debug)]
+pub struct AbandonRequest<'a> {
+    pub agent: &'a str,
+    pub sid: Uuid,
+    /// The holder the connect wrote in the token's mark; `None` without a token, or when
+    /// fail-open let the connect through unchecked.
+    pub holder: Option<&'a str>,
+    /// Whether the session came with a token: its record goes back to pending, not to ended.
+    pub token: bool,
+    /// Why the connect failed: noted on a token session's record (`None` notes nothing), the
+    /// end reason of a session without a token.
+    pub why: Option<EndReason>,
+    /// How long the record lives from now: the token's remaining lifetime for a token session,
+    /// the retention of ended records otherwise.
+    pub record_ttl: Duration,
+    pub event: Option<&'a SessionEvent>,
+    pub events: EventLog,
+}
+
+/// How [`SessionStore::open_session`] went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Connected {
-    /// Consumed and slotted; the minted body (standard base64) if asked for and there is one.
+    /// Consumed (for a token session), slotted and active; the minted body (standard base64) if
+    /// asked for and there is one.
     Ok {
         body: Option<String>,
     },
@@ -168,16 +226,30 @@ pub trait SessionStore: Send + Sync + 'static {
     /// pending record and its listing. See `migrations-lua/007_mint_session.lua`.
     async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError>;
 
-    /// Everything a connect needs before the bot is dialled, in one request: checks the token's
-    /// fence and record, consumes the token (once across all replicas, `holder` written in its
-    /// mark), takes a slot under the cap, and reads the minted body if asked. A refusal leaves
-    /// the token as it was. See `migrations-lua/008_connect_session.lua`.
-    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError>;
+    /// Everything a connect needs before the bot is dialled, and the start of its session, in
+    /// one request: for a token session checks the token's fence and record, consumes the token
+    /// (once across all replicas, `holder` written in its mark) and reads the minted body if
+    /// asked; then takes a slot under the cap, marks the record active (creating and listing it
+    /// for a session without a token) and logs the event. A refusal leaves everything as it was.
+    /// See `migrations-lua/010_open_session.lua`.
+    async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError>;
+
+    /// The end of a session, in one request: its record moved to ended if it was pending or
+    /// active, its slot let go, the event logged. Returns whether the record moved. See
+    /// `migrations-lua/011_end_session.lua`.
+    async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError>;
+
+    /// Undoes [`SessionStore::open_session`] for a connect whose bot could not be reached, in one
+    /// request: the slot let go; a token session's record back to pending with the failure noted
+    /// and its token given back (unless the session was ended meanwhile); a session without a
+    /// token ended with the failure. Returns whether the token was given back. See
+    /// `migrations-lua/012_abandon_session.lua`.
+    async fn abandon_session(&self, abandon: &AbandonRequest<'_>) -> Result<bool, StoreError>;
 
     /// Marks the token of session `sid` of `agent` as used by `holder`, unless it already is.
     /// Returns `true` for the one caller that wins. The mark lives for `ttl`, the token's
     /// remaining lifetime, after which the token is refused as expired anyway. (DELETE spends a
-    /// pending session's token with it; connects consume through `connect_session`.)
+    /// pending session's token with it; connects consume through `open_session`.)
     async fn consume_token(
         &self,
         agent: &str,
@@ -229,16 +301,6 @@ pub trait SessionStore: Send + Sync + 'static {
         sid: Uuid,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
-    /// Takes a live-session slot of `agent` for `sid` with a lease of `lease`, unless `cap`
-    /// slots are already held by live leases. Returns whether it did.
-    async fn acquire_slot(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        cap: u32,
-        lease: Duration,
-    ) -> Result<bool, StoreError>;
-
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError>;
 
     /// Extends the leases of `sids` (all of `agent`) to `lease` from now. Returns the ids whose
@@ -257,10 +319,6 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Live sessions of `agent` (unlapsed leases).
     async fn live_sessions(&self, agent: &str) -> Result<u64, StoreError>;
-
-    /// Adds session `sid` to its agent's list. The list expires `retention` after its newest
-    /// session; older entries are removed by [`SessionStore::trim_sessions`].
-    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError>;
 
     /// Removes from `agent`'s list the sessions created before `before_ms`.
     async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError>;

@@ -17,9 +17,10 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    ConnectRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, Listing,
-    MintRequest, Minted, PrepareError, RateCount, RegistryEntries, RegistryStore, SessionEvent,
-    SessionRecord, SessionStore, Status, StoreError, StoreObserver, TERMINATION_BACKLOG,
+    AbandonRequest, Connected, CredentialKind, CredentialRecord, DeployedAgent, EndReason,
+    EndRequest, MintRequest, Minted, OpenRequest, PrepareError, RateCount, RegistryEntries,
+    RegistryStore, SessionEvent, SessionRecord, SessionStore, Status, StoreError, StoreObserver,
+    TERMINATION_BACKLOG,
     keyspace::{Keyspace, RegistryPart},
     topology::{Conn, Purpose, Topology},
     unix_ms,
@@ -31,7 +32,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 9;
+pub const SCHEMA_VERSION: u32 = 12;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -49,39 +50,51 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/007_mint_session.lua"),
     include_str!("../../migrations-lua/008_connect_session.lua"),
     include_str!("../../migrations-lua/009_renew_leases_fenced.lua"),
+    include_str!("../../migrations-lua/010_open_session.lua"),
+    include_str!("../../migrations-lua/011_end_session.lua"),
+    include_str!("../../migrations-lua/012_abandon_session.lua"),
 ];
+/// Where [`MIGRATIONS`] holds the script of a connect, for sending it whole (see
+/// `RedisStore::open_durably`).
+const OPEN_SESSION: usize = 9;
 
 /// The scripts, by use.
 struct Scripts {
     mint_session: Script,
-    connect_session: Script,
+    open_session: Script,
+    end_session: Script,
+    abandon_session: Script,
     release_token_unless_ended: Script,
     update_session: Script,
-    acquire_slot: Script,
     renew_leases: Script,
     claim_lapsed_leases: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
-        // 001 is superseded by 006 and 004 by 009; `prepare` still loads every released one.
+        // 001 is superseded by 006, 004 by 009, and 003 and 008 by 010; `prepare` still loads
+        // every released one.
         let [
             _release_token,
             update_session,
-            acquire_slot,
+            _acquire_slot,
             _renew_leases,
             claim_lapsed_leases,
             release_token_unless_ended,
             mint_session,
-            connect_session,
+            _connect_session,
             renew_leases,
+            open_session,
+            end_session,
+            abandon_session,
         ] = MIGRATIONS.map(Script::new);
         Self {
             mint_session,
-            connect_session,
+            open_session,
+            end_session,
+            abandon_session,
             release_token_unless_ended,
             update_session,
-            acquire_slot,
             renew_leases,
             claim_lapsed_leases,
         }
@@ -273,37 +286,55 @@ impl SessionStore for RedisStore {
         }
     }
 
-    async fn connect_session(&self, connect: &ConnectRequest<'_>) -> Result<Connected, StoreError> {
-        let agent = connect.agent;
+    async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError> {
+        let (agent, sid) = (open.agent, open.sid);
         let keys = [
             self.keys.fence(agent),
-            self.keys.token(agent, connect.sid),
-            self.keys.session(agent, connect.sid),
+            self.keys.token(agent, sid),
+            self.keys.session(agent, sid),
             self.keys.live(agent),
+            self.keys.sessions_of(agent),
+            self.keys.events_of(agent),
         ];
         let now = unix_ms();
-        let args: [String; 8] = [
-            connect.fence.to_owned(),
-            connect.holder.to_owned(),
-            connect.mark_ttl.as_millis().max(1).to_string(),
+        let ms = |d: Duration| d.as_millis().max(1).to_string();
+        let token = open.token.as_ref();
+        let mut args: Vec<String> = vec![
+            if token.is_some() { "1" } else { "0" }.to_owned(),
+            token.map_or("", |t| t.fence).to_owned(),
+            token.map_or("", |t| t.holder).to_owned(),
+            token.map_or("1".into(), |t| ms(t.mark_ttl)),
+            if token.is_some_and(|t| t.want_body) { "1" } else { "0" }.to_owned(),
             now.to_string(),
-            (now + connect.lease.as_millis() as u64).to_string(),
-            connect.sid.to_string(),
-            connect.cap.to_string(),
-            if connect.want_body { "1" } else { "0" }.to_owned(),
+            (now + open.lease.as_millis() as u64).to_string(),
+            sid.to_string(),
+            open.cap.to_string(),
+            ms(open.record_ttl),
+            ms(open.listing.map_or(Duration::ZERO, |l| l.retention)),
+            event_json(open.event),
+            open.events.cap.to_string(),
+            ms(open.events.retention),
         ];
-        let answer: Vec<Value> = match self.durability {
-            None => {
-                let mut call = self.scripts.connect_session.key(&keys);
-                call.arg(&args);
-                self.run("connect_session", Purpose::Commands, Request::Script(&call)).await?
-            }
-            Some((replicas, wait)) => {
-                let (answer, acked) = self.connect_durably(&keys, &args, replicas, wait).await?;
+        for (name, value) in open.active.to_fields() {
+            args.push(name.to_owned());
+            args.push(value);
+        }
+        let answer: Vec<Value> = match (self.durability, token) {
+            (Some((replicas, wait)), Some(token)) => {
+                let (answer, acked) = self.open_durably(&keys, &args, replicas, wait).await?;
                 if outcome(&answer) == Some("ok") && acked < replicas {
-                    // The consume might not survive a failover: let go of it and refuse for now.
-                    self.release_token(agent, connect.sid, connect.holder).await?;
-                    self.release_slot(agent, connect.sid).await?;
+                    // The consume might not survive a failover: undo the open and refuse for now.
+                    let undo = AbandonRequest {
+                        agent,
+                        sid,
+                        holder: Some(token.holder),
+                        token: true,
+                        why: None,
+                        record_ttl: token.mark_ttl,
+                        event: None,
+                        events: open.events,
+                    };
+                    self.abandon_session(&undo).await?;
                     return Err(StoreError::NotReplicated {
                         acked,
                         wanted: replicas,
@@ -312,6 +343,11 @@ impl SessionStore for RedisStore {
                 }
                 answer
             }
+            _ => {
+                let mut call = self.scripts.open_session.key(&keys);
+                call.arg(&args);
+                self.run("open_session", Purpose::Commands, Request::Script(&call)).await?
+            }
         };
         match outcome(&answer) {
             Some("ok") => Ok(Connected::Ok { body: text_at(&answer, 1) }),
@@ -319,8 +355,45 @@ impl SessionStore for RedisStore {
             Some("replayed") => Ok(Connected::Replayed),
             Some("terminated") => Ok(Connected::Terminated),
             Some("at_capacity") => Ok(Connected::AtCapacity),
-            _ => Err(unexpected("connect_session", &answer)),
+            _ => Err(unexpected("open_session", &answer)),
         }
+    }
+
+    async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError> {
+        let (agent, sid) = (end.agent, end.sid);
+        let mut call = self.scripts.end_session.key(self.keys.session(agent, sid));
+        call.key(self.keys.live(agent)).key(self.keys.events_of(agent));
+        call.arg(sid.to_string())
+            .arg(Uuid::new_v4().simple().to_string())
+            .arg(end.retention.as_millis().max(1) as u64)
+            .arg(event_json(end.event))
+            .arg(end.events.cap)
+            .arg(end.events.retention.as_millis().max(1) as u64);
+        for (name, value) in end.ended.to_fields() {
+            call.arg(name).arg(value);
+        }
+        let applied: i64 =
+            self.run("end_session", Purpose::Commands, Request::Script(&call)).await?;
+        Ok(applied == 1)
+    }
+
+    async fn abandon_session(&self, abandon: &AbandonRequest<'_>) -> Result<bool, StoreError> {
+        let (agent, sid) = (abandon.agent, abandon.sid);
+        let mut call = self.scripts.abandon_session.key(self.keys.token(agent, sid));
+        call.key(self.keys.session(agent, sid))
+            .key(self.keys.live(agent))
+            .key(self.keys.events_of(agent));
+        call.arg(abandon.holder.unwrap_or(""))
+            .arg(sid.to_string())
+            .arg(abandon.why.map_or("", EndReason::as_str))
+            .arg(unix_ms())
+            .arg(abandon.record_ttl.as_millis().max(1) as u64)
+            .arg(abandon.event.map(event_json).unwrap_or_default())
+            .arg(abandon.events.cap)
+            .arg(abandon.events.retention.as_millis().max(1) as u64);
+        let given_back: i64 =
+            self.run("abandon_session", Purpose::Commands, Request::Script(&call)).await?;
+        Ok(given_back == 1)
     }
 
     async fn consume_token(
@@ -436,21 +509,6 @@ impl SessionStore for RedisStore {
         Ok((!fields.is_empty()).then(|| SessionRecord::from_fields(&fields)))
     }
 
-    async fn acquire_slot(
-        &self,
-        agent: &str,
-        sid: Uuid,
-        cap: u32,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = unix_ms();
-        let mut call = self.scripts.acquire_slot.key(self.keys.live(agent));
-        call.arg(now).arg(now + lease.as_millis() as u64).arg(sid.to_string()).arg(cap);
-        let taken: i64 =
-            self.run("acquire_slot", Purpose::Commands, Request::Script(&call)).await?;
-        Ok(taken == 1)
-    }
-
     async fn release_slot(&self, agent: &str, sid: Uuid) -> Result<(), StoreError> {
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(self.keys.live(agent)).arg(sid.to_string());
@@ -499,13 +557,6 @@ impl SessionStore for RedisStore {
         self.run("count_live_sessions", Purpose::Commands, Request::Cmd(&count)).await
     }
 
-    async fn index_session(&self, sid: Uuid, listing: Listing<'_>) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        self.add_listing(&mut pipe, sid, listing);
-        self.run("index_session", Purpose::Commands, Request::Pipe(&pipe)).await
-    }
-
     async fn trim_sessions(&self, agent: &str, before_ms: u64) -> Result<(), StoreError> {
         let mut trim = redis::cmd("ZREMRANGEBYSCORE");
         trim.arg(self.keys.sessions_of(agent)).arg("-inf").arg(format!("({before_ms}"));
@@ -548,8 +599,7 @@ impl SessionStore for RedisStore {
         retention: Duration,
     ) -> Result<(), StoreError> {
         let key = self.keys.events_of(agent);
-        // A struct of numbers and strings serializes.
-        let json = serde_json::to_string(event).expect("event serializes");
+        let json = event_json(event);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .lpush(&key, json)
@@ -695,47 +745,38 @@ impl RedisStore {
         }
     }
 
-    /// `connect_session` followed by `WAIT` on a connection of its own: WAIT must follow the
+    /// `open_session` followed by `WAIT` on a connection of its own: WAIT must follow the
     /// write on the same connection, and blocks it until the replicas answer. Returns the
     /// script's answer and how many replicas acknowledged.
-    async fn connect_durably(
+    async fn open_durably(
         &self,
-        keys: &[String; 4],
-        args: &[String; 8],
+        keys: &[String; 6],
+        args: &[String],
         replicas: u32,
         wait: Duration,
     ) -> Result<(Vec<Value>, u32), StoreError> {
         let pipe = |body: bool| {
-            let script = &self.scripts.connect_session;
+            let script = &self.scripts.open_session;
             let mut pipe = redis::pipe();
             let mut eval = match body {
                 false => redis::cmd("EVALSHA").arg(script.get_hash()).to_owned(),
-                true => redis::cmd("EVAL").arg(MIGRATIONS[7]).to_owned(),
+                true => redis::cmd("EVAL").arg(MIGRATIONS[OPEN_SESSION]).to_owned(),
             };
             eval.arg(keys.len()).arg(keys).arg(args);
             pipe.add_command(eval).cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
             pipe
         };
         let first = pipe(false);
-        match self.run("connect_session_durable", Purpose::Durable, Request::Pipe(&first)).await {
+        match self.run("open_session_durable", Purpose::Durable, Request::Pipe(&first)).await {
             // A Redis that lost its script cache (restart, failover) is sent the script itself.
             Err(StoreError::Redis { source, .. })
                 if source.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 let second = pipe(true);
-                self.run("connect_session_durable", Purpose::Durable, Request::Pipe(&second)).await
+                self.run("open_session_durable", Purpose::Durable, Request::Pipe(&second)).await
             }
             answer => answer,
         }
-    }
-
-    /// Adds the session to its agent's list, keeping the list for the retention period.
-    fn add_listing(&self, pipe: &mut Pipeline, sid: Uuid, listing: Listing<'_>) {
-        let key = self.keys.sessions_of(listing.agent);
-        pipe.zadd(&key, sid.to_string(), listing.created_ms)
-            .ignore()
-            .pexpire(&key, listing.retention.as_millis() as i64)
-            .ignore();
     }
 
     /// Sets `field` of the registry hash `part` and bumps the version, atomically.
@@ -792,6 +833,11 @@ impl RedisStore {
             self.run("read_token", Purpose::Commands, Request::Cmd(&get)).await?;
         Ok(mark.as_deref() == Some(holder))
     }
+}
+
+/// An event as its log keeps it. A struct of numbers and strings serializes.
+fn event_json(event: &SessionEvent) -> String {
+    serde_json::to_string(event).expect("event serializes")
 }
 
 /// The outcome a script answers first: `ok` or why not.

@@ -12,8 +12,8 @@ use session_broker::{
     config::{EvictionCheck, RedisSettings, Settings},
     startup::Application,
     store::{
-        ConnectRequest, Connected, Listing, MintRequest, Minted, SessionRecord, SessionStore,
-        Status, redis::RedisStore,
+        AbandonRequest, Connected, EndReason, EventLog, Listing, MintRequest, Minted, OpenRequest,
+        SessionEvent, SessionRecord, SessionStore, Status, TokenUse, redis::RedisStore,
     },
 };
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -243,25 +243,47 @@ async fn a_terminated_session_s_token_is_never_given_back() {
         .unwrap();
     let Minted::Ok { fence: Some(fence) } = minted else { panic!("not minted: {minted:?}") };
     // A connect holds the token while it dials; meanwhile DELETE ends the session.
-    let connect = |holder| ConnectRequest {
+    let active = SessionRecord { status: Some(Status::Active), ..SessionRecord::default() };
+    let event = SessionEvent { at_ms: 0, session_id: sid, text: "connected".into() };
+    let events = EventLog { cap: 10, retention: Duration::from_secs(60) };
+    let open = |holder| OpenRequest {
         agent: "a.o",
         sid,
-        fence: &fence,
-        holder,
-        mark_ttl: Duration::from_secs(60),
+        token: Some(TokenUse {
+            fence: &fence,
+            holder,
+            mark_ttl: Duration::from_secs(60),
+            want_body: false,
+        }),
         cap: 5,
         lease: Duration::from_secs(60),
-        want_body: false,
+        active: &active,
+        record_ttl: Duration::from_secs(60),
+        listing: None,
+        event: &event,
+        events,
     };
-    let connected = store.connect_session(&connect("connect")).await.unwrap();
+    let connected = store.open_session(&open("connect")).await.unwrap();
     assert_eq!(connected, Connected::Ok { body: None });
     let ended = SessionRecord { status: Some(Status::Ended), ..SessionRecord::default() };
-    let pending = [Some(Status::Pending)];
-    assert!(store.update_session("a.o", sid, &pending, &ended, None).await.unwrap());
+    let live = [Some(Status::Pending), Some(Status::Active)];
+    assert!(store.update_session("a.o", sid, &live, &ended, None).await.unwrap());
     assert!(!store.consume_token("a.o", sid, "terminated", Duration::from_secs(60)).await.unwrap());
     // The dial fails: the connect would give the token back, which would undo the DELETE.
-    assert!(!store.release_token("a.o", sid, "connect").await.unwrap());
-    let replay = store.connect_session(&connect("replay")).await.unwrap();
+    let abandon = AbandonRequest {
+        agent: "a.o",
+        sid,
+        holder: Some("connect"),
+        token: true,
+        why: Some(EndReason::BotUnreachable),
+        record_ttl: Duration::from_secs(60),
+        event: None,
+        events,
+    };
+    assert!(!store.abandon_session(&abandon).await.unwrap());
+    let record = store.get_session("a.o", sid).await.unwrap().unwrap();
+    assert_eq!(record.status, Some(Status::Ended), "the DELETE stands");
+    let replay = store.open_session(&open("replay")).await.unwrap();
     assert_eq!(replay, Connected::Replayed);
 }
 

@@ -73,9 +73,37 @@ async fn an_unreachable_bot_is_recorded_and_the_session_ends_with_its_token() {
         (pending["status"].as_str(), pending["lastError"].as_str()),
         (Some("pending"), Some("bot_unreachable"))
     );
+    assert!(pending["replica"].is_null() && pending["connectedAtMs"].is_null(), "{pending}");
     let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
     assert_eq!(ended["endReason"], "bot_unreachable");
 }
+
+async fn an_unreachable_bot_ends_a_session_without_a_token(store: Store) {
+    let redis = match store {
+        Store::Redis => Some(RedisServer::start()),
+        Store::Memory => None,
+    };
+    let unused = TestBot::start().await;
+    let mut options = AppOptions::new(redis.as_ref().map(RedisServer::url), &unused);
+    options.bot_url = format!("ws://127.0.0.1:{}/ws", free_port());
+    let app = TestApp::with(options, unused).await;
+    let host = format!("{OPEN_AGENT}.{ORG}");
+    assert!(matches!(connect(&app.ws_url(OPEN_AGENT, ORG), None).await, Err((503, _, _))));
+    // The store opened the session before the dial; the failed dial ended it, and freed its slot.
+    let listed = app.store.list_sessions(&host, 10).await.unwrap();
+    let [(_, record)] = listed.as_slice() else { panic!("one session listed: {listed:?}") };
+    assert_eq!(record.status, Some(session_broker::store::Status::Ended));
+    assert_eq!(record.end_reason, Some(session_broker::store::EndReason::BotUnreachable));
+    assert_eq!((record.replica.is_some(), record.connected_ms.is_some()), (true, true));
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0);
+    let events = app.store.events(&host).await.unwrap();
+    let texts: Vec<&str> = events.iter().map(|e| e.text.as_str()).collect();
+    assert!(texts[0].ends_with("could not reach its bot"), "{texts:?}");
+}
+on_both_stores!(
+    an_unreachable_bot_ends_a_session_without_a_token_on,
+    an_unreachable_bot_ends_a_session_without_a_token
+);
 
 #[tokio::test]
 async fn the_session_api_is_scoped_to_the_key_and_agent() {

@@ -2,11 +2,12 @@
 //!
 //! Everything that can refuse a connect happens before the upgrade, with a plain HTTP answer:
 //! the handshake is checked first (so a token is never spent on a request that cannot upgrade),
-//! then the token is verified and, in one store request, fenced, consumed exactly once and a
-//! slot taken ([`reservation`]), then the bot is dialled. Only when the bot has answered is the
-//! client upgraded and the relay started; the record is marked active beside the relay, so one
-//! store round trip is all a connect waits for. If the bot cannot be reached, the reservation is
-//! let go and the token works again for the rest of its lifetime.
+//! then the token is verified and, in one store request, fenced, consumed exactly once, a slot
+//! taken and the session's record made active ([`reservation`]), then the bot is dialled. Only
+//! when the bot has answered is the client upgraded and the relay started: one store round trip
+//! is all a connect waits for, and the store hears of the session again only at its end (one
+//! more). If the bot cannot be reached, the reservation is let go in one request: the record goes
+//! back to pending and the token works again for the rest of its lifetime.
 
 pub mod providers;
 pub mod request;
@@ -19,16 +20,16 @@ use tracing::Instrument;
 
 use self::{
     request::{WsQuery, decode_body, encode_body, find_token, parse_path},
-    reservation::{Activated, ActiveSession, Reservation, release_slot},
+    reservation::{Activated, ActiveSession, Reservation},
 };
 use crate::{
     agents::WebsocketAuth,
     bridge,
     error::{ApiError, TokenRefusal},
     routes::peer::Peer,
-    sessions::{EndReason, Registration, Status},
+    sessions::{EndReason, Registration},
     state::AppState,
-    store::{SessionRecord, unix_ms},
+    store::{EndRequest, SessionEvent, SessionRecord, unix_ms},
     upgrade::{self, ClientSocket},
 };
 
@@ -65,9 +66,7 @@ pub async fn connect(
         Err(e) => {
             let (sid, agent) = (reservation.session_id, &reservation.agent.service_host);
             tracing::warn!(session_id = %sid, %agent, error = %e, "bot unreachable");
-            let text = format!("session {sid} could not reach its bot; the token stays usable");
-            state.log_event(agent, sid, text);
-            reservation.abandon(&state, EndReason::BotUnreachable).await;
+            reservation.abandon(&state, Some(EndReason::BotUnreachable)).await;
             return Err(ApiError::BotUnreachable);
         }
     };
@@ -121,20 +120,14 @@ impl LiveSession {
             active.inc();
             let max_duration = agent.max_session_duration.min(state.max_session);
             let counters = bridge::RelayCounters::new(metrics);
-            // The record is marked active while the relay runs; its end is written after both.
             let bridge::Bot { stream, prefix } = bot;
             let limits = state.bridge;
-            let relay =
-                bridge::relay(client, early, stream, prefix, limits, max_duration, stop, counters);
-            // What runs only at the start or at the end of a session is boxed, so that an idle
-            // session's task holds neither (it is most of a session's memory).
-            let connected =
-                format!("session {sid} connected on {} ({})", state.replica_id, state.region);
-            let connected = state.write_event(&agent.service_host, sid, connected);
-            let activating =
-                Box::pin(futures_util::future::join(session.record_active(&state), connected));
-            let ((outcome, teardown), _) = futures_util::future::join(relay, activating).await;
-            // The sockets close while the end is recorded.
+            let (outcome, teardown) =
+                bridge::relay(client, early, stream, prefix, limits, max_duration, stop, counters)
+                    .await;
+            // The sockets close while the end is recorded. What runs only at the end of a
+            // session is boxed, so that an idle session's task does not hold it (it would be
+            // most of a session's memory).
             let ending = end(&state, outcome, session, registration, active);
             Box::pin(futures_util::future::join(teardown.finish(), ending)).await;
         }
@@ -143,7 +136,7 @@ impl LiveSession {
     }
 }
 
-/// Records how a session ended and lets go of its slot.
+/// Records how a session ended, lets go of its slot and logs the end, in one store request.
 async fn end(
     state: &AppState,
     outcome: bridge::Outcome,
@@ -153,26 +146,24 @@ async fn end(
 ) {
     let (sid, agent, connected_ms) = (session.session_id, &session.agent, session.connected_ms);
     active.dec();
-    state.metrics.sessions_ended.with_label_values(&[outcome.reason.as_str()]).inc();
+    let reason = outcome.reason.as_str();
+    state.metrics.sessions_ended.with_label_values(&[reason]).inc();
     let now = unix_ms();
     let ended = SessionRecord::ended(outcome.reason, outcome.detail, Some(connected_ms), now);
-    let from = [Some(Status::Pending), Some(Status::Active)];
-    let retention = Some(state.leases.retention);
-    let host = &agent.service_host;
-    // Off this replica's list before the slot goes, so that no renewal puts its lease back;
-    // then the record, the slot and the event in one round trip.
-    drop(registration);
-    let reason = outcome.reason.as_str();
-    let recorded = state.store.update_session(host, sid, &from, &ended, retention);
     let text = format!("session {sid} ended: {reason} ({})", outcome.detail);
-    let (recorded, (), ()) = futures_util::future::join3(
-        recorded,
-        release_slot(state, agent, sid),
-        state.write_event(host, sid, text),
-    )
-    .await;
-    if let Err(e) = recorded {
-        tracing::warn!(error = %e, "could not record the end of the session");
+    let event = SessionEvent { at_ms: now, session_id: sid, text };
+    // Off this replica's list before the slot goes, so that no renewal puts its lease back.
+    drop(registration);
+    let request = EndRequest {
+        agent: &agent.service_host,
+        sid,
+        ended: &ended,
+        retention: state.leases.retention,
+        event: &event,
+        events: state.event_log(),
+    };
+    if let Err(e) = state.store.end_session(&request).await {
+        tracing::warn!(error = %e, "could not record the end of the session; its slot lapses with its lease");
     }
     tracing::info!(
         reason,

@@ -119,7 +119,7 @@ async fn route(
         Ok(bot) => bot,
         Err(e) => {
             tracing::warn!(session_id = %reservation.session_id, error = %e, "bot unreachable");
-            reservation.abandon(&state, EndReason::BotUnreachable).await;
+            reservation.abandon(&state, Some(EndReason::BotUnreachable)).await;
             return bridge::refuse(client, CloseCode::Error, "bot unreachable").await;
         }
     };

@@ -12,12 +12,15 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::{
-    agents::{Agent, WebsocketAuth},
+    agents::Agent,
     error::{ApiError, TokenRefusal},
     sessions::{EndReason, Registration, Status, Stop},
     state::AppState,
-    store::{ConnectRequest, Connected, Listing, SessionRecord, Store, StoreError, unix_ms},
-    token::{body_digest, redact},
+    store::{
+        AbandonRequest, Connected, EventLog, Listing, OpenRequest, SessionEvent, SessionRecord,
+        Store, StoreError, TokenUse, unix_ms,
+    },
+    token::{Claims, body_digest, redact},
 };
 
 pub struct Reservation {
@@ -27,13 +30,24 @@ pub struct Reservation {
     pub minted_in: String,
     /// The body for the bot: the client's `?body=`, or the one minted with the token.
     pub body: Option<Vec<u8>>,
-    /// The value this connect wrote to consume the token, to give it back by; `None` for agents
-    /// without tokens and for connects let through unchecked (fail-open).
-    consumed: Option<String>,
-    /// Whether a concurrency slot is held (not when fail-open let the connect through without).
-    slot: bool,
+    /// When the session was opened: its record's `connected_ms`.
+    pub connected_ms: u64,
+    /// The token's consume, to give it back by; `None` for agents without tokens.
+    token: Option<Consumed>,
+    /// Whether the store holds the session open: its slot taken and its record active (not when
+    /// fail-open let the connect through unchecked).
+    opened: bool,
     registration: Registration,
     stop: oneshot::Receiver<Stop>,
+}
+
+/// What a token connect wrote to consume its token.
+struct Consumed {
+    /// The value written in the mark; `None` when fail-open let the connect through unchecked.
+    holder: Option<String>,
+    /// How long the token could still be used at the connect: a record that goes back to
+    /// pending lives that long.
+    remaining: Duration,
 }
 
 /// A reservation made live: what the running session holds until it ends.
@@ -50,17 +64,15 @@ pub struct ActiveSession {
     pub agent: Arc<Agent>,
     pub session_id: Uuid,
     pub connected_ms: u64,
-    /// Region that minted the token (this replica's for agents without tokens).
-    minted_in: String,
-    /// Whether the session came with a consumed token (and so has a pending record).
-    token: bool,
 }
 
 impl Reservation {
-    /// Takes the right to start the session, in one store request: for a token agent the token's
-    /// fence and record are checked, the token consumed and a slot taken under the agent's cap
-    /// (at the cap, the script gives the token back itself); without tokens, a slot. Then the
-    /// session is registered on this replica.
+    /// Takes the right to start the session, and starts it in the store, in one request: for a
+    /// token agent the token's fence and record are checked and the token consumed; for every
+    /// agent a slot is taken under its cap (at the cap, nothing stays written), the record marked
+    /// active (created and listed for an agent without tokens) and the `connected` event logged.
+    /// Then the session is registered on this replica. Nothing is left for the store to do
+    /// between the bot's answer and the client's upgrade.
     pub async fn take(
         state: &AppState,
         agent: Arc<Agent>,
@@ -71,210 +83,172 @@ impl Reservation {
         if state.live.len() >= state.max_live_sessions {
             return Err(ApiError::ReplicaBusy);
         }
-        let (session_id, minted_in, consumed, body, slot) = match token {
-            None => {
-                let sid = Uuid::new_v4();
-                let slot = take_slot(state, &agent, sid).await?;
-                (sid, state.region.clone(), None, body, slot)
-            }
-            Some(token) => {
-                let taken = consume(state, &agent, token, body).await?;
-                let slot = taken.holder.is_some();
-                (taken.sid, taken.minted_in, taken.holder, taken.body, slot)
-            }
+        let now = unix_ms();
+        let claims = match token {
+            None => None,
+            Some(token) => Some(verify(state, &agent, token, body.as_deref(), now)?),
+        };
+        let (session_id, minted_in) = match &claims {
+            Some(claims) => (claims.sid, claims.rg.clone()),
+            None => (Uuid::new_v4(), state.region.clone()),
         };
         tracing::Span::current().record("session_id", tracing::field::display(session_id));
+        let holder =
+            claims.as_ref().map(|_| format!("{}:{}", state.replica_id, Uuid::new_v4().simple()));
+        let token_use = claims.as_ref().zip(holder.as_deref()).map(|(claims, holder)| TokenUse {
+            fence: &claims.fe,
+            holder,
+            // The mark needs to outlive the token only: after expiry the token is refused anyway.
+            // The skew margin covers a replica whose clock runs behind this one's.
+            mark_ttl: Duration::from_millis(claims.exp.saturating_sub(now)) + state.clock_skew,
+            want_body: claims.bd.is_some() && body.is_none(),
+        });
+        let want_body = token_use.as_ref().is_some_and(|t| t.want_body);
+        let consumed = token_use
+            .as_ref()
+            .map(|t| Consumed { holder: Some(t.holder.to_owned()), remaining: t.mark_ttl });
+        let opened = open(state, &agent, session_id, &minted_in, token_use, now).await;
+        let minted = settle(state, &agent, token, session_id, consumed.as_ref(), opened)?;
         // Registered before the dial, so the lease is renewed from now on and a DELETE finds it.
         let (registration, stop) = state.live.register(session_id, &agent.service_host);
-        Ok(Self { agent, session_id, minted_in, body, consumed, slot, registration, stop })
+        let opened = minted.is_some();
+        let token = consumed.map(|c| Consumed { holder: c.holder.filter(|_| opened), ..c });
+        let mut reservation = Self {
+            agent,
+            session_id,
+            minted_in,
+            body,
+            connected_ms: now,
+            token,
+            opened,
+            registration,
+            stop,
+        };
+        if reservation.body.is_none() {
+            match minted.flatten() {
+                Some(minted) => match decode_minted(&minted) {
+                    Ok(body) => reservation.body = Some(body),
+                    Err(e) => {
+                        reservation.abandon(state, None).await;
+                        return Err(e);
+                    }
+                },
+                None if want_body && opened => {
+                    reservation.abandon(state, None).await;
+                    return Err(StoreError::Missing { what: "minted body" }.into());
+                }
+                None => {}
+            }
+        }
+        Ok(reservation)
     }
 
-    /// Makes the reservation a live session. Its record is marked active by
-    /// [`ActiveSession::record_active`], which runs beside the relay: the store is not waited for
-    /// between the bot's answer and the client's upgrade.
+    /// Makes the reservation a live session: the store already holds it as active.
     pub fn activate(self) -> Activated {
-        let Self { agent, session_id, minted_in, consumed, registration, stop, .. } = self;
-        let connected_ms = unix_ms();
-        let token = consumed.is_some();
-        let session = ActiveSession { agent, session_id, connected_ms, minted_in, token };
+        let Self { agent, session_id, connected_ms, registration, stop, .. } = self;
+        let session = ActiveSession { agent, session_id, connected_ms };
         Activated { session, registration, stop }
     }
 
-    /// Lets go of everything the reservation holds: its place on this replica, its slot and its
-    /// token, given back so the client may connect again within the token's lifetime; the record
-    /// notes `why` this attempt failed.
-    pub async fn abandon(self, state: &AppState, why: EndReason) {
+    /// Lets go of everything the reservation holds, in one store request: its place on this
+    /// replica, its slot, and its token, given back so the client may connect again within the
+    /// token's lifetime. A token session's record goes back to pending and notes `why` this
+    /// attempt failed; a session without a token ends with it.
+    pub async fn abandon(self, state: &AppState, why: Option<EndReason>) {
         drop(self.registration);
-        let host = &self.agent.service_host;
-        if self.slot {
-            release_slot(state, &self.agent, self.session_id).await;
+        if !self.opened {
+            return;
         }
-        give_back(state, host, self.session_id, self.consumed.as_deref()).await;
-        if self.consumed.is_some() {
-            let note = SessionRecord::connect_failed(why);
-            let from = [Some(Status::Pending)];
-            if let Err(e) =
-                state.store.update_session(host, self.session_id, &from, &note, None).await
-            {
-                tracing::debug!(session_id = %self.session_id, error = %e, "could not note the failed connect");
-            }
-        }
-    }
-}
-
-impl ActiveSession {
-    /// Marks the session's record active (creating it for an agent without tokens). A token
-    /// session's record must still be pending: if DELETE ended it meanwhile, the record stays
-    /// ended, and the termination reaches the session through the store's announcement (or,
-    /// failing that, its next lease renewal), which closes it.
-    pub async fn record_active(&self, state: &AppState) {
-        let agent = &self.agent;
-        let max_duration = agent.max_session_duration.min(state.max_session);
-        let active = SessionRecord {
-            status: Some(Status::Active),
-            // Sessions of agents without tokens have no record before this.
-            created_ms: (!self.token).then_some(self.connected_ms),
-            service: Some(agent.service_host.clone()),
-            replica: Some(state.replica_id.clone()),
-            region: Some(state.region.clone()),
-            minted_region: Some(self.minted_in.clone()),
-            connected_ms: Some(self.connected_ms),
-            ..SessionRecord::default()
+        let sid = self.session_id;
+        let text = match &self.token {
+            Some(_) => format!("session {sid} could not reach its bot; the token stays usable"),
+            None => format!("session {sid} could not reach its bot"),
         };
-        // A token session's record is pending, or missing when fail-open let it in unchecked.
-        let from: &[Option<Status>] =
-            if self.token { &[None, Some(Status::Pending)] } else { &[None] };
-        let ttl = state.active_record_ttl(max_duration);
-        let (host, sid) = (&agent.service_host, self.session_id);
-        let marked = state.store.update_session(host, sid, from, &active, Some(ttl));
-        // Token sessions were listed when minted; the others begin here, in the same round trip.
-        let listed = async {
-            if agent.websocket_auth == WebsocketAuth::Token {
-                return Ok(());
-            }
-            let retention = state.leases.retention;
-            let listing = Listing { agent: host, created_ms: self.connected_ms, retention };
-            state.store.index_session(sid, listing).await
+        let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
+        let request = AbandonRequest {
+            agent: &self.agent.service_host,
+            sid,
+            holder: self.token.as_ref().and_then(|t| t.holder.as_deref()),
+            token: self.token.is_some(),
+            why,
+            record_ttl: self.token.as_ref().map_or(state.leases.retention, |t| t.remaining),
+            event: why.is_some().then_some(&event),
+            events: state.event_log(),
         };
-        let (marked, listed) = futures_util::future::join(marked, listed).await;
-        if let Err(e) = listed {
-            tracing::warn!(session_id = %sid, error = %e, "could not list the session");
-        }
-        match marked {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(session_id = %sid, "session was terminated while it connected")
-            }
-            // The session goes on; its record says pending until it ends.
-            Err(e) => {
-                tracing::warn!(session_id = %sid, error = %e, "could not mark the session active")
-            }
+        if let Err(e) = state.store.abandon_session(&request).await {
+            tracing::warn!(session_id = %sid, error = %e, "could not undo the connect; its slot lapses with its lease and its token stays spent");
         }
     }
 }
 
-/// Takes a slot under the agent's cap for a session without a token. Failing open means no cap
-/// either: the session runs without a lease. Returns whether a slot is held.
-async fn take_slot(state: &AppState, agent: &Agent, sid: Uuid) -> Result<bool, ApiError> {
-    let cap = state.cap_of(agent);
-    match state.store.acquire_slot(&agent.service_host, sid, cap, state.leases.lease).await {
-        Ok(true) => Ok(true),
-        Ok(false) => {
-            tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
-            Err(ApiError::AtCapacity)
-        }
-        Err(e) if state.fail_open => {
-            tracing::warn!(session_id = %sid, error = %e, "UNCHECKED ACCEPT: concurrency cap not enforced");
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Lets go of a session's concurrency slot. A slot that cannot be released lapses with its
-/// lease, which is no longer renewed.
-pub async fn release_slot(state: &AppState, agent: &Agent, sid: Uuid) {
-    if let Err(e) = state.store.release_slot(&agent.service_host, sid).await {
-        tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
-    }
-}
-
-/// What a token connect took: the session, where it was minted, the value written to consume
-/// the token (`None` when fail-open let the connect through unchecked, without a slot), and the
-/// body for the bot.
-struct Taken {
-    sid: Uuid,
-    minted_in: String,
-    holder: Option<String>,
-    body: Option<Vec<u8>>,
-}
-
-/// Verifies the token, checks that a `?body=` is the one minted with it, then in one store
-/// request checks the token's fence, consumes it exactly once across all replicas, takes a slot,
-/// and reads the minted body when the client sent none.
-async fn consume(
+/// Opens the session in the store: see [`Store::open_session`]. Times the token's consume.
+async fn open(
     state: &AppState,
     agent: &Agent,
-    token: &str,
-    body: Option<Vec<u8>>,
-) -> Result<Taken, ApiError> {
-    let now = unix_ms();
-    let refuse = |refusal: TokenRefusal| {
-        if let Some(suppressed) = state.refusal_log.take() {
-            let reason = refusal.reason();
-            tracing::info!(agent = %agent.service_host, token = %redact(token), reason, suppressed, "connect refused");
-        }
-        ApiError::TokenRefused(refusal)
+    sid: Uuid,
+    minted_in: &str,
+    token: Option<TokenUse<'_>>,
+    now: u64,
+) -> Result<Connected, StoreError> {
+    let host = &agent.service_host;
+    let max_duration = agent.max_session_duration.min(state.max_session);
+    let active = SessionRecord {
+        status: Some(Status::Active),
+        // Sessions of agents without tokens have no record before this.
+        created_ms: token.is_none().then_some(now),
+        service: Some(host.clone()),
+        replica: Some(state.replica_id.clone()),
+        region: Some(state.region.clone()),
+        minted_region: Some(minted_in.to_owned()),
+        connected_ms: Some(now),
+        ..SessionRecord::default()
     };
-    let claims = state
-        .signing_keys
-        .verify(token, &agent.service_host, now)
-        .map_err(|e| refuse(TokenRefusal::Invalid(e)))?;
-    // Before anything is spent: a client cannot change what a trusted back end minted.
-    if let Some(body) = &body
-        && claims.bd.as_deref() != Some(&*body_digest(body))
-    {
-        return Err(refuse(TokenRefusal::BodyMismatch));
-    }
-    let holder = format!("{}:{}", state.replica_id, Uuid::new_v4().simple());
-    let request = ConnectRequest {
-        agent: &agent.service_host,
-        sid: claims.sid,
-        fence: &claims.fe,
-        holder: &holder,
-        // The mark needs to outlive the token only: after expiry the token is refused anyway.
-        // The skew margin covers a replica whose clock runs behind this one's.
-        mark_ttl: Duration::from_millis(claims.exp - now) + state.clock_skew,
+    let text = format!("session {sid} connected on {} ({})", state.replica_id, state.region);
+    let event = SessionEvent { at_ms: now, session_id: sid, text };
+    let retention = state.leases.retention;
+    let timed = token.is_some();
+    let request = OpenRequest {
+        agent: host,
+        sid,
+        listing: token.is_none().then_some(Listing { agent: host, created_ms: now, retention }),
+        token,
         cap: state.cap_of(agent),
         lease: state.leases.lease,
-        want_body: claims.bd.is_some() && body.is_none(),
+        active: &active,
+        record_ttl: state.active_record_ttl(max_duration),
+        event: &event,
+        events: state.event_log(),
     };
-    let consuming = Instant::now();
-    let connected = state.store.connect_session(&request).await;
-    let outcome = match &connected {
-        Ok(Connected::Ok { .. }) => "consumed",
-        Ok(Connected::Replayed | Connected::Terminated) => "already_used",
-        Ok(Connected::Fenced) => "fenced",
-        Ok(Connected::AtCapacity) => "at_capacity",
-        Err(_) => "failed",
-    };
-    let histogram = state.metrics.token_consume_seconds.with_label_values(&[outcome]);
-    histogram.observe(consuming.elapsed().as_secs_f64());
-    let (sid, minted_in) = (claims.sid, claims.rg);
-    match connected {
-        Ok(Connected::Ok { body: minted }) => {
-            let body = match (body, minted) {
-                (Some(body), _) => Some(body),
-                (None, Some(minted)) => Some(decode_minted(&minted)?),
-                (None, None) if request.want_body => {
-                    give_back(state, &agent.service_host, sid, Some(&holder)).await;
-                    release_slot(state, agent, sid).await;
-                    return Err(StoreError::Missing { what: "minted body" }.into());
-                }
-                (None, None) => None,
-            };
-            Ok(Taken { sid, minted_in, holder: Some(holder), body })
-        }
+    let opening = Instant::now();
+    let opened = state.store.open_session(&request).await;
+    if timed {
+        let outcome = match &opened {
+            Ok(Connected::Ok { .. }) => "consumed",
+            Ok(Connected::Replayed | Connected::Terminated) => "already_used",
+            Ok(Connected::Fenced) => "fenced",
+            Ok(Connected::AtCapacity) => "at_capacity",
+            Err(_) => "failed",
+        };
+        let histogram = state.metrics.token_consume_seconds.with_label_values(&[outcome]);
+        histogram.observe(opening.elapsed().as_secs_f64());
+    }
+    opened
+}
+
+/// What the store's answer to an open means for the connect: `Some` with the minted body (if
+/// asked for and there is one) when the session is open, `None` when fail-open let the connect
+/// through unchecked, or the refusal.
+fn settle(
+    state: &AppState,
+    agent: &Arc<Agent>,
+    token: Option<&str>,
+    sid: Uuid,
+    consumed: Option<&Consumed>,
+    opened: Result<Connected, StoreError>,
+) -> Result<Option<Option<String>>, ApiError> {
+    let refuse = |refusal| refused(state, agent, token.unwrap_or_default(), refusal);
+    match opened {
+        Ok(Connected::Ok { body }) => Ok(Some(body)),
         Ok(Connected::Replayed) => Err(refuse(TokenRefusal::Replayed)),
         Ok(Connected::Terminated) => Err(refuse(TokenRefusal::Terminated)),
         Ok(Connected::Fenced) => Err(refuse(TokenRefusal::StoreReset)),
@@ -282,12 +256,16 @@ async fn consume(
             tracing::info!(session_id = %sid, agent = %agent.service_host, "connect refused: agent at capacity");
             Err(ApiError::AtCapacity)
         }
-        // A request that timed out may still be applied, late: give the token and the slot
-        // back once Redis answers, so the client's retry finds the token unspent.
+        // A request that timed out may still be applied, late: undo it once Redis answers, so
+        // that the client's retry finds the token unspent and the slot free.
         Err(e @ StoreError::Timeout { .. }) if !state.fail_open => {
-            let store = state.store.clone();
-            let (host, ttl) = (agent.service_host.clone(), request.mark_ttl);
-            tokio::spawn(async move { give_back_late(&*store, &host, sid, &holder, ttl).await });
+            let (store, agent, events) = (state.store.clone(), agent.clone(), state.event_log());
+            let token =
+                consumed.map(|c| Consumed { holder: c.holder.clone(), remaining: c.remaining });
+            let retention = state.leases.retention;
+            tokio::spawn(async move {
+                undo_late(&*store, &agent.service_host, sid, token, retention, events).await
+            });
             Err(e.into())
         }
         Err(e) if state.fail_open => {
@@ -297,12 +275,42 @@ async fn consume(
                 session_id = %sid, agent = %agent.service_host, error = %e,
                 unchecked_accepts = count,
                 "UNCHECKED ACCEPT: Redis unreachable and on_unavailable = open; the token's \
-                 one-time use is not enforced for this connect"
+                 one-time use and the concurrency cap are not enforced for this connect"
             );
-            Ok(Taken { sid, minted_in, holder: None, body })
+            Ok(None)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Verifies a connect's token for `agent`, and that a `?body=` is the one minted with it.
+fn verify(
+    state: &AppState,
+    agent: &Agent,
+    token: &str,
+    body: Option<&[u8]>,
+    now: u64,
+) -> Result<Claims, ApiError> {
+    let claims = state
+        .signing_keys
+        .verify(token, &agent.service_host, now)
+        .map_err(|e| refused(state, agent, token, TokenRefusal::Invalid(e)))?;
+    // Before anything is spent: a client cannot change what a trusted back end minted.
+    if let Some(body) = body
+        && claims.bd.as_deref() != Some(&*body_digest(body))
+    {
+        return Err(refused(state, agent, token, TokenRefusal::BodyMismatch));
+    }
+    Ok(claims)
+}
+
+/// A refused token, logged within the refusal log's budget.
+fn refused(state: &AppState, agent: &Agent, token: &str, refusal: TokenRefusal) -> ApiError {
+    if let Some(suppressed) = state.refusal_log.take() {
+        let reason = refusal.reason();
+        tracing::info!(agent = %agent.service_host, token = %redact(token), reason, suppressed, "connect refused");
+    }
+    ApiError::TokenRefused(refusal)
 }
 
 /// The body minted with a token, as its record keeps it (standard base64, written by /start).
@@ -313,37 +321,42 @@ fn decode_minted(stored: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| StoreError::Missing { what: "minted body" }.into())
 }
 
-/// How often a late give-back asks again.
-const GIVE_BACK_RETRY: Duration = Duration::from_millis(200);
+/// How often a late undo asks again.
+const UNDO_RETRY: Duration = Duration::from_millis(200);
 
-/// Gives back the token and slot of a connect whose store request timed out: the request may be
-/// waiting, unanswered, on a connection the broker dropped, and run when Redis answers again.
-/// Asks until Redis has answered twice, a retry apart (the late request runs no later than the
-/// turn of Redis's event loop that answers the first), or until the token is past its life.
-async fn give_back_late(store: &dyn Store, agent: &str, sid: Uuid, holder: &str, ttl: Duration) {
-    let deadline = Instant::now() + ttl;
+/// Undoes a connect whose store request timed out: the request may be waiting, unanswered, on a
+/// connection the broker dropped, and run when Redis answers again. Asks until Redis has answered
+/// twice, a retry apart (the late request runs no later than the turn of Redis's event loop that
+/// answers the first), or until the token is past its life. An undo that finds nothing of the
+/// connect changes nothing, so asking again is safe.
+async fn undo_late(
+    store: &dyn Store,
+    agent: &str,
+    sid: Uuid,
+    token: Option<Consumed>,
+    retention: Duration,
+    events: EventLog,
+) {
+    let remaining = token.as_ref().map_or(retention, |t| t.remaining);
+    let deadline = Instant::now() + remaining;
+    let request = AbandonRequest {
+        agent,
+        sid,
+        holder: token.as_ref().and_then(|t| t.holder.as_deref()),
+        token: token.is_some(),
+        why: None,
+        record_ttl: remaining,
+        event: None,
+        events,
+    };
     let mut answers = 0;
     while answers < 2 && Instant::now() < deadline {
-        match store.release_token(agent, sid, holder).await {
-            // Ours: so was the slot, taken by the same request.
-            Ok(true) => {
-                if let Err(e) = store.release_slot(agent, sid).await {
-                    tracing::warn!(session_id = %sid, error = %e, "could not release the slot; it lapses with its lease");
-                }
-                return;
-            }
+        match store.abandon_session(&request).await {
+            // The token was ours: so was the rest, undone with it.
+            Ok(true) => return,
             Ok(false) => answers += 1,
             Err(_) => {}
         }
-        tokio::time::sleep(GIVE_BACK_RETRY).await;
-    }
-}
-
-/// Gives a consumed token back, so the client can connect again within its lifetime.
-async fn give_back(state: &AppState, agent: &str, sid: Uuid, holder: Option<&str>) {
-    let Some(holder) = holder else { return };
-    // If this fails the token stays spent: the client must call /start again.
-    if let Err(e) = state.store.release_token(agent, sid, holder).await {
-        tracing::warn!(session_id = %sid, error = %e, "could not give the token back");
+        tokio::time::sleep(UNDO_RETRY).await;
     }
 }
