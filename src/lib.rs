@@ -22,7 +22,7 @@
 //! [`config`] reads the settings once; [`error`] is the table from every refusal to its HTTP
 //! status, code and metric; [`telemetry`] installs logging; [`admin`] is the operator commands
 //! behind `session-broker deploy` and `keys`; [`tls`] is whom the broker trusts on `rediss://`
-//! and `wss://`.
+//! and `wss://`; [`server`] runs the public listener's workers.
 
 pub mod admin;
 pub mod agents;
@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod private_tokens;
 pub mod registry;
 pub mod routes;
+pub mod server;
 pub mod sessions;
 pub mod startup;
 pub mod state;

@@ -33,7 +33,7 @@ use crate::{
     api_keys::{ApiKeyHash, DEMO_PUBLIC_KEY, hash_api_key, parse_api_key_hash},
     config::{FailMode, Settings},
     registry::{self, LiveRegistry},
-    routes,
+    routes, server,
     sessions::{self, Stop},
     state::AppState,
     store::{PrepareError, Store, memory::MemoryStore, redis::RedisStore},
@@ -78,7 +78,7 @@ impl Drop for Background {
 
 pub struct Application {
     /// The public listener: the session API and WebSocket connects.
-    server: Server,
+    server: server::Server,
     /// The internal listener: metrics and probes.
     internal: Server,
     drain_deadline: Duration,
@@ -143,7 +143,7 @@ impl Application {
         ));
         state.store.observe_with(state.metrics.clone());
         spawn_session_work(&state, &mut background);
-        let server = http_server(&settings, listener, state.clone())?;
+        let server = http_server(&settings, listener, state.clone()).await?;
         let internal = internal_server(internal, state.clone())?;
         tracing::info!(
             listen = %local,
@@ -182,7 +182,7 @@ impl Application {
     }
 
     /// A handle that stops the server (gracefully, or not) from elsewhere.
-    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+    pub fn handle(&self) -> server::ServerHandle {
         self.server.handle()
     }
 
@@ -371,11 +371,11 @@ fn spawn_session_work(state: &AppState, background: &mut Background) {
     background.spawn(sessions::listen_for_terminations(store.terminations(), live.clone()));
 }
 
-fn http_server(
+async fn http_server(
     settings: &Settings,
     listener: TcpListener,
     state: web::Data<AppState>,
-) -> anyhow::Result<Server> {
+) -> anyhow::Result<server::Server> {
     let connections = state.connections.clone();
     let local = listener.local_addr()?;
     let limits = &settings.limits;
@@ -387,32 +387,31 @@ fn http_server(
             .configure(routes::configure)
             .wrap_fn(routes::middleware::request_span)
     };
-    // actix-web's `HttpServer` has no upgrade service: this is what it builds, plus one (see
+    // What actix-web's `HttpServer` builds for each worker, plus an upgrade service (see
     // `upgrade`), so that a WebSocket session runs on its socket in the connection's task.
-    let mut server = actix_server::Server::build()
-        // Signals are the binary's: SIGTERM drains (see `Application::run_until_signalled`).
-        .disable_signals()
-        // Past `max_connections` requests are answered 503 (see `AppState::check_connections`);
-        // past twice that per worker, the worker stops accepting, the last resort.
-        .max_concurrent_connections(limits.max_connections.saturating_mul(2))
-        .listen("public", listener, move || {
-            let connections = connections.clone();
-            HttpService::build()
-                .client_request_timeout(head_timeout)
-                .client_disconnect_timeout(disconnect_timeout)
-                .tcp_nodelay(true)
-                .local_addr(local)
-                .on_connect_ext(move |_: &tokio::net::TcpStream, extensions: &mut Extensions| {
-                    extensions.insert(ConnectionCount::open(&connections));
-                })
-                .upgrade(upgrade::service(app().into_factory()))
-                .finish(map_config(app(), |_| AppConfig::default()))
-                .tcp()
-        })?;
-    if settings.workers > 0 {
-        server = server.workers(settings.workers);
-    }
-    Ok(server.run())
+    let service = move || {
+        let connections = connections.clone();
+        HttpService::build()
+            .client_request_timeout(head_timeout)
+            .client_disconnect_timeout(disconnect_timeout)
+            .tcp_nodelay(true)
+            .local_addr(local)
+            .on_connect_ext(move |_: &tokio::net::TcpStream, extensions: &mut Extensions| {
+                extensions.insert(ConnectionCount::open(&connections));
+            })
+            .upgrade(upgrade::service(app().into_factory()))
+            .finish(map_config(app(), |_| AppConfig::default()))
+            .tcp()
+    };
+    let workers = match settings.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        workers => workers,
+    };
+    // Past `max_connections` requests are answered 503 (see `AppState::check_connections`); past
+    // twice that per worker, the worker stops accepting, the last resort.
+    let per_worker = limits.max_connections.saturating_mul(2);
+    let server = server::Server::start(listener, workers, per_worker, service).await?;
+    Ok(server)
 }
 
 /// One open client connection: counted while the server keeps it in its extensions, which

@@ -53,7 +53,7 @@ pub struct TestApp {
     pub internal: String,
     pub http: reqwest::Client,
     pub bot: TestBot,
-    handle: actix_web::dev::ServerHandle,
+    handle: session_broker::server::ServerHandle,
     pub agent_dir: tempfile::TempDir,
     /// The app's own store, for what operators do beside the API (tokens, say).
     pub store: std::sync::Arc<dyn session_broker::store::Store>,
