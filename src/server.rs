@@ -4,7 +4,10 @@
 //! actix-server accepts on a thread of its own and hands each connection to a worker over a
 //! channel: a thread switch and a wake-up for every connection, about a twentieth of the broker's
 //! CPU per session (BENCHMARKS.md). Here the worker that is woken by a connection is the one that
-//! serves it. What actix-server also gave is kept: a limit on each worker's connections (past it
+//! serves it. A listener bound with `SO_REUSEPORT` ([`bind`], what the broker binds itself) gives
+//! each worker a socket of its own, among which the kernel spreads connections, so that one
+//! connection wakes one worker; a listener bound elsewhere without it is shared, and every idle
+//! worker wakes for each connection (one of them accepts it). What actix-server also gave is kept: a limit on each worker's connections (past it
 //! the worker stops accepting until one closes), a pause after an accept error (a process out of
 //! descriptors would otherwise spin), and a graceful stop that stops accepting and waits for open
 //! connections, up to [`SHUTDOWN_TIMEOUT`].
@@ -31,6 +34,9 @@ use tokio::{
 
 /// How long a graceful stop waits for open connections before it closes them.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections the kernel queues on each worker's socket before they are accepted (actix-web's
+/// default; the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 2048;
 /// How long a worker waits after a failed accept (out of descriptors, say) before it tries again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -107,13 +113,18 @@ impl Server {
         S::InitError: std::fmt::Debug,
     {
         listener.set_nonblocking(true)?;
+        let shared = !socket2::SockRef::from(&listener).reuse_port()?;
+        let local = listener.local_addr()?;
         let (commands, _) = watch::channel(Command::Run);
         let commands = Arc::new(commands);
         let running =
             Arc::new(Running { workers: AtomicUsize::new(workers), ended: Notify::new() });
         let mut readiness = Vec::with_capacity(workers);
         for id in 0..workers {
-            let listener = listener.try_clone()?;
+            let listener = match (id, shared) {
+                (0, _) | (_, true) => listener.try_clone()?,
+                (_, false) => bind(local)?,
+            };
             let (factory, worker_running) = (factory.clone(), running.clone());
             let subscribed = commands.subscribe();
             let (ready, ready_rx) = oneshot::channel();
@@ -161,6 +172,23 @@ impl Future for Server {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.stopped.as_mut().poll(cx).map(Ok)
     }
+}
+
+/// A listening socket on `addr` with `SO_REUSEPORT`, so that [`Server::start`] can give each
+/// worker a socket of its own on the same address. Only processes of the same user can bind the
+/// address beside it.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// One worker thread: its runtime, its service, its accept loop.
@@ -277,6 +305,14 @@ mod tests {
     /// A server whose connections each read one byte, then answer it and close.
     async fn byte_server(max_connections: usize) -> (Server, std::net::SocketAddr) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        byte_server_on(listener, 1, max_connections).await
+    }
+
+    async fn byte_server_on(
+        listener: std::net::TcpListener,
+        workers: usize,
+        max_connections: usize,
+    ) -> (Server, std::net::SocketAddr) {
         let addr = listener.local_addr().unwrap();
         let factory = || {
             fn_service(|mut stream: TcpStream| async move {
@@ -286,7 +322,7 @@ mod tests {
                 io::Result::Ok(())
             })
         };
-        let server = Server::start(listener, 1, max_connections, factory).await.unwrap();
+        let server = Server::start(listener, workers, max_connections, factory).await.unwrap();
         (server, addr)
     }
 
@@ -295,6 +331,18 @@ mod tests {
         let mut answer = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_millis(300), stream.read_exact(&mut answer));
         matches!(read.await, Ok(Ok(_))) && answer[0] == byte
+    }
+
+    #[tokio::test]
+    async fn workers_on_sockets_of_their_own_serve_every_connection() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (server, addr) = byte_server_on(listener, 3, 100).await;
+        for byte in 0..30 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            assert!(answered(&mut stream, byte).await, "connection {byte} not served");
+        }
+        server.handle().stop(true).await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "every socket closed");
     }
 
     #[tokio::test]

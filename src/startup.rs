@@ -99,8 +99,14 @@ struct Catalog {
 impl Application {
     /// Must be called within a Tokio runtime: the store's connection and the demo bot live on it.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(&settings.listen)
-            .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
+        let bind = || {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&settings.listen)?
+                .next()
+                .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+            server::bind(addr)
+        };
+        let listener =
+            bind().with_context(|| format!("listen: cannot bind {}", settings.listen))?;
         Self::build_on(settings, listener).await
     }
 
