@@ -69,8 +69,9 @@ if token then
 end
 -- From here the mark, if any, is this caller's.
 local cap = tonumber(ARGV[9])
-if cap > 0 and not redis.call('ZSCORE', KEYS[4], ARGV[8])
-    and redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[6], '+inf') >= cap then
+-- The count first: under the cap (the common case) no retry's own slot needs looking for.
+if cap > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[6], '+inf') >= cap
+    and not redis.call('ZSCORE', KEYS[4], ARGV[8]) then
   if token then
     redis.call('DEL', KEYS[2])
   end

@@ -19,10 +19,11 @@
 -- Returns  1 when the record was moved to ended (now or by the same transition before), 0 when
 --          it was not pending or active (ended already, or gone).
 local applied = 0
-if redis.call('HGET', KEYS[1], 'txn') == ARGV[2] then
+local record = redis.call('HMGET', KEYS[1], 'txn', 'status')
+if record[1] == ARGV[2] then
   applied = 1
 else
-  local status = redis.call('HGET', KEYS[1], 'status')
+  local status = record[2]
   if status == 'pending' or status == 'active' then
     redis.call('HSET', KEYS[1], 'txn', ARGV[2], unpack(ARGV, 7))
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
