@@ -45,6 +45,8 @@ const FRAME_BYTES: usize = 160;
 /// File descriptors the harness and its children should be allowed: 10,000 bridged sessions
 /// need two per session in the broker, one in the bot and one here.
 const FD_WANTED: u64 = 65_536;
+/// Warning and error lines of each server process shown on the harness's standard error.
+const MAX_SERVER_LINES_SHOWN: usize = 20;
 /// Descriptors the broker needs besides its sessions' (listener, Redis, epoll, logs, ...).
 const FD_MARGIN: u64 = 200;
 
@@ -933,11 +935,19 @@ impl Proc {
             Box::new(child.stderr.take().unwrap()),
         ] {
             let tx = tx.clone();
-            let ready = ready.to_owned();
+            let (ready, program) = (ready.to_owned(), program.to_owned());
             std::thread::spawn(move || {
+                // A server's warnings and errors explain a failed figure: the first few are shown.
+                let mut shown = 0;
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     if line.contains(&ready) {
                         let _ = tx.send(());
+                    }
+                    if shown < MAX_SERVER_LINES_SHOWN
+                        && (line.contains("WARN") || line.contains("ERROR"))
+                    {
+                        shown += 1;
+                        eprintln!("[{program}] {line}");
                     }
                 }
             });
