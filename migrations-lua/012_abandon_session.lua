@@ -12,7 +12,8 @@
 -- KEYS[4]  the agent's event log ({prefix}:agent:{<agent.org>}:events)
 -- ARGV[1]  the holder value written by the connect's consume; '' for a session without a token
 -- ARGV[2]  the session id
--- ARGV[3]  why the connect failed (an end reason); '' to note nothing (token sessions only)
+-- ARGV[3]  why the connect failed (an end reason); '' when the store answered too late: a token
+--          session then notes nothing, one without a token ends with no reason
 -- ARGV[4]  now, Unix ms
 -- ARGV[5]  the record's time to live from now, ms: the token's remaining lifetime for a token
 --          session, the retention of ended records for one without
@@ -29,9 +30,13 @@ if redis.call('HGET', KEYS[2], 'status') == 'active' then
       redis.call('HSET', KEYS[2], 'last_error', ARGV[3])
     end
     redis.call('HDEL', KEYS[2], 'replica', 'region', 'connected_ms')
-  else
+  elseif ARGV[3] ~= '' then
     redis.call('HSET', KEYS[2], 'status', 'ended', 'end_reason', ARGV[3], 'ended_ms', ARGV[4],
       'detail', 'the bot could not be reached')
+  else
+    -- A connect refused because the store answered too late, whose request ran after all.
+    redis.call('HSET', KEYS[2], 'status', 'ended', 'ended_ms', ARGV[4],
+      'detail', 'the connect was refused: the store answered too late')
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end

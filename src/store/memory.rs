@@ -251,7 +251,10 @@ impl SessionStore for MemoryStore {
                     record.status = Some(Status::Ended);
                     record.end_reason = abandon.why;
                     record.ended_ms = Some(super::unix_ms());
-                    record.detail = Some("the bot could not be reached".into());
+                    record.detail = Some(match abandon.why {
+                        Some(_) => "the bot could not be reached".into(),
+                        None => "the connect was refused: the store answered too late".into(),
+                    });
                 }
                 r.expires = Some(now + abandon.record_ttl);
             }
@@ -739,6 +742,17 @@ mod tests {
         assert_eq!(ended.status, Some(Status::Ended));
         assert_eq!(ended.end_reason, Some(EndReason::BotUnreachable));
         assert_eq!(store.events("b.o").await.unwrap().len(), 2, "connected, then the failure");
+
+        // A connect refused because the store answered late, whose open ran after all: ended,
+        // with no reason, and no event of its own.
+        let late_sid = Uuid::new_v4();
+        opening.open(&store, "b.o", late_sid, None, Duration::from_secs(60)).await.unwrap();
+        let late = AbandonRequest { sid: late_sid, why: None, event: None, ..abandon };
+        assert!(!store.abandon_session(&late).await.unwrap());
+        let ended = store.get_session("b.o", late_sid).await.unwrap().unwrap();
+        assert_eq!((ended.status, ended.end_reason), (Some(Status::Ended), None));
+        assert_eq!(store.live_sessions("b.o").await.unwrap(), 0);
+        assert_eq!(store.events("b.o").await.unwrap().len(), 3, "only the connected event");
     }
 
     #[tokio::test]

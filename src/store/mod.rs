@@ -186,8 +186,9 @@ pub struct AbandonRequest<'a> {
     pub holder: Option<&'a str>,
     /// Whether the session came with a token: its record goes back to pending, not to ended.
     pub token: bool,
-    /// Why the connect failed: noted on a token session's record (`None` notes nothing), the
-    /// end reason of a session without a token.
+    /// Why the connect failed: noted on a token session's record, the end reason of a session
+    /// without a token; `None` when the store answered too late (nothing is noted, and a session
+    /// without a token ends with no reason).
     pub why: Option<EndReason>,
     /// How long the record lives from now: the token's remaining lifetime for a token session,
     /// the retention of ended records otherwise.

@@ -42,6 +42,7 @@ pub struct Reservation {
 }
 
 /// What a token connect wrote to consume its token.
+#[derive(Clone)]
 struct Consumed {
     /// The value written in the mark; `None` when fail-open let the connect through unchecked.
     holder: Option<String>,
@@ -260,8 +261,7 @@ fn settle(
         // that the client's retry finds the token unspent and the slot free.
         Err(e @ StoreError::Timeout { .. }) if !state.fail_open => {
             let (store, agent, events) = (state.store.clone(), agent.clone(), state.event_log());
-            let token =
-                consumed.map(|c| Consumed { holder: c.holder.clone(), remaining: c.remaining });
+            let token = consumed.cloned();
             let retention = state.leases.retention;
             tokio::spawn(async move {
                 undo_late(&*store, &agent.service_host, sid, token, retention, events).await
