@@ -333,7 +333,7 @@ async fn run(plan: Plan, pinning: bool) {
     for rtt in [Duration::ZERO, FAR_RTT] {
         let redis_addr = match rtt.is_zero() {
             true => redis.addr,
-            false => far_store::delay_proxy(redis.addr, rtt / 2).await,
+            false => far_store::delay_proxy(redis.addr, rtt / 2),
         };
         let limits = [
             ("BROKER__LIMITS__START_RATE_PER_KEY", "1000000"),

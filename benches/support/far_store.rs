@@ -20,19 +20,27 @@ use tokio::{
 const CHUNK_BYTES: usize = 16 * 1024;
 
 /// Listens on a free loopback port and forwards each connection to `upstream`, delaying each
-/// direction by `one_way`. Runs on the current `LocalSet` until the process ends.
-pub async fn delay_proxy(upstream: SocketAddr, one_way: Duration) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// direction by `one_way`, until the process ends. The proxy runs on a thread of its own (on the
+/// generator's core): the harness blocks its own thread while a broker starts, and a broker
+/// whose store does not answer then starts with its store unprepared.
+pub fn delay_proxy(upstream: SocketAddr, one_way: Duration) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::task::spawn_local(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect(upstream).await else { continue };
-            let _ = (client.set_nodelay(true), server.set_nodelay(true));
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::task::spawn_local(forward(client_read, server_write, one_way));
-            tokio::task::spawn_local(forward(server_read, client_write, one_way));
-        }
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::task::spawn_local(forward(client_read, server_write, one_way));
+                tokio::task::spawn_local(forward(server_read, client_write, one_way));
+            }
+        });
     });
     addr
 }

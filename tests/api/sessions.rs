@@ -105,6 +105,108 @@ on_both_stores!(
     an_unreachable_bot_ends_a_session_without_a_token
 );
 
+/// A connect refused because the store answered after the command timeout, whose open ran in
+/// the store after all, is undone late by the same request as an unreachable bot's: nothing of
+/// it stays live, the token session's token works again with nothing noted against it, and the
+/// session without a token ends without a reason but says why.
+async fn a_connect_the_store_answered_too_late_is_undone(store: Store) {
+    use session_broker::store::{
+        AbandonRequest, Connected, EventLog, Listing, MintRequest, Minted, OpenRequest,
+        SessionEvent, SessionRecord, Status, TokenUse, unix_ms,
+    };
+    let (app, _redis) = TestApp::spawn(store).await;
+    let store = &app.store;
+    let now = unix_ms();
+    let minute = Duration::from_secs(60);
+    let events = EventLog { cap: 10, retention: minute };
+    let active = SessionRecord {
+        status: Some(Status::Active),
+        replica: Some("r1".into()),
+        region: Some("local".into()),
+        connected_ms: Some(now),
+        ..SessionRecord::default()
+    };
+    let connected = |sid| SessionEvent { at_ms: now, session_id: sid, text: "connected".into() };
+    let open = |agent, sid, token, event| OpenRequest {
+        agent,
+        sid,
+        token,
+        cap: 5,
+        lease: minute,
+        active: &active,
+        record_ttl: minute,
+        listing: Some(Listing { agent, created_ms: now, retention: minute }),
+        event,
+        events,
+    };
+    let late = |agent, sid, holder| AbandonRequest {
+        agent,
+        sid,
+        holder,
+        token: holder.is_some(),
+        why: None,
+        record_ttl: minute,
+        event: None,
+        events,
+    };
+
+    // A token session goes back to pending, as if the connect had never happened.
+    let host = format!("{TOKEN_AGENT}.{ORG}");
+    let sid = uuid::Uuid::new_v4();
+    let pending = SessionRecord::pending(&host, now, now + 60_000, "local");
+    let minted = store
+        .mint_session(&MintRequest {
+            agent: &host,
+            sid,
+            cap: 5,
+            rates: &[],
+            rate_window: minute,
+            record: Some((
+                &pending,
+                minute,
+                Listing { agent: &host, created_ms: now, retention: minute },
+            )),
+        })
+        .await
+        .unwrap();
+    let Minted::Ok { fence } = minted else { panic!("not minted: {minted:?}") };
+    let fence = fence.unwrap_or_default();
+    let token =
+        |holder| Some(TokenUse { fence: &fence, holder, mark_ttl: minute, want_body: false });
+    let event = connected(sid);
+    let first = store.open_session(&open(&host, sid, token("first"), &event)).await.unwrap();
+    assert_eq!(first, Connected::Ok { body: None });
+    assert!(store.abandon_session(&late(&host, sid, Some("first"))).await.unwrap(), "given back");
+    let record = store.get_session(&host, sid).await.unwrap().unwrap();
+    assert_eq!((record.status, record.last_error), (Some(Status::Pending), None));
+    assert_eq!((record.replica, record.connected_ms), (None, None), "held nowhere");
+    assert_eq!(store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
+    let again = store.open_session(&open(&host, sid, token("second"), &event)).await.unwrap();
+    assert_eq!(again, Connected::Ok { body: None }, "the token works again");
+
+    // A session without a token ends, with no end reason and the reason in its detail.
+    let host = format!("{OPEN_AGENT}.{ORG}");
+    let sid = uuid::Uuid::new_v4();
+    let event = connected(sid);
+    let opened = store.open_session(&open(&host, sid, None, &event)).await.unwrap();
+    assert_eq!(opened, Connected::Ok { body: None });
+    assert!(!store.abandon_session(&late(&host, sid, None)).await.unwrap());
+    let record = store.get_session(&host, sid).await.unwrap().unwrap();
+    assert_eq!((record.status, record.end_reason), (Some(Status::Ended), None));
+    let detail = record.detail.unwrap_or_default();
+    assert!(detail.contains("the store answered too late"), "{detail}");
+    assert_eq!(store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
+    let listed = store.list_sessions(&host, 10).await.unwrap();
+    assert_eq!(listed.len(), 1, "still listed, as ended: {listed:?}");
+    let texts: Vec<String> =
+        store.events(&host).await.unwrap().into_iter().map(|e| e.text).collect();
+    assert_eq!(texts, ["connected"], "the late undo logs nothing of its own");
+}
+on_both_stores!(
+    a_connect_the_store_answered_too_late_is_undone_on,
+    a_connect_the_store_answered_too_late_is_undone
+);
+
 #[tokio::test]
 async fn the_session_api_is_scoped_to_the_key_and_agent() {
     let (app, _redis) = TestApp::spawn(Store::Redis).await;
