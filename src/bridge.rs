@@ -36,6 +36,7 @@ use tokio_rustls::client::TlsStream;
 use url::Url;
 
 use crate::{
+    bot_addresses::BotAddresses,
     sessions::{EndReason, Stop, TERMINATED_CLOSE_CODE},
     wire::{self, Event, FrameReader, Refused, Sender, Violation, opcode},
 };
@@ -89,23 +90,38 @@ pub enum DialError {
 }
 
 /// Opens the bot's WebSocket with the given extra handshake headers; a `wss://` bot over TLS
-/// with `tls` (see [`crate::tls::bot_client_config`]).
+/// with `tls` (see [`crate::tls::bot_client_config`]), a bot named by host name at an address
+/// from `addresses`.
 pub async fn dial(
     url: &Url,
     headers: &[(&'static str, String)],
     tls: &Arc<rustls::ClientConfig>,
+    addresses: &BotAddresses,
     timeout: Duration,
 ) -> Result<Bot, DialError> {
-    tokio::time::timeout(timeout, handshake(url, headers, tls))
-        .await
-        .map_err(|_| DialError::Timeout(timeout))?
+    match tokio::time::timeout(timeout, handshake(url, headers, tls, addresses)).await {
+        Ok(dialled) => dialled,
+        Err(_) => {
+            // Perhaps an address that no longer answers at all: the next connect looks again.
+            if let (Some(url::Host::Domain(name)), Some(port)) =
+                (url.host(), url.port_or_known_default())
+            {
+                addresses.forget(name, port);
+            }
+            Err(DialError::Timeout(timeout))
+        }
+    }
 }
 
-async fn open(url: &Url, tls: &Arc<rustls::ClientConfig>) -> Result<BotStream, DialError> {
+async fn open(
+    url: &Url,
+    tls: &Arc<rustls::ClientConfig>,
+    addresses: &BotAddresses,
+) -> Result<BotStream, DialError> {
     let refused = |why: &str| DialError::Handshake(why.to_owned());
     let port = url.port_or_known_default().ok_or_else(|| refused("the bot URL has no port"))?;
     let tcp = match url.host() {
-        Some(url::Host::Domain(name)) => TcpStream::connect((name, port)).await?,
+        Some(url::Host::Domain(name)) => addresses.connect(name, port).await?,
         Some(url::Host::Ipv4(ip)) => TcpStream::connect((ip, port)).await?,
         Some(url::Host::Ipv6(ip)) => TcpStream::connect((ip, port)).await?,
         None => return Err(refused("the bot URL has no host")),
@@ -129,9 +145,10 @@ async fn handshake(
     url: &Url,
     headers: &[(&'static str, String)],
     tls: &Arc<rustls::ClientConfig>,
+    addresses: &BotAddresses,
 ) -> Result<Bot, DialError> {
     use std::fmt::Write as _;
-    let mut stream = open(url, tls).await?;
+    let mut stream = open(url, tls, addresses).await?;
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
     let target = &url[url::Position::BeforePath..url::Position::AfterQuery];

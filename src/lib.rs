@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod agents;
 pub mod api_keys;
+pub mod bot_addresses;
 pub mod bridge;
 pub mod config;
 pub mod echo_bot;

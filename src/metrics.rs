@@ -27,6 +27,7 @@ pub struct Metrics {
     pub active_sessions: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
     pub bot_dial_seconds: HistogramVec,
+    pub bot_address_lookups: IntCounterVec,
     pub token_consume_seconds: HistogramVec,
     pub redis_errors: IntCounter,
     /// Store errors already added to `redis_errors`.
@@ -117,6 +118,12 @@ impl Metrics {
                 &registry,
                 "bot_dial_seconds",
                 "Time to open the bot's WebSocket",
+                &["outcome"],
+            ),
+            bot_address_lookups: counter(
+                &registry,
+                "bot_address_lookups_total",
+                "Bot host names looked up (each is kept for a few seconds), by outcome",
                 &["outcome"],
             ),
             token_consume_seconds: histogram(

@@ -13,6 +13,7 @@ use std::{
 
 use crate::{
     agents::Agent,
+    bot_addresses::BotAddresses,
     bridge::BridgeLimits,
     config::{FailMode, Settings},
     log_budget::LogBudget,
@@ -51,6 +52,8 @@ pub struct AppState {
     pub bridge: BridgeLimits,
     /// How `wss://` bots are dialled: whom they must be vouched for by (`bots.tls_ca_file`).
     pub bot_tls: Arc<rustls::ClientConfig>,
+    /// Bot host names' addresses, looked up every few seconds rather than on every connect.
+    pub bot_addresses: BotAddresses,
     pub bot_connect_timeout: Duration,
     /// `/start` calls allowed per public key and per client address in each window; `None` is
     /// unlimited.
@@ -114,6 +117,7 @@ impl AppState {
             .collect();
         ws_base_urls.entry(settings.region.clone()).or_insert_with(|| format!("ws://{local}"));
         let limits = &settings.limits;
+        let metrics = Arc::new(Metrics::new());
         Self {
             region: settings.region.clone(),
             replica_id: format!("{}/{}", settings.region, uuid::Uuid::new_v4().simple()),
@@ -128,6 +132,7 @@ impl AppState {
                 heartbeat_timeout: limits.heartbeat_timeout,
             },
             bot_tls,
+            bot_addresses: BotAddresses::new(metrics.bot_address_lookups.clone()),
             bot_connect_timeout: limits.bot_connect_timeout,
             start_rate_per_key: (limits.start_rate_per_key > 0)
                 .then_some(limits.start_rate_per_key),
@@ -158,7 +163,7 @@ impl AppState {
             },
             live: Arc::new(LiveSessions::default()),
             fail_open: settings.redis.on_unavailable == FailMode::Open,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             prepared,
             draining: AtomicBool::new(false),
             readiness: ReadinessCache::default(),

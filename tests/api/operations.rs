@@ -55,6 +55,24 @@ async fn metrics_count_what_happens() {
     assert_eq!(sample(&after, "broker_sessions_ended_total{reason=\"client_closed\"}"), 1.0);
 }
 
+/// A bot named by host name, as in `url_template = "ws://{agent}.{org}.bots.internal/ws"`: its
+/// name is looked up once for many sessions, not on every connect.
+#[tokio::test]
+async fn a_bot_s_host_name_is_not_looked_up_on_every_connect() {
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(None, &bot);
+    options.bot_url = bot.url().replace("127.0.0.1", "localhost");
+    assert!(options.bot_url.starts_with("ws://localhost:"), "{}", options.bot_url);
+    let app = TestApp::with(options, bot.clone()).await;
+    for _ in 0..3 {
+        let mut ws = connect(&app.ws_url(OPEN_AGENT, ORG), None).await.unwrap();
+        assert_echo(&mut ws, Message::text("hi")).await;
+    }
+    let text = metrics(&app).await;
+    assert_eq!(sample(&text, "broker_bot_dial_seconds_count{outcome=\"connected\"}"), 3.0);
+    assert_eq!(sample(&text, "broker_bot_address_lookups_total{outcome=\"ok\"}"), 1.0);
+}
+
 #[tokio::test]
 async fn readiness_follows_the_store_and_requests_carry_an_id() {
     let (app, redis) = TestApp::spawn(Store::Redis).await;

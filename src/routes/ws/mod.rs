@@ -193,7 +193,8 @@ async fn dial_bot(
         ("x-forwarded-for", forwarded_for),
     ];
     let dialling = Instant::now();
-    let dialled = bridge::dial(&url, &headers, &state.bot_tls, state.bot_connect_timeout).await;
+    let (tls, addresses) = (&state.bot_tls, &state.bot_addresses);
+    let dialled = bridge::dial(&url, &headers, tls, addresses, state.bot_connect_timeout).await;
     let outcome = if dialled.is_ok() { "connected" } else { "failed" };
     let histogram = state.metrics.bot_dial_seconds.with_label_values(&[outcome]);
     histogram.observe(dialling.elapsed().as_secs_f64());
