@@ -192,7 +192,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings.log);
+    let _log = telemetry::init(&settings.log);
     run(async move {
         let app = Application::build(settings).await?;
         app.run_until_signalled().await

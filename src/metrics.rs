@@ -29,9 +29,10 @@ pub struct Metrics {
     pub bot_dial_seconds: HistogramVec,
     pub bot_address_lookups: IntCounterVec,
     pub token_consume_seconds: HistogramVec,
-    pub redis_errors: IntCounter,
-    /// Store errors already added to `redis_errors`.
-    store_errors_seen: std::sync::Mutex<u64>,
+    /// Failed store operations, from the store's own count.
+    pub redis_errors: FollowedCounter,
+    /// Dropped log lines, from the log thread's own count.
+    pub log_lines_dropped: FollowedCounter,
     pub relay_bytes: IntCounterVec,
     pub relay_frames: IntCounterVec,
     /// Each agent's concurrent-session cap; set at each scrape from the registry.
@@ -77,10 +78,16 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(unchecked_accepts.clone())).expect("unique metric");
-        let redis_errors =
-            IntCounter::new("redis_errors_total", "State store operations that failed")
-                .expect("valid metric");
-        registry.register(Box::new(redis_errors.clone())).expect("unique metric");
+        let redis_errors = FollowedCounter::new(
+            &registry,
+            "redis_errors_total",
+            "State store operations that failed",
+        );
+        let log_lines_dropped = FollowedCounter::new(
+            &registry,
+            "log_lines_dropped_total",
+            "Log lines dropped because standard output was not read fast enough",
+        );
         let active_sessions = IntGaugeVec::new(
             Opts::new("active_sessions", "Sessions this replica is relaying, by agent"),
             &["agent"],
@@ -133,7 +140,7 @@ impl Metrics {
                 &["outcome"],
             ),
             redis_errors,
-            store_errors_seen: std::sync::Mutex::new(0),
+            log_lines_dropped,
             relay_bytes: counter(
                 &registry,
                 "relay_bytes_total",
@@ -180,19 +187,35 @@ impl Metrics {
         }
     }
 
-    /// Brings `redis_errors_total` up to the store's own count of failed operations.
-    pub fn sync_store_errors(&self, total: u64) {
-        let mut seen = self.store_errors_seen.lock().unwrap_or_else(|e| e.into_inner());
-        self.redis_errors.inc_by(total.saturating_sub(*seen));
-        *seen = (*seen).max(total);
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding our own well-formed families into a Vec cannot fail.
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("metrics encode");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// A counter that follows a running total kept elsewhere (the store's count of failures, the
+/// log thread's of dropped lines), brought up to it at each scrape.
+pub struct FollowedCounter {
+    counter: IntCounter,
+    /// What the counter already holds of the total.
+    seen: std::sync::Mutex<u64>,
+}
+
+impl FollowedCounter {
+    fn new(registry: &Registry, name: &str, help: &str) -> Self {
+        let counter = IntCounter::new(name, help).expect("valid metric");
+        registry.register(Box::new(counter.clone())).expect("unique metric");
+        Self { counter, seen: std::sync::Mutex::new(0) }
+    }
+
+    /// Brings the counter up to `total`.
+    pub fn follow(&self, total: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.counter.inc_by(total.saturating_sub(*seen));
+        *seen = (*seen).max(total);
     }
 }
 

@@ -41,7 +41,8 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// Prometheus metrics. Gauges that describe the replica as a whole are brought up to date first.
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let metrics = &state.metrics;
-    metrics.sync_store_errors(state.store.error_count());
+    metrics.redis_errors.follow(state.store.error_count());
+    metrics.log_lines_dropped.follow(crate::telemetry::dropped_lines());
     let ready = !state.is_draining() && state.is_prepared() && state.store_ready().await.is_ok();
     metrics.ready.set(i64::from(ready));
     metrics.draining.set(i64::from(state.is_draining()));

@@ -138,6 +138,41 @@ async fn json_logs_carry_request_and_session_ids_and_never_a_token() {
     assert!(connected.contains(sid) && connected.contains("request_id"), "{connected}");
 }
 
+/// Calls go on while nobody reads the broker's logs (a container runtime's log pipe holds
+/// 64 KiB, and its reader can stall): the lines wait for the reader, and none is lost.
+#[tokio::test]
+async fn calls_go_on_while_the_logs_are_not_read() {
+    /// Enough sessions for their log lines to fill a pipe several times over.
+    const SESSIONS: usize = 400;
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let agents = TestApp::with(AppOptions::new(Some(redis.url()), &bot), bot.clone()).await;
+    let broker = BrokerProcess::spawn(&redis.url(), "stalled", &agents, &[]).await;
+    broker.stall_logs();
+    let logged_before = broker.logs().len();
+    for n in 0..SESSIONS {
+        let session = async {
+            let mut ws = connect(&broker.ws_url(OPEN_AGENT, ORG), None).await.unwrap();
+            assert_echo(&mut ws, Message::text("hi")).await;
+            ws.close(None).await.unwrap();
+        };
+        if tokio::time::timeout(Duration::from_secs(10), session).await.is_err() {
+            panic!("session {n} stalled behind the unread logs");
+        }
+    }
+    let stalled_bytes: usize = broker.logs()[logged_before..].iter().map(|l| l.len() + 1).sum();
+    assert!(stalled_bytes < 64 * 1024, "the logs were not stalled: {stalled_bytes} bytes read");
+    broker.resume_logs();
+    let ended = eventually(Duration::from_secs(10), || async {
+        let ended = broker.logs().iter().filter(|l| l.contains("session ended")).count();
+        (ended == SESSIONS).then_some(ended)
+    })
+    .await;
+    assert_eq!(ended, SESSIONS, "every session's end was logged");
+    let text = reqwest::get(broker.internal_http("/metrics")).await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&text, "broker_log_lines_dropped_total"), 0.0);
+}
+
 #[tokio::test]
 async fn sigterm_drains_live_sessions_then_exits_cleanly() {
     let redis = RedisServer::start();

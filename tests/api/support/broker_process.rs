@@ -116,6 +116,16 @@ impl BrokerProcess {
         found.await.unwrap().unwrap_or_else(|missing| panic!("no log line {parts:?}: {missing:?}"))
     }
 
+    /// Stops reading the process's standard output, whose pipe then fills up; see
+    /// [`Output::stall`].
+    pub fn stall_logs(&self) {
+        self.stdout.stall();
+    }
+
+    pub fn resume_logs(&self) {
+        self.stdout.resume();
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.stdout.lines()

@@ -17,6 +17,8 @@ struct Lines {
     lines: Vec<String>,
     /// The pipe reached its end: the process exited (it starts no children that could hold it).
     closed: bool,
+    /// Reading is paused: the pipe fills up, as behind a log collector that stalls.
+    stalled: bool,
 }
 
 /// Why an awaited line never came.
@@ -35,6 +37,10 @@ impl Output {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 sink.update(|l| l.lines.push(line));
+                let mut lines = sink.lock();
+                while lines.stalled {
+                    lines = sink.0.1.wait(lines).unwrap_or_else(PoisonError::into_inner);
+                }
             }
             sink.update(|l| l.closed = true);
         });
@@ -87,6 +93,15 @@ impl Output {
             let left = deadline.checked_duration_since(Instant::now())?;
             lines = self.0.1.wait_timeout(lines, left).unwrap_or_else(PoisonError::into_inner).0;
         }
+    }
+
+    /// Stops reading the pipe after the line being read, until [`Self::resume`].
+    pub fn stall(&self) {
+        self.update(|l| l.stalled = true);
+    }
+
+    pub fn resume(&self) {
+        self.update(|l| l.stalled = false);
     }
 
     pub fn lines(&self) -> Vec<String> {
