@@ -334,6 +334,36 @@ async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
     assert_echo(&mut ws, Message::text("freed")).await;
 }
 
+/// A session whose end the store refuses for a moment (here: out of memory; as well a burst of
+/// ends that outlasts the command timeout, whose requests the client then never sends) is
+/// recorded with its own end once the store takes it: not taken for one lost with its replica
+/// when its lease lapses.
+#[tokio::test]
+async fn an_end_the_store_refused_for_a_moment_is_recorded_later() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.sessions.lease_ttl = Duration::from_secs(4);
+    options.settings.sessions.sweep_interval = Duration::from_millis(100);
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("hi")).await;
+
+    let mut admin = redis.client();
+    redis::cmd("CONFIG").arg(&["SET", "maxmemory", "1"]).query::<()>(&mut admin).unwrap();
+    ws.close(None).await.unwrap();
+    // The end's first tries are refused, and nothing of them is written.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let record = record(&app, TOKEN_AGENT, &sid).await;
+    assert_eq!(record["status"], "active", "the end was refused: {record}");
+    redis::cmd("CONFIG").arg(&["SET", "maxmemory", "0"]).query::<()>(&mut admin).unwrap();
+    let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
+    assert_eq!(ended["endReason"], "client_closed", "{ended}");
+    let host = format!("{TOKEN_AGENT}.{ORG}");
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
+}
+
 #[tokio::test]
 async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let redis = RedisServer::start();

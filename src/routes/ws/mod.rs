@@ -13,7 +13,10 @@ pub mod providers;
 pub mod request;
 mod reservation;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::{HttpRequest, HttpResponse, http::Method, web};
 use tracing::Instrument;
@@ -35,6 +38,10 @@ use crate::{
 
 /// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
 pub const PREFIX: &str = "/ws/generic";
+/// Pause before recording a session's end again, doubled after each failure up to
+/// [`END_RETRY_MAX_PAUSE`].
+const END_RETRY_PAUSE: Duration = Duration::from_millis(250);
+const END_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 pub async fn connect(
     req: HttpRequest,
@@ -162,15 +169,39 @@ async fn end(
         event: &event,
         events: state.event_log(),
     };
-    if let Err(e) = state.store.end_session(&request).await {
-        tracing::warn!(error = %e, "could not record the end of the session; its slot lapses with its lease");
-    }
+    record_end(state, &request).await;
     tracing::info!(
         reason,
         detail = outcome.detail,
         duration_ms = now.saturating_sub(connected_ms),
         "session ended"
     );
+}
+
+/// Records a session's end, trying again while its lease surely holds. A burst of ends (a
+/// replica's callers dropping at once, a store that stalls for a moment) can keep the store
+/// busy past one command timeout, and an end never recorded is taken for a lost replica once
+/// the lease lapses: the session is listed as `replica_lost` and counted as lost. The end is
+/// safe to repeat (011 frees the slot again and leaves an ended record as it is); a repeat after
+/// an answer that was lost logs the `ended` event twice.
+async fn record_end(state: &AppState, request: &EndRequest<'_>) {
+    // Leases are renewed every third of their time, so half of it is always left.
+    let deadline = Instant::now() + state.leases.lease / 2;
+    let mut pause = END_RETRY_PAUSE;
+    loop {
+        match state.store.end_session(request).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "could not record the end of the session yet; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(END_RETRY_MAX_PAUSE);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the end of the session; its slot lapses with its lease");
+                return;
+            }
+        }
+    }
 }
 
 /// Opens the bot's WebSocket for a reserved session, timing the dial.
