@@ -9,6 +9,14 @@ use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 
 use crate::{on_both_stores, support::*};
 
+/// Makes Redis refuse every write, scripts' included, for want of a replica that does not exist
+/// (`min-replicas-to-write`); reads go on. Nothing of a refused script is written.
+fn refuse_writes(admin: &mut redis::Connection, refuse: bool) {
+    let replicas = if refuse { "1" } else { "0" };
+    let set = redis::cmd("CONFIG").arg(&["SET", "min-replicas-to-write", replicas]).query(admin);
+    set.unwrap_or_else(|e: redis::RedisError| panic!("CONFIG SET min-replicas-to-write: {e}"))
+}
+
 async fn record(app: &TestApp, agent: &str, sid: &str) -> Value {
     let (status, body) = app.session(Method::GET, agent, sid).await;
     assert_eq!(status, 200, "{body}");
@@ -76,6 +84,42 @@ async fn an_unreachable_bot_is_recorded_and_the_session_ends_with_its_token() {
     assert!(pending["replica"].is_null() && pending["connectedAtMs"].is_null(), "{pending}");
     let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
     assert_eq!(ended["endReason"], "bot_unreachable");
+}
+
+/// A bot that does not answer, while the store refuses writes for a moment: the undo of the
+/// connect is tried again until the store takes it, so the token stays usable, as the 503 said.
+#[tokio::test]
+async fn a_failed_connect_s_undo_is_tried_again_until_the_token_is_given_back() {
+    let redis = RedisServer::start();
+    let unused = TestBot::start().await;
+    // Accepts connections and never answers: the dial times out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut options = AppOptions::new(Some(redis.url()), &unused);
+    options.bot_url = format!("ws://{}/ws", silent.local_addr().unwrap());
+    options.settings.limits.bot_connect_timeout = Duration::from_millis(800);
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let app = TestApp::with(options, unused).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let attempt = tokio::spawn({
+        let (ws_url, token) = (ws_url.clone(), token.clone());
+        async move { connect(&ws_url, Some((&token, Via::Path))).await.err().map(|e| e.0) }
+    });
+    // While the bot is dialled (the store has opened the session): no more writes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = redis.client();
+    refuse_writes(&mut admin, true);
+    assert_eq!(attempt.await.unwrap(), Some(503));
+    refuse_writes(&mut admin, false);
+    let pending = record_with_status(&app, TOKEN_AGENT, &sid, "pending").await;
+    assert_eq!(pending["lastError"], "bot_unreachable", "{pending}");
+    let again = connect(&ws_url, Some((&token, Via::Path))).await.err().map(|e| e.0);
+    assert_eq!(again, Some(503), "the token was given back: the bot, not the token, refuses");
+    held.abort();
 }
 
 async fn an_unreachable_bot_ends_a_session_without_a_token(store: Store) {
@@ -334,8 +378,9 @@ async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
     assert_echo(&mut ws, Message::text("freed")).await;
 }
 
-/// A session whose end the store refuses for a moment (here: out of memory; as well a burst of
-/// ends that outlasts the command timeout, whose requests the client then never sends) is
+/// A session whose end the store refuses for a moment (here: writes refused for want of
+/// replicas; as well a burst of ends that outlasts the command timeout, whose requests the
+/// client then never sends) is
 /// recorded with its own end once the store takes it: not taken for one lost with its replica
 /// when its lease lapses.
 #[tokio::test]
@@ -351,13 +396,13 @@ async fn an_end_the_store_refused_for_a_moment_is_recorded_later() {
     assert_echo(&mut ws, Message::text("hi")).await;
 
     let mut admin = redis.client();
-    redis::cmd("CONFIG").arg(&["SET", "maxmemory", "1"]).query::<()>(&mut admin).unwrap();
+    refuse_writes(&mut admin, true);
     ws.close(None).await.unwrap();
     // The end's first tries are refused, and nothing of them is written.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let record = record(&app, TOKEN_AGENT, &sid).await;
     assert_eq!(record["status"], "active", "the end was refused: {record}");
-    redis::cmd("CONFIG").arg(&["SET", "maxmemory", "0"]).query::<()>(&mut admin).unwrap();
+    refuse_writes(&mut admin, false);
     let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
     assert_eq!(ended["endReason"], "client_closed", "{ended}");
     let host = format!("{TOKEN_AGENT}.{ORG}");

@@ -32,16 +32,16 @@ use crate::{
     routes::peer::Peer,
     sessions::{EndReason, Registration},
     state::AppState,
-    store::{EndRequest, SessionEvent, SessionRecord, unix_ms},
+    store::{EndRequest, SessionEvent, SessionRecord, StoreError, unix_ms},
     upgrade::{self, ClientSocket},
 };
 
 /// Where WebSocket connects arrive: `{PREFIX}/{agent}.{org}[/{token}]`.
 pub const PREFIX: &str = "/ws/generic";
-/// Pause before recording a session's end again, doubled after each failure up to
-/// [`END_RETRY_MAX_PAUSE`].
-const END_RETRY_PAUSE: Duration = Duration::from_millis(250);
-const END_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
+/// Pause before a failed store write is tried again (a session's end, a connect's undo),
+/// doubled after each failure up to [`RETRY_MAX_PAUSE`].
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+const RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 pub async fn connect(
     req: HttpRequest,
@@ -186,20 +186,28 @@ async fn end(
 /// an answer that was lost logs the `ended` event twice.
 async fn record_end(state: &AppState, request: &EndRequest<'_>) {
     // Leases are renewed every third of their time, so half of it is always left.
-    let deadline = Instant::now() + state.leases.lease / 2;
-    let mut pause = END_RETRY_PAUSE;
+    if let Err(e) = retried(state.leases.lease / 2, || state.store.end_session(request)).await {
+        tracing::warn!(error = %e, "could not record the end of the session; its slot lapses with its lease");
+    }
+}
+
+/// Runs `attempt` until it succeeds or `within` has passed, pausing between tries; the last
+/// failure otherwise. For store writes that are safe to repeat.
+async fn retried<T, F: Future<Output = Result<T, StoreError>>>(
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, StoreError> {
+    let deadline = Instant::now() + within;
+    let mut pause = RETRY_PAUSE;
     loop {
-        match state.store.end_session(request).await {
-            Ok(_) => return,
+        match attempt().await {
+            Ok(value) => return Ok(value),
             Err(e) if Instant::now() + pause < deadline => {
-                tracing::debug!(error = %e, "could not record the end of the session yet; trying again");
+                tracing::debug!(error = %e, "store write failed; trying again");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(END_RETRY_MAX_PAUSE);
+                pause = (pause * 2).min(RETRY_MAX_PAUSE);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not record the end of the session; its slot lapses with its lease");
-                return;
-            }
+            Err(e) => return Err(e),
         }
     }
 }

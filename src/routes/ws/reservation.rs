@@ -166,19 +166,37 @@ impl Reservation {
             None => format!("session {sid} could not reach its bot"),
         };
         let event = SessionEvent { at_ms: unix_ms(), session_id: sid, text };
-        let request = AbandonRequest {
-            agent: &self.agent.service_host,
-            sid,
-            holder: self.token.as_ref().and_then(|t| t.holder.as_deref()),
-            token: self.token.is_some(),
-            why,
-            record_ttl: self.token.as_ref().map_or(state.leases.retention, |t| t.remaining),
-            event: why.is_some().then_some(&event),
-            events: state.event_log(),
-        };
-        if let Err(e) = state.store.abandon_session(&request).await {
-            tracing::warn!(session_id = %sid, error = %e, "could not undo the connect; its slot lapses with its lease and its token stays spent");
-        }
+        let (store, events, within) = (state.store.clone(), state.event_log(), state.leases.lease);
+        let record_ttl = self.token.as_ref().map_or(state.leases.retention, |t| t.remaining);
+        // The client's answer waits for the first try only; later ones go on in the background.
+        let (first_tried, tried) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let request = AbandonRequest {
+                agent: &self.agent.service_host,
+                sid,
+                holder: self.token.as_ref().and_then(|t| t.holder.as_deref()),
+                token: self.token.is_some(),
+                why,
+                record_ttl,
+                event: why.is_some().then_some(&event),
+                events,
+            };
+            let mut first_tried = Some(first_tried);
+            // Tried again while the slot's lease, taken at the open, surely holds: a token
+            // whose undo failed would stay spent, where the client was told it stays usable.
+            let undone = super::retried(within / 2, || {
+                let (attempt, first) = (store.abandon_session(&request), first_tried.take());
+                async move {
+                    let outcome = attempt.await;
+                    first.map(|first| first.send(()));
+                    outcome
+                }
+            });
+            if let Err(e) = undone.await {
+                tracing::warn!(session_id = %sid, error = %e, "could not undo the connect; its slot lapses with its lease and its token stays spent");
+            }
+        });
+        let _ = tried.await;
     }
 }
 
