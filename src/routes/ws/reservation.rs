@@ -9,6 +9,7 @@ use std::{
 };
 
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -169,7 +170,7 @@ impl Reservation {
         let (store, events, within) = (state.store.clone(), state.event_log(), state.leases.lease);
         let record_ttl = self.token.as_ref().map_or(state.leases.retention, |t| t.remaining);
         // The client's answer waits for the first try only; later ones go on in the background.
-        let (first_tried, tried) = tokio::sync::oneshot::channel();
+        let (first_tried, tried) = oneshot::channel();
         tokio::spawn(async move {
             let request = AbandonRequest {
                 agent: &self.agent.service_host,
@@ -188,14 +189,17 @@ impl Reservation {
                 let (attempt, first) = (store.abandon_session(&request), first_tried.take());
                 async move {
                     let outcome = attempt.await;
-                    first.map(|first| first.send(()));
+                    if let Some(first) = first {
+                        let _ = first.send(());
+                    }
                     outcome
                 }
             });
             if let Err(e) = undone.await {
                 tracing::warn!(session_id = %sid, error = %e, "could not undo the connect; its slot lapses with its lease and its token stays spent");
             }
-        });
+        }
+        .in_current_span());
         let _ = tried.await;
     }
 }
