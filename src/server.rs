@@ -54,6 +54,32 @@ pub struct ServerHandle {
     running: Arc<Running>,
 }
 
+/// Descriptors the process needs besides its connections' and bots': listeners, Redis
+/// connections, epoll, the log.
+pub const FD_MARGIN: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one, as HAProxy and Go's runtime do: the soft
+/// limit a shell or a systemd unit gives by default, 1024, holds about 500 bridged sessions
+/// (each holds the client's socket and the bot's). Returns the limit before and after.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    // An unlimited hard limit is not a value the soft one may take for open files.
+    let wanted = if limit.rlim_max == libc::RLIM_INFINITY { 1 << 20 } else { limit.rlim_max };
+    if limit.rlim_cur < wanted {
+        limit.rlim_cur = wanted;
+        // SAFETY: setrlimit reads one `rlimit`, which we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_cur))
+}
+
 /// Worker threads still running, and a signal each time one ends.
 struct Running {
     workers: AtomicUsize,

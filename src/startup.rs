@@ -99,6 +99,7 @@ struct Catalog {
 impl Application {
     /// Must be called within a Tokio runtime: the store's connection and the demo bot live on it.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        check_open_file_limit(&settings);
         let bind = || {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(&settings.listen)?
                 .next()
@@ -297,6 +298,28 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     }
     let store = RedisStore::new(&settings.redis).context("redis")?;
     Ok(Arc::new(store))
+}
+
+/// Raises the open-file limit as far as the hard limit allows, and warns when it is below what
+/// `limits.max_connections` and `limits.max_live_sessions` allow for: past it, accepts and bot
+/// dials fail, which clients see as stalled connects and 503s.
+fn check_open_file_limit(settings: &Settings) {
+    let limits = &settings.limits;
+    let needed = (limits.max_connections + limits.max_live_sessions) as u64 + server::FD_MARGIN;
+    match server::raise_open_file_limit() {
+        Ok((_, now)) if now < needed => tracing::warn!(
+            limit = now,
+            needed,
+            "the open-file limit is below what limits.max_connections and \
+             limits.max_live_sessions allow for: connects past it fail; raise the hard limit \
+             (LimitNOFILE= in a systemd unit, ulimit -Hn) or lower those limits"
+        ),
+        Ok((before, now)) if now > before => {
+            tracing::info!(before, now, "open-file limit raised to the hard limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
 }
 
 /// Prepares the store (schema, scripts). A store that is unreachable now is prepared in the

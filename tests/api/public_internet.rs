@@ -287,6 +287,39 @@ async fn a_terminated_session_s_token_is_never_given_back() {
     assert_eq!(replay, Connected::Replayed);
 }
 
+/// The soft open-file limit of a shell or a systemd unit (1024) would hold about 500 sessions:
+/// the broker raises it to the hard limit, and says so when even that is below what its limits
+/// allow for.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let agents = TestApp::with(AppOptions::new(Some(redis.url()), &bot), bot.clone()).await;
+    // (soft, hard) of a process, from /proc.
+    let max_open_files = |pid: &str| {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+        let values: Vec<String> =
+            line.split_whitespace().skip(3).take(2).map(String::from).collect();
+        (values[0].clone(), values[1].clone())
+    };
+    // As high as this process may set it.
+    let hard = max_open_files("self").1;
+    assert!(hard.parse::<u64>().unwrap() > 2048, "a hard limit of {hard} is too low to test");
+    let roomy = format!("--nofile=512:{hard}");
+    let broker =
+        BrokerProcess::spawn_under(&["prlimit", &roomy], &redis.url(), "roomy", &agents, &[]).await;
+    assert_eq!(max_open_files(&broker.pid().to_string()), (hard.clone(), hard.clone()));
+    let raised = broker.log_line(Duration::from_secs(5), &["open-file limit raised"]).await;
+    assert!(raised.contains("512") && raised.contains(&hard), "{raised}");
+
+    let tight = ["prlimit", "--nofile=512:2048"];
+    let broker = BrokerProcess::spawn_under(&tight, &redis.url(), "tight", &agents, &[]).await;
+    assert_eq!(max_open_files(&broker.pid().to_string()), ("2048".into(), "2048".into()));
+    let warned = broker.log_line(Duration::from_secs(5), &["open-file limit is below"]).await;
+    assert!(warned.contains("WARN") && warned.contains("2048"), "{warned}");
+}
+
 #[tokio::test]
 async fn a_redis_that_may_evict_is_refused_unless_accepted() {
     let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);

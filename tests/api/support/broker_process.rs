@@ -46,8 +46,29 @@ impl BrokerProcess {
         agents_of: &TestApp,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_under(&[], redis_url, key_prefix, agents_of, env).await
+    }
+
+    /// [`BrokerProcess::spawn`], run by the command `wrapper` (which execs its last argument
+    /// with the rest, as `prlimit` does), when not empty.
+    pub async fn spawn_under(
+        wrapper: &[&str],
+        redis_url: &str,
+        key_prefix: &str,
+        agents_of: &TestApp,
+        env: &[(&str, &str)],
+    ) -> Self {
         let agent_dir = agents_of.agent_dir.path();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_session-broker"))
+        let binary = env!("CARGO_BIN_EXE_session-broker");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"])
             .env_clear()
             // The ready line is parsed for the port.
@@ -85,6 +106,10 @@ impl BrokerProcess {
             Err(Missing::TimedOut) => panic!("the broker process not ready in {READY_WITHIN:?}"),
         }
         broker
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM, as an orchestrator does to stop a replica.
