@@ -4,6 +4,7 @@
 //!
 //! Both give the same guarantees; the integration tests run the same assertions on each.
 
+mod batch;
 pub mod keyspace;
 pub mod memory;
 pub mod records;
@@ -236,8 +237,9 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError>;
 
     /// The end of a session, in one request: its record moved to ended if it was pending or
-    /// active, its slot let go, the event logged. Returns whether the record moved. See
-    /// `migrations-lua/011_end_session.lua`.
+    /// active, its slot let go, the event logged. Returns whether the record moved. On Redis the
+    /// ends of an agent's sessions within a few milliseconds of each other go together (see
+    /// `migrations-lua/013_end_sessions.lua`): ends are off every caller's path.
     async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError>;
 
     /// Undoes [`SessionStore::open_session`] for a connect whose bot could not be reached, in one

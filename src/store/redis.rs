@@ -32,7 +32,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 12;
+pub const SCHEMA_VERSION: u32 = 13;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -53,16 +53,35 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/010_open_session.lua"),
     include_str!("../../migrations-lua/011_end_session.lua"),
     include_str!("../../migrations-lua/012_abandon_session.lua"),
+    include_str!("../../migrations-lua/013_end_sessions.lua"),
 ];
 /// Where [`MIGRATIONS`] holds the script of a connect, for sending it whole (see
 /// `RedisStore::open_durably`).
 const OPEN_SESSION: usize = 9;
 
+/// How long the first end of an agent's sessions waits for others to go with it
+/// (`migrations-lua/013_end_sessions.lua`): slots go back this much later.
+const END_BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// The most ends sent together.
+const END_BATCH_MAX: usize = 100;
+
+/// What the ends sent together share: the agent, the ended records' time to live (ms), and the
+/// event log's cap and retention (ms).
+type EndBatch = (String, u64, usize, u64);
+
+/// A session's end, waiting to be sent with others.
+struct QueuedEnd {
+    record: String,
+    sid: Uuid,
+    event: String,
+    fields: Vec<(&'static str, String)>,
+}
+
 /// The scripts, by use.
 struct Scripts {
     mint_session: Script,
     open_session: Script,
-    end_session: Script,
+    end_sessions: Script,
     abandon_session: Script,
     release_token_unless_ended: Script,
     update_session: Script,
@@ -72,8 +91,8 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        // 001 is superseded by 006, 004 by 009, and 003 and 008 by 010; `prepare` still loads
-        // every released one.
+        // 001 is superseded by 006, 004 by 009, 003 and 008 by 010, and 011 by 013; `prepare`
+        // still loads every released one.
         let [
             _release_token,
             update_session,
@@ -85,13 +104,14 @@ impl Scripts {
             _connect_session,
             renew_leases,
             open_session,
-            end_session,
+            _end_session,
             abandon_session,
+            end_sessions,
         ] = MIGRATIONS.map(Script::new);
         Self {
             mint_session,
             open_session,
-            end_session,
+            end_sessions,
             abandon_session,
             release_token_unless_ended,
             update_session,
@@ -109,6 +129,8 @@ pub struct RedisStore {
     durability: Option<(u32, Duration)>,
     timeout: Duration,
     scripts: Scripts,
+    /// Ends waiting to be sent together.
+    ends: super::batch::Batches<EndBatch, QueuedEnd, Result<bool, StoreError>>,
     terminations: broadcast::Sender<Uuid>,
     /// Failed operations, for the `redis_errors_total` metric.
     errors: std::sync::atomic::AtomicU64,
@@ -149,6 +171,7 @@ impl RedisStore {
             durability,
             timeout: settings.command_timeout,
             scripts: Scripts::new(),
+            ends: super::batch::Batches::new(END_BATCH_WINDOW, END_BATCH_MAX),
             terminations,
             errors: Default::default(),
             subscriber,
@@ -360,21 +383,22 @@ impl SessionStore for RedisStore {
     }
 
     async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError> {
-        let (agent, sid) = (end.agent, end.sid);
-        let mut call = self.scripts.end_session.key(self.keys.session(agent, sid));
-        call.key(self.keys.live(agent)).key(self.keys.events_of(agent));
-        call.arg(sid.to_string())
-            .arg(Uuid::new_v4().simple().to_string())
-            .arg(end.retention.as_millis().max(1) as u64)
-            .arg(event_json(end.event))
-            .arg(end.events.cap)
-            .arg(end.events.retention.as_millis().max(1) as u64);
-        for (name, value) in end.ended.to_fields() {
-            call.arg(name).arg(value);
+        let ms = |d: Duration| d.as_millis().max(1) as u64;
+        let batch =
+            (end.agent.to_owned(), ms(end.retention), end.events.cap, ms(end.events.retention));
+        let queued = QueuedEnd {
+            record: self.keys.session(end.agent, end.sid),
+            sid: end.sid,
+            event: event_json(end.event),
+            fields: end.ended.to_fields(),
+        };
+        let answer = self.ends.submit(batch.clone(), queued, |ends| self.end_sessions(batch, ends));
+        match answer.await {
+            Some(Ok(applied)) => Ok(applied),
+            Some(Err(e)) => Err(e),
+            // The caller that was sending the batch gave up: see `record_end` in routes/ws.
+            None => Err(StoreError::Timeout { op: "end_session", after: self.timeout }),
         }
-        let applied: i64 =
-            self.run("end_session", Purpose::Commands, Request::Script(&call)).await?;
-        Ok(applied == 1)
     }
 
     async fn abandon_session(&self, abandon: &AbandonRequest<'_>) -> Result<bool, StoreError> {
@@ -734,6 +758,39 @@ impl RedisStore {
 
     /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):
     /// its token was never handed out, so its record and listing go.
+    /// Sends a batch of ends of one agent's sessions (`migrations-lua/013_end_sessions.lua`),
+    /// and answers each: whether its record moved to ended, or the batch's failure.
+    async fn end_sessions(
+        &self,
+        (agent, retention_ms, events_cap, events_retention_ms): EndBatch,
+        ends: Vec<QueuedEnd>,
+    ) -> Vec<Result<bool, StoreError>> {
+        let mut call = self.scripts.end_sessions.key(self.keys.live(&agent));
+        call.key(self.keys.events_of(&agent));
+        call.arg(retention_ms).arg(events_cap).arg(events_retention_ms);
+        for end in &ends {
+            call.key(&end.record);
+            // A transition id per end: a retry after a lost answer is told "applied".
+            call.arg(end.sid.to_string())
+                .arg(Uuid::new_v4().simple().to_string())
+                .arg(&end.event)
+                .arg(end.fields.len() * 2);
+            for (name, value) in &end.fields {
+                call.arg(*name).arg(value);
+            }
+        }
+        let count = ends.len();
+        let sent = self.run::<Vec<i64>>("end_session", Purpose::Commands, Request::Script(&call));
+        let answer = match sent.await {
+            Ok(applied) if applied.len() == count => {
+                return applied.into_iter().map(|a| Ok(a == 1)).collect();
+            }
+            Ok(applied) => unexpected("end_sessions", &[Value::Int(applied.len() as i64)]),
+            Err(e) => e,
+        };
+        (0..count).map(|_| Err(copy_of(&answer))).collect()
+    }
+
     async fn unmint(&self, mint: &MintRequest<'_>) {
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -838,6 +895,21 @@ impl RedisStore {
 /// An event as its log keeps it. A struct of numbers and strings serializes.
 fn event_json(event: &SessionEvent) -> String {
     serde_json::to_string(event).expect("event serializes")
+}
+
+/// The same failure again, for each end of a batch that failed as one.
+fn copy_of(failure: &StoreError) -> StoreError {
+    match failure {
+        StoreError::Redis { op, source } => {
+            let source = (source.kind(), "sent with other ends", source.to_string()).into();
+            StoreError::Redis { op, source }
+        }
+        StoreError::Timeout { op, after } => StoreError::Timeout { op, after: *after },
+        StoreError::Missing { what } => StoreError::Missing { what },
+        StoreError::NotReplicated { acked, wanted, within } => {
+            StoreError::NotReplicated { acked: *acked, wanted: *wanted, within: *within }
+        }
+    }
 }
 
 /// The outcome a script answers first: `ok` or why not.

@@ -409,6 +409,54 @@ async fn an_end_the_store_refused_for_a_moment_is_recorded_later() {
     assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
 }
 
+/// `EVALSHA` requests Redis has served so far.
+fn evalsha_calls(admin: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
+    let line = info.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or_default();
+    let calls = line.split(['=', ',']).nth(1).unwrap_or("0");
+    calls.parse().unwrap()
+}
+
+/// The ends of an agent's sessions that close together reach Redis in a few requests, not one
+/// each, and every session is still ended with its own reason, its slot freed and its end
+/// logged once.
+#[tokio::test]
+async fn ends_that_come_together_are_recorded_together() {
+    const SESSIONS: usize = 12;
+    let (app, redis) = TestApp::spawn(Store::Redis).await;
+    let mut admin = redis.as_ref().unwrap().client();
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+        let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+        assert_echo(&mut ws, Message::text("hi")).await;
+        sessions.push((ws, sid));
+    }
+    let host = format!("{TOKEN_AGENT}.{ORG}");
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), SESSIONS as u64);
+
+    let before = evalsha_calls(&mut admin);
+    let closes = sessions
+        .iter_mut()
+        .map(|(ws, _)| ws.close(Some(CloseFrame { code: 1000.into(), reason: "bye".into() })));
+    for closed in futures_util::future::join_all(closes).await {
+        closed.unwrap();
+    }
+    for (_, sid) in &sessions {
+        let ended = record_with_status(&app, TOKEN_AGENT, sid, "ended").await;
+        assert_eq!(ended["endReason"], "client_closed", "{ended}");
+    }
+    let requests = evalsha_calls(&mut admin) - before;
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "every slot is free");
+    // One request would do; a slow machine may spread the closes over a few windows.
+    assert!(requests <= SESSIONS as u64 / 3, "{requests} requests for {SESSIONS} ends");
+    let events = app.store.events(&host).await.unwrap();
+    for (_, sid) in &sessions {
+        let ends = events.iter().filter(|e| e.text.starts_with(&format!("session {sid} ended")));
+        assert_eq!(ends.count(), 1, "the end of {sid} is logged once: {events:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let redis = RedisServer::start();
