@@ -207,7 +207,6 @@ impl SessionStore for MemoryStore {
         if let Some(listing) = open.listing {
             index(&mut inner, sid, listing);
         }
-        push_event(&mut inner, open.agent, open.event, open.events.cap);
         Ok(Connected::Ok { body })
     }
 
@@ -579,7 +578,7 @@ mod tests {
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
     }
 
-    /// What a connect writes besides its token: the active record and the `connected` event.
+    /// What a connect writes besides its token: the active record; and an event to log.
     struct Opening {
         active: SessionRecord,
         event: SessionEvent,
@@ -618,8 +617,6 @@ mod tests {
                 lease,
                 active: &self.active,
                 record_ttl: Duration::from_secs(60),
-                event: &self.event,
-                events: EventLog { cap: 10, retention: Duration::from_secs(60) },
             };
             store.open_session(&request).await
         }
@@ -741,7 +738,7 @@ mod tests {
         let ended = store.get_session("b.o", open_sid).await.unwrap().unwrap();
         assert_eq!(ended.status, Some(Status::Ended));
         assert_eq!(ended.end_reason, Some(EndReason::BotUnreachable));
-        assert_eq!(store.events("b.o").await.unwrap().len(), 2, "connected, then the failure");
+        assert_eq!(store.events("b.o").await.unwrap().len(), 1, "the failure: it never connected");
 
         // A connect refused because the store answered late, whose open ran after all: ended,
         // with no reason, and no event of its own.
@@ -752,7 +749,7 @@ mod tests {
         let ended = store.get_session("b.o", late_sid).await.unwrap().unwrap();
         assert_eq!((ended.status, ended.end_reason), (Some(Status::Ended), None));
         assert_eq!(store.live_sessions("b.o").await.unwrap(), 0);
-        assert_eq!(store.events("b.o").await.unwrap().len(), 3, "only the connected event");
+        assert_eq!(store.events("b.o").await.unwrap().len(), 1, "no event of its own");
     }
 
     #[tokio::test]

@@ -146,9 +146,6 @@ pub struct OpenRequest<'a> {
     pub record_ttl: Duration,
     /// Where a session without a token is listed (a token session was listed when minted).
     pub listing: Option<Listing<'a>>,
-    /// The `connected` event.
-    pub event: &'a SessionEvent,
-    pub events: EventLog,
 }
 
 /// The consume of a token, within an [`OpenRequest`].
@@ -231,9 +228,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Everything a connect needs before the bot is dialled, and the start of its session, in
     /// one request: for a token session checks the token's fence and record, consumes the token
     /// (once across all replicas, `holder` written in its mark) and reads the minted body if
-    /// asked; then takes a slot under the cap, marks the record active (creating and listing it
-    /// for a session without a token) and logs the event. A refusal leaves everything as it was.
-    /// See `migrations-lua/010_open_session.lua`.
+    /// asked; then takes a slot under the cap and marks the record active (creating and listing
+    /// it for a session without a token). A refusal leaves everything as it was. The `connected`
+    /// event is the caller's to log, once the bot has answered. See
+    /// `migrations-lua/014_open_session.lua`.
     async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError>;
 
     /// The end of a session, in one request: its record moved to ended if it was pending or

@@ -32,7 +32,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 13;
+pub const SCHEMA_VERSION: u32 = 14;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -53,27 +53,35 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/010_open_session.lua"),
     include_str!("../../migrations-lua/011_end_session.lua"),
     include_str!("../../migrations-lua/012_abandon_session.lua"),
-    include_str!("../../migrations-lua/013_end_sessions.lua"),
+    include_str!("../../migrations-lua/013_write_sessions.lua"),
+    include_str!("../../migrations-lua/014_open_session.lua"),
 ];
 /// Where [`MIGRATIONS`] holds the script of a connect, for sending it whole (see
 /// `RedisStore::open_durably`).
-const OPEN_SESSION: usize = 9;
+const OPEN_SESSION: usize = 13;
 
-/// How long the first end of an agent's sessions waits for others to go with it
-/// (`migrations-lua/013_end_sessions.lua`): slots go back this much later.
-const END_BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// The most ends sent together.
-const END_BATCH_MAX: usize = 100;
+/// How long the first of an agent's writes off every caller's path (ends, events) waits for
+/// others to go with it (`migrations-lua/013_write_sessions.lua`): slots go back, and events
+/// show, this much later.
+const WRITE_BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// The most writes sent together.
+const WRITE_BATCH_MAX: usize = 100;
 
-/// What the ends sent together share: the agent, the ended records' time to live (ms), and the
-/// event log's cap and retention (ms).
-type EndBatch = (String, u64, usize, u64);
+/// What the writes sent together share: the agent, and its event log's cap and retention (ms).
+type WriteBatch = (String, usize, u64);
 
-/// A session's end, waiting to be sent with others.
+/// A write off every caller's path, waiting to be sent with others: an event, with the end of
+/// its session or alone.
+struct QueuedWrite {
+    event: String,
+    end: Option<QueuedEnd>,
+}
+
 struct QueuedEnd {
     record: String,
     sid: Uuid,
-    event: String,
+    /// The ended record's time to live, ms.
+    ttl_ms: u64,
     fields: Vec<(&'static str, String)>,
 }
 
@@ -81,7 +89,7 @@ struct QueuedEnd {
 struct Scripts {
     mint_session: Script,
     open_session: Script,
-    end_sessions: Script,
+    write_sessions: Script,
     abandon_session: Script,
     release_token_unless_ended: Script,
     update_session: Script,
@@ -91,8 +99,8 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        // 001 is superseded by 006, 004 by 009, 003 and 008 by 010, and 011 by 013; `prepare`
-        // still loads every released one.
+        // 001 is superseded by 006, 004 by 009, 003 and 008 by 010 and 010 by 014, and 011 by
+        // 013; `prepare` still loads every released one.
         let [
             _release_token,
             update_session,
@@ -103,15 +111,16 @@ impl Scripts {
             mint_session,
             _connect_session,
             renew_leases,
-            open_session,
+            _open_session,
             _end_session,
             abandon_session,
-            end_sessions,
+            write_sessions,
+            open_session,
         ] = MIGRATIONS.map(Script::new);
         Self {
             mint_session,
             open_session,
-            end_sessions,
+            write_sessions,
             abandon_session,
             release_token_unless_ended,
             update_session,
@@ -129,8 +138,8 @@ pub struct RedisStore {
     durability: Option<(u32, Duration)>,
     timeout: Duration,
     scripts: Scripts,
-    /// Ends waiting to be sent together.
-    ends: super::batch::Batches<EndBatch, QueuedEnd, Result<bool, StoreError>>,
+    /// Writes waiting to be sent together.
+    writes: super::batch::Batches<WriteBatch, QueuedWrite, Result<bool, StoreError>>,
     terminations: broadcast::Sender<Uuid>,
     /// Failed operations, for the `redis_errors_total` metric.
     errors: std::sync::atomic::AtomicU64,
@@ -171,7 +180,7 @@ impl RedisStore {
             durability,
             timeout: settings.command_timeout,
             scripts: Scripts::new(),
-            ends: super::batch::Batches::new(END_BATCH_WINDOW, END_BATCH_MAX),
+            writes: super::batch::Batches::new(WRITE_BATCH_WINDOW, WRITE_BATCH_MAX),
             terminations,
             errors: Default::default(),
             subscriber,
@@ -317,7 +326,6 @@ impl SessionStore for RedisStore {
             self.keys.session(agent, sid),
             self.keys.live(agent),
             self.keys.sessions_of(agent),
-            self.keys.events_of(agent),
         ];
         let now = unix_ms();
         let ms = |d: Duration| d.as_millis().max(1).to_string();
@@ -334,9 +342,6 @@ impl SessionStore for RedisStore {
             open.cap.to_string(),
             ms(open.record_ttl),
             ms(open.listing.map_or(Duration::ZERO, |l| l.retention)),
-            event_json(open.event),
-            open.events.cap.to_string(),
-            ms(open.events.retention),
         ];
         for (name, value) in open.active.to_fields() {
             args.push(name.to_owned());
@@ -355,7 +360,8 @@ impl SessionStore for RedisStore {
                         why: None,
                         record_ttl: token.mark_ttl,
                         event: None,
-                        events: open.events,
+                        // No event: no log.
+                        events: super::EventLog { cap: 0, retention: Duration::ZERO },
                     };
                     self.abandon_session(&undo).await?;
                     return Err(StoreError::NotReplicated {
@@ -383,22 +389,14 @@ impl SessionStore for RedisStore {
     }
 
     async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError> {
-        let ms = |d: Duration| d.as_millis().max(1) as u64;
-        let batch =
-            (end.agent.to_owned(), ms(end.retention), end.events.cap, ms(end.events.retention));
-        let queued = QueuedEnd {
+        let ended = QueuedEnd {
             record: self.keys.session(end.agent, end.sid),
             sid: end.sid,
-            event: event_json(end.event),
+            ttl_ms: end.retention.as_millis().max(1) as u64,
             fields: end.ended.to_fields(),
         };
-        let answer = self.ends.submit(batch.clone(), queued, |ends| self.end_sessions(batch, ends));
-        match answer.await {
-            Some(Ok(applied)) => Ok(applied),
-            Some(Err(e)) => Err(e),
-            // The caller that was sending the batch gave up: see `record_end` in routes/ws.
-            None => Err(StoreError::Timeout { op: "end_session", after: self.timeout }),
-        }
+        let write = QueuedWrite { event: event_json(end.event), end: Some(ended) };
+        self.write_behind(end.agent, end.events.cap, end.events.retention, write).await
     }
 
     async fn abandon_session(&self, abandon: &AbandonRequest<'_>) -> Result<bool, StoreError> {
@@ -622,17 +620,8 @@ impl SessionStore for RedisStore {
         cap: usize,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.keys.events_of(agent);
-        let json = event_json(event);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .lpush(&key, json)
-            .ignore()
-            .ltrim(&key, 0, cap.saturating_sub(1) as isize)
-            .ignore()
-            .pexpire(&key, retention.as_millis() as i64)
-            .ignore();
-        self.run("log_event", Purpose::Commands, Request::Pipe(&pipe)).await
+        let write = QueuedWrite { event: event_json(event), end: None };
+        self.write_behind(agent, cap, retention, write).await.map(drop)
     }
 
     async fn events(&self, agent: &str) -> Result<Vec<SessionEvent>, StoreError> {
@@ -758,34 +747,61 @@ impl RedisStore {
 
     /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):
     /// its token was never handed out, so its record and listing go.
-    /// Sends a batch of ends of one agent's sessions (`migrations-lua/013_end_sessions.lua`),
-    /// and answers each: whether its record moved to ended, or the batch's failure.
-    async fn end_sessions(
+    /// Sends `write` with the other writes of `agent` of the same few milliseconds, and
+    /// answers what the store answered for it (for an end, whether its record moved to ended).
+    async fn write_behind(
         &self,
-        (agent, retention_ms, events_cap, events_retention_ms): EndBatch,
-        ends: Vec<QueuedEnd>,
+        agent: &str,
+        cap: usize,
+        retention: Duration,
+        write: QueuedWrite,
+    ) -> Result<bool, StoreError> {
+        let batch = (agent.to_owned(), cap, retention.as_millis().max(1) as u64);
+        let answer =
+            self.writes.submit(batch.clone(), write, |all| self.write_sessions(batch, all));
+        match answer.await {
+            Some(answer) => answer,
+            // The caller that was sending the batch gave up: see `record_end` in routes/ws.
+            None => Err(StoreError::Timeout { op: "write_sessions", after: self.timeout }),
+        }
+    }
+
+    /// Sends a batch of writes of one agent's sessions
+    /// (`migrations-lua/013_write_sessions.lua`), and answers each: for an end whether its
+    /// record moved to ended, or the batch's failure.
+    async fn write_sessions(
+        &self,
+        (agent, cap, retention_ms): WriteBatch,
+        writes: Vec<QueuedWrite>,
     ) -> Vec<Result<bool, StoreError>> {
-        let mut call = self.scripts.end_sessions.key(self.keys.live(&agent));
+        let mut call = self.scripts.write_sessions.key(self.keys.live(&agent));
         call.key(self.keys.events_of(&agent));
-        call.arg(retention_ms).arg(events_cap).arg(events_retention_ms);
-        for end in &ends {
+        call.arg(cap).arg(retention_ms);
+        for write in &writes {
+            call.arg(&write.event);
+            let Some(end) = &write.end else {
+                call.arg("event");
+                continue;
+            };
             call.key(&end.record);
             // A transition id per end: a retry after a lost answer is told "applied".
-            call.arg(end.sid.to_string())
+            call.arg("end")
+                .arg(end.sid.to_string())
                 .arg(Uuid::new_v4().simple().to_string())
-                .arg(&end.event)
+                .arg(end.ttl_ms)
                 .arg(end.fields.len() * 2);
             for (name, value) in &end.fields {
                 call.arg(*name).arg(value);
             }
         }
-        let count = ends.len();
-        let sent = self.run::<Vec<i64>>("end_session", Purpose::Commands, Request::Script(&call));
+        let count = writes.len();
+        let sent =
+            self.run::<Vec<i64>>("write_sessions", Purpose::Commands, Request::Script(&call));
         let answer = match sent.await {
             Ok(applied) if applied.len() == count => {
                 return applied.into_iter().map(|a| Ok(a == 1)).collect();
             }
-            Ok(applied) => unexpected("end_sessions", &[Value::Int(applied.len() as i64)]),
+            Ok(applied) => unexpected("write_sessions", &[Value::Int(applied.len() as i64)]),
             Err(e) => e,
         };
         (0..count).map(|_| Err(copy_of(&answer))).collect()
@@ -807,7 +823,7 @@ impl RedisStore {
     /// script's answer and how many replicas acknowledged.
     async fn open_durably(
         &self,
-        keys: &[String; 6],
+        keys: &[String; 5],
         args: &[String],
         replicas: u32,
         wait: Duration,
@@ -897,11 +913,11 @@ fn event_json(event: &SessionEvent) -> String {
     serde_json::to_string(event).expect("event serializes")
 }
 
-/// The same failure again, for each end of a batch that failed as one.
+/// The same failure again, for each write of a batch that failed as one.
 fn copy_of(failure: &StoreError) -> StoreError {
     match failure {
         StoreError::Redis { op, source } => {
-            let source = (source.kind(), "sent with other ends", source.to_string()).into();
+            let source = (source.kind(), "sent with other writes", source.to_string()).into();
             StoreError::Redis { op, source }
         }
         StoreError::Timeout { op, after } => StoreError::Timeout { op, after: *after },

@@ -13,7 +13,7 @@ use session_broker::{
     startup::Application,
     store::{
         AbandonRequest, Connected, EndReason, EventLog, Listing, MintRequest, Minted, OpenRequest,
-        SessionEvent, SessionRecord, SessionStore, Status, TokenUse, redis::RedisStore,
+        SessionRecord, SessionStore, Status, TokenUse, redis::RedisStore,
     },
 };
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -244,7 +244,6 @@ async fn a_terminated_session_s_token_is_never_given_back() {
     let Minted::Ok { fence: Some(fence) } = minted else { panic!("not minted: {minted:?}") };
     // A connect holds the token while it dials; meanwhile DELETE ends the session.
     let active = SessionRecord { status: Some(Status::Active), ..SessionRecord::default() };
-    let event = SessionEvent { at_ms: 0, session_id: sid, text: "connected".into() };
     let events = EventLog { cap: 10, retention: Duration::from_secs(60) };
     let open = |holder| OpenRequest {
         agent: "a.o",
@@ -260,8 +259,6 @@ async fn a_terminated_session_s_token_is_never_given_back() {
         active: &active,
         record_ttl: Duration::from_secs(60),
         listing: None,
-        event: &event,
-        events,
     };
     let connected = store.open_session(&open("connect")).await.unwrap();
     assert_eq!(connected, Connected::Ok { body: None });

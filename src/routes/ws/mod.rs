@@ -77,7 +77,8 @@ pub async fn connect(
             return Err(ApiError::BotUnreachable);
         }
     };
-    let session = LiveSession::new(state.into_inner(), reservation.activate());
+    let activated = reservation.activate(&state);
+    let session = LiveSession::new(state.into_inner(), activated);
     Ok(upgrade::switch(handshake, move |client, early| session.run(client, early, bot)))
 }
 

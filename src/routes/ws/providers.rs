@@ -125,7 +125,8 @@ async fn route(
     };
     // The bot parses the provider's opening itself, from the first messages: the relay starts
     // with every byte read so far.
-    LiveSession::new(state, reservation.activate()).run(client, read, bot).await
+    let activated = reservation.activate(&state);
+    LiveSession::new(state, activated).run(client, read, bot).await
 }
 
 /// Reads the client's frames into `read` up to and including `start`; returns the service host

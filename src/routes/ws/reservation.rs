@@ -145,9 +145,13 @@ impl Reservation {
         Ok(reservation)
     }
 
-    /// Makes the reservation a live session: the store already holds it as active.
-    pub fn activate(self) -> Activated {
+    /// Makes the reservation a live session, its bot having answered: the store already holds
+    /// it as active; the `connected` event is logged in the background.
+    pub fn activate(self, state: &AppState) -> Activated {
         let Self { agent, session_id, connected_ms, registration, stop, .. } = self;
+        let text =
+            format!("session {session_id} connected on {} ({})", state.replica_id, state.region);
+        state.log_event(&agent.service_host, session_id, text);
         let session = ActiveSession { agent, session_id, connected_ms };
         Activated { session, registration, stop }
     }
@@ -226,8 +230,6 @@ async fn open(
         connected_ms: Some(now),
         ..SessionRecord::default()
     };
-    let text = format!("session {sid} connected on {} ({})", state.replica_id, state.region);
-    let event = SessionEvent { at_ms: now, session_id: sid, text };
     let retention = state.leases.retention;
     let timed = token.is_some();
     let request = OpenRequest {
@@ -239,8 +241,6 @@ async fn open(
         lease: state.leases.lease,
         active: &active,
         record_ttl: state.active_record_ttl(max_duration),
-        event: &event,
-        events: state.event_log(),
     };
     let opening = Instant::now();
     let opened = state.store.open_session(&request).await;
