@@ -745,8 +745,6 @@ impl RedisStore {
         Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
     }
 
-    /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):
-    /// its token was never handed out, so its record and listing go.
     /// Sends `write` with the other writes of `agent` of the same few milliseconds, and
     /// answers what the store answered for it (for an end, whether its record moved to ended).
     async fn write_behind(
@@ -807,6 +805,8 @@ impl RedisStore {
         (0..count).map(|_| Err(copy_of(&answer))).collect()
     }
 
+    /// Undoes a mint whose call turned out to be over a rate limit (a Cluster's separate count):
+    /// its token was never handed out, so its record and listing go.
     async fn unmint(&self, mint: &MintRequest<'_>) {
         let mut pipe = redis::pipe();
         pipe.atomic()
