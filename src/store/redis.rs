@@ -782,10 +782,11 @@ impl RedisStore {
                 continue;
             };
             call.key(&end.record);
-            // A transition id per end: a retry after a lost answer is told "applied".
+            // The transition's id is the same on every try of this end (a session ends once):
+            // a try after an answer that was lost is told "applied", and logs no second event.
             call.arg("end")
                 .arg(end.sid.to_string())
-                .arg(Uuid::new_v4().simple().to_string())
+                .arg(format!("end-{}", end.sid.simple()))
                 .arg(end.ttl_ms)
                 .arg(end.fields.len() * 2);
             for (name, value) in &end.fields {

@@ -404,6 +404,40 @@ async fn an_end_the_store_refused_for_a_moment_is_recorded_later() {
     assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
 }
 
+/// An end whose answer was lost (Redis stopped: the request waits in its socket past the
+/// command timeout, and the replica tries again on another connection) is written once: every
+/// try of it reaches Redis, and one `ended` event is logged, not one per try.
+#[tokio::test]
+async fn an_end_whose_answer_was_lost_is_logged_once() {
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.redis.command_timeout = Duration::from_millis(300);
+    let app = TestApp::with(options, bot.clone()).await;
+    let (token, ws_url, sid) = app.start_session(TOKEN_AGENT).await;
+    let mut ws = connect(&ws_url, Some((&token, Via::Path))).await.unwrap();
+    assert_echo(&mut ws, Message::text("hi")).await;
+
+    redis.pause();
+    ws.close(None).await.unwrap();
+    // The first try and the next ones (250 and 500 ms later) time out, unanswered.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.resume();
+    let ended = record_with_status(&app, TOKEN_AGENT, &sid, "ended").await;
+    assert_eq!(ended["endReason"], "client_closed", "{ended}");
+    // The tries still on their way (a pause of up to 2 s between them) reach Redis too.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let host = format!("{TOKEN_AGENT}.{ORG}");
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "the slot is free");
+    let events = app.store.events(&host).await.unwrap();
+    let ends: Vec<&str> = events
+        .iter()
+        .filter(|e| e.session_id.to_string() == sid && e.text.contains(" ended: "))
+        .map(|e| e.text.as_str())
+        .collect();
+    assert_eq!(ends.len(), 1, "one end, one event: {ends:?}");
+}
+
 /// `EVALSHA` requests Redis has served so far.
 fn evalsha_calls(admin: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();

@@ -183,8 +183,8 @@ async fn end(
 /// replica's callers dropping at once, a store that stalls for a moment) can keep the store
 /// busy past one command timeout, and an end never recorded is taken for a lost replica once
 /// the lease lapses: the session is listed as `replica_lost` and counted as lost. The end is
-/// safe to repeat (013 frees the slot again and leaves an ended record as it is); a repeat after
-/// an answer that was lost logs the `ended` event twice.
+/// safe to repeat: 013 knows a repeat of an end it wrote (its answer was lost), frees the slot
+/// again and logs nothing more.
 async fn record_end(state: &AppState, request: &EndRequest<'_>) {
     // Leases are renewed every third of their time, so half of it is always left.
     if let Err(e) = retried(state.leases.lease / 2, || state.store.end_session(request)).await {
