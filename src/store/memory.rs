@@ -578,7 +578,7 @@ mod tests {
         assert_eq!(store.renew_leases("x", &[a, b], short).await.unwrap(), vec![a]);
     }
 
-    /// What a connect writes besides its token: the active record; and an event to log.
+    /// What a connect writes besides its token (the active record), and an event to log.
     struct Opening {
         active: SessionRecord,
         event: SessionEvent,
