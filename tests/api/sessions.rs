@@ -375,9 +375,8 @@ async fn the_cap_holds_across_replicas_and_a_refused_token_stays_usable() {
 
 /// A session whose end the store refuses for a moment (here: writes refused for want of
 /// replicas; as well a burst of ends that outlasts the command timeout, whose requests the
-/// client then never sends) is
-/// recorded with its own end once the store takes it: not taken for one lost with its replica
-/// when its lease lapses.
+/// client then never sends) is recorded with its own end once the store takes it: not taken for
+/// one lost with its replica when its lease lapses.
 #[tokio::test]
 async fn an_end_the_store_refused_for_a_moment_is_recorded_later() {
     let redis = RedisServer::start();
