@@ -19,7 +19,7 @@ impl Keyspace {
     /// `{prefix}:agent:{<agent.org>}:token:<sid>`: the consume mark of a session's token,
     /// holding the id of the connect that consumed it; lives as long as the token could still
     /// verify. Under the agent's hash tag, with everything else a connect touches, so that one
-    /// script does the whole connect on any topology (see `migrations-lua/014`).
+    /// script does the whole connect on any topology (see `migrations-lua/015`).
     pub fn token(&self, service_host: &str, sid: Uuid) -> String {
         format!("{}:agent:{{{service_host}}}:token:{sid}", self.prefix)
     }

@@ -230,14 +230,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// (once across all replicas, `holder` written in its mark) and reads the minted body if
     /// asked; then takes a slot under the cap and marks the record active (creating and listing
     /// it for a session without a token). A refusal leaves everything as it was. The `connected`
-    /// event is the caller's to log, once the bot has answered. See
-    /// `migrations-lua/014_open_session.lua`.
+    /// event is the caller's to log, once the bot has answered. On Redis the connects to an
+    /// agent that come while one is on the way go together as soon as it is answered (see
+    /// `migrations-lua/015_open_sessions.lua`).
     async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError>;
 
     /// The end of a session, in one request: its record moved to ended if it was pending or
     /// active, its slot let go, the event logged. Returns whether the record moved. On Redis the
     /// ends of an agent's sessions within a few milliseconds of each other go together (see
-    /// `migrations-lua/013_end_sessions.lua`): ends are off every caller's path.
+    /// `migrations-lua/013_write_sessions.lua`): ends are off every caller's path.
     async fn end_session(&self, end: &EndRequest<'_>) -> Result<bool, StoreError>;
 
     /// Undoes [`SessionStore::open_session`] for a connect whose bot could not be reached, in one

@@ -32,7 +32,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 14;
+pub const SCHEMA_VERSION: u32 = 15;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -55,8 +55,9 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/012_abandon_session.lua"),
     include_str!("../../migrations-lua/013_write_sessions.lua"),
     include_str!("../../migrations-lua/014_open_session.lua"),
+    include_str!("../../migrations-lua/015_open_sessions.lua"),
 ];
-/// Where [`MIGRATIONS`] holds the script of a connect, for sending it whole (see
+/// Where [`MIGRATIONS`] holds the script of one connect, for sending it whole (see
 /// `RedisStore::open_durably`).
 const OPEN_SESSION: usize = 13;
 
@@ -69,6 +70,24 @@ const WRITE_BATCH_MAX: usize = 100;
 
 /// What the writes sent together share: the agent, and its event log's cap and retention (ms).
 type WriteBatch = (String, usize, u64);
+
+/// The most connects of an agent sent together (`migrations-lua/015_open_sessions.lua`).
+const OPEN_BATCH_MAX: usize = 64;
+/// How often an open is sent with others before the connect fails: again only when the caller
+/// sending its batch gave up.
+const OPEN_TRIES: usize = 3;
+
+/// What the opens sent together share: the agent, its cap, and how long its session list keeps
+/// a session (ms).
+type OpenBatch = (String, u32, u64);
+
+/// A connect's open, waiting to be sent with others: its keys (the record, the consume mark)
+/// and its arguments, in the order `015_open_sessions.lua` reads them.
+struct QueuedOpen {
+    record: String,
+    mark: String,
+    args: Vec<String>,
+}
 
 /// A write off every caller's path, waiting to be sent with others: an event, with the end of
 /// its session or alone.
@@ -89,6 +108,7 @@ struct QueuedEnd {
 struct Scripts {
     mint_session: Script,
     open_session: Script,
+    open_sessions: Script,
     write_sessions: Script,
     abandon_session: Script,
     release_token_unless_ended: Script,
@@ -100,7 +120,8 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         // 001 is superseded by 006, 004 by 009, 003 and 008 by 010 and 010 by 014, and 011 by
-        // 013; `prepare` still loads every released one.
+        // 013; 014 opens a session alone (with WAIT), 015 several. `prepare` still loads every
+        // released one.
         let [
             _release_token,
             update_session,
@@ -116,10 +137,12 @@ impl Scripts {
             abandon_session,
             write_sessions,
             open_session,
+            open_sessions,
         ] = MIGRATIONS.map(Script::new);
         Self {
             mint_session,
             open_session,
+            open_sessions,
             write_sessions,
             abandon_session,
             release_token_unless_ended,
@@ -140,6 +163,12 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Writes waiting to be sent together.
     writes: super::batch::Batches<WriteBatch, QueuedWrite, Result<bool, StoreError>>,
+    /// Connects waiting for the one on the way, to be sent together.
+    opens: super::batch::Batches<
+        OpenBatch,
+        std::sync::Arc<QueuedOpen>,
+        Result<Vec<Value>, StoreError>,
+    >,
     terminations: broadcast::Sender<Uuid>,
     /// Failed operations, for the `redis_errors_total` metric.
     errors: std::sync::atomic::AtomicU64,
@@ -181,6 +210,7 @@ impl RedisStore {
             timeout: settings.command_timeout,
             scripts: Scripts::new(),
             writes: super::batch::Batches::new(WRITE_BATCH_WINDOW, WRITE_BATCH_MAX),
+            opens: super::batch::Batches::one_at_a_time(OPEN_BATCH_MAX),
             terminations,
             errors: Default::default(),
             subscriber,
@@ -320,13 +350,6 @@ impl SessionStore for RedisStore {
 
     async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError> {
         let (agent, sid) = (open.agent, open.sid);
-        let keys = [
-            self.keys.fence(agent),
-            self.keys.token(agent, sid),
-            self.keys.session(agent, sid),
-            self.keys.live(agent),
-            self.keys.sessions_of(agent),
-        ];
         let now = unix_ms();
         let ms = |d: Duration| d.as_millis().max(1).to_string();
         let token = open.token.as_ref();
@@ -339,16 +362,28 @@ impl SessionStore for RedisStore {
             now.to_string(),
             (now + open.lease.as_millis() as u64).to_string(),
             sid.to_string(),
-            open.cap.to_string(),
-            ms(open.record_ttl),
-            ms(open.listing.map_or(Duration::ZERO, |l| l.retention)),
         ];
-        for (name, value) in open.active.to_fields() {
-            args.push(name.to_owned());
-            args.push(value);
-        }
+        let record = self.keys.session(agent, sid);
+        let mark = self.keys.token(agent, sid);
+        let retention = open.listing.map_or(Duration::ZERO, |l| l.retention);
         let answer: Vec<Value> = match (self.durability, token) {
             (Some((replicas, wait)), Some(token)) => {
+                // 014's arguments: the cap after the session id, the listing's retention after
+                // the record's time to live.
+                args.push(open.cap.to_string());
+                args.push(ms(open.record_ttl));
+                args.push(ms(retention));
+                for (name, value) in open.active.to_fields() {
+                    args.push(name.to_owned());
+                    args.push(value);
+                }
+                let keys = [
+                    self.keys.fence(agent),
+                    mark,
+                    record,
+                    self.keys.live(agent),
+                    self.keys.sessions_of(agent),
+                ];
                 let (answer, acked) = self.open_durably(&keys, &args, replicas, wait).await?;
                 if outcome(&answer) == Some("ok") && acked < replicas {
                     // The consume might not survive a failover: undo the open and refuse for now.
@@ -373,9 +408,15 @@ impl SessionStore for RedisStore {
                 answer
             }
             _ => {
-                let mut call = self.scripts.open_session.key(&keys);
-                call.arg(&args);
-                self.run("open_session", Purpose::Commands, Request::Script(&call)).await?
+                args.push(ms(open.record_ttl));
+                let fields = open.active.to_fields();
+                args.push((fields.len() * 2).to_string());
+                for (name, value) in fields {
+                    args.push(name.to_owned());
+                    args.push(value);
+                }
+                let batch = (agent.to_owned(), open.cap, retention.as_millis().max(1) as u64);
+                self.open_together(batch, QueuedOpen { record, mark, args }).await?
             }
         };
         match outcome(&answer) {
@@ -743,6 +784,51 @@ impl RedisStore {
         let counts: Vec<u64> =
             self.run("rate_limit", Purpose::Commands, Request::Pipe(&pipe)).await?;
         Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
+    }
+
+    /// Sends `open` alone if none of the agent's opens is on the way, or else with the others
+    /// that came meanwhile once it is answered; answers the script's answer for this open. An
+    /// open whose batch's sender gave up (its client went away) is sent again: a retry of an open
+    /// goes on as if it had won (`015_open_sessions.lua`). When Redis stands still, a connect
+    /// waits for the request on the way and then its own: up to twice the command timeout.
+    async fn open_together(
+        &self,
+        batch: OpenBatch,
+        open: QueuedOpen,
+    ) -> Result<Vec<Value>, StoreError> {
+        let open = std::sync::Arc::new(open);
+        for _ in 0..OPEN_TRIES {
+            let (item, key) = (open.clone(), batch.clone());
+            let sent = self.opens.submit(key, item, |all| self.open_sessions(batch.clone(), all));
+            if let Some(answer) = sent.await {
+                return answer;
+            }
+        }
+        Err(StoreError::Timeout { op: "open_sessions", after: self.timeout })
+    }
+
+    /// Sends a batch of one agent's opens (`migrations-lua/015_open_sessions.lua`), and answers
+    /// each its own answer, or the batch's failure.
+    async fn open_sessions(
+        &self,
+        (agent, cap, retention_ms): OpenBatch,
+        opens: Vec<std::sync::Arc<QueuedOpen>>,
+    ) -> Vec<Result<Vec<Value>, StoreError>> {
+        let mut call = self.scripts.open_sessions.key(self.keys.fence(&agent));
+        call.key(self.keys.live(&agent)).key(self.keys.sessions_of(&agent));
+        call.arg(cap).arg(retention_ms);
+        for open in &opens {
+            call.key(&open.record).key(&open.mark).arg(&open.args);
+        }
+        let count = opens.len();
+        let sent =
+            self.run::<Vec<Vec<Value>>>("open_session", Purpose::Commands, Request::Script(&call));
+        let failure = match sent.await {
+            Ok(answers) if answers.len() == count => return answers.into_iter().map(Ok).collect(),
+            Ok(answers) => unexpected("open_sessions", &[Value::Int(answers.len() as i64)]),
+            Err(e) => e,
+        };
+        (0..count).map(|_| Err(copy_of(&failure))).collect()
     }
 
     /// Sends `write` with the other writes of `agent` of the same few milliseconds, and

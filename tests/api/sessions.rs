@@ -437,12 +437,12 @@ async fn an_end_whose_answer_was_lost_is_logged_once() {
     assert_eq!(ends.len(), 1, "one end, one event: {ends:?}");
 }
 
-/// `EVALSHA` requests Redis has served so far.
-fn evalsha_calls(admin: &mut redis::Connection) -> u64 {
+/// Calls of `command` Redis has served so far.
+fn command_calls(admin: &mut redis::Connection, command: &str) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
-    let line = info.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or_default();
-    let calls = line.split(['=', ',']).nth(1).unwrap_or("0");
-    calls.parse().unwrap()
+    let prefix = format!("cmdstat_{command}:calls=");
+    let line = info.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or("0");
+    line.split(',').next().unwrap().parse().unwrap()
 }
 
 /// The ends of an agent's sessions that close together reach Redis in a few requests, not one
@@ -463,7 +463,7 @@ async fn ends_that_come_together_are_written_together() {
     let host = format!("{TOKEN_AGENT}.{ORG}");
     assert_eq!(app.store.live_sessions(&host).await.unwrap(), SESSIONS as u64);
 
-    let before = evalsha_calls(&mut admin);
+    let before = command_calls(&mut admin, "evalsha");
     let closes = sessions
         .iter_mut()
         .map(|(ws, _)| ws.close(Some(CloseFrame { code: 1000.into(), reason: "bye".into() })));
@@ -474,7 +474,7 @@ async fn ends_that_come_together_are_written_together() {
         let ended = record_with_status(&app, TOKEN_AGENT, sid, "ended").await;
         assert_eq!(ended["endReason"], "client_closed", "{ended}");
     }
-    let requests = evalsha_calls(&mut admin) - before;
+    let requests = command_calls(&mut admin, "evalsha") - before;
     assert_eq!(app.store.live_sessions(&host).await.unwrap(), 0, "every slot is free");
     // One request would do; a slow machine may spread the closes over a few windows.
     assert!(requests <= SESSIONS as u64 / 3, "{requests} requests for {SESSIONS} ends");
@@ -490,6 +490,77 @@ async fn ends_that_come_together_are_written_together() {
         assert!(ended.starts_with(&format!("session {sid} ended: client_closed")), "{ended}");
         assert!(connected.starts_with(&format!("session {sid} connected on")), "{connected}");
     }
+}
+
+/// Connects to one agent that come while another is on its way to Redis go together in one
+/// request as soon as it is answered, and the cap holds within that request: of six connects
+/// to an agent capped at two, two are let in and four refused with the agent's 429, their tokens
+/// still unused.
+#[tokio::test]
+async fn connects_that_come_together_are_opened_together_within_the_cap() {
+    const CONNECTS: usize = 6;
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    // Redis stands still for a second below: long enough for every connect to be waiting.
+    options.settings.redis.command_timeout = Duration::from_secs(5);
+    let app = TestApp::with(options, bot.clone()).await;
+    let mut admin = redis.client();
+    let mut tokens = Vec::new();
+    for _ in 0..CONNECTS {
+        tokens.push(app.start_session(CAPPED_AGENT).await);
+    }
+
+    // Each open counts the agent's slots once per request (ZCOUNT), so the count of ZCOUNT
+    // calls is the count of requests.
+    let before = command_calls(&mut admin, "zcount");
+    redis.pause();
+    let connects = tokens.iter().map(|(token, ws_url, _)| {
+        let (token, ws_url) = (token.clone(), ws_url.clone());
+        tokio::spawn(async move { connect(&ws_url, Some((&token, Via::Path))).await })
+    });
+    let connects: Vec<_> = connects.collect();
+    // The first connect's request waits in Redis's socket; the others reach the broker, and
+    // wait for its answer.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    redis.resume();
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for (connected, session) in
+        futures_util::future::join_all(connects).await.into_iter().zip(&tokens)
+    {
+        match connected.unwrap() {
+            Ok(ws) => admitted.push(ws),
+            Err((status, body, _)) => {
+                assert_eq!(status, 429, "{body}");
+                assert_eq!(body["reason"], "agent_at_capacity", "{body}");
+                refused.push(session.clone());
+            }
+        }
+    }
+    assert_eq!(admitted.len(), CAP as usize, "the cap holds within one request");
+    assert_eq!(refused.len(), CONNECTS - CAP as usize);
+    let requests = command_calls(&mut admin, "zcount") - before;
+    assert_eq!(requests, 2, "the first connect alone, then the other five together");
+    for ws in &mut admitted {
+        assert_echo(ws, Message::text("let in")).await;
+    }
+    let host = format!("{CAPPED_AGENT}.{ORG}");
+    assert_eq!(app.store.live_sessions(&host).await.unwrap(), CAP as u64);
+
+    // A slot freed, a refused token is let in: refusing it wrote nothing of it.
+    let mut first = admitted.remove(0);
+    first.close(None).await.unwrap();
+    let (token, ws_url, sid) = &refused[0];
+    let mut ws = loop {
+        match connect(ws_url, Some((token, Via::Path))).await {
+            Ok(ws) => break ws,
+            Err((429, ..)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(other) => panic!("the refused token is still usable: {other:?}"),
+        }
+    };
+    assert_echo(&mut ws, Message::text("after a slot was freed")).await;
+    assert_eq!(record(&app, CAPPED_AGENT, sid).await["status"], "active");
 }
 
 #[tokio::test]
