@@ -222,7 +222,9 @@ impl<T: SessionStore + RegistryStore> Store for T {}
 pub trait SessionStore: Send + Sync + 'static {
     /// Everything `/start` needs, in one request: counts the call against its rate limits,
     /// checks the agent's cap and, for a token agent, makes sure of the fence and writes the
-    /// pending record and its listing. See `migrations-lua/007_mint_session.lua`.
+    /// pending record and its listing. See `migrations-lua/007_mint_session.lua`; on Redis the
+    /// calls of an agent that come while one is on the way go together as soon as it is answered
+    /// (`016_mint_sessions.lua`).
     async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError>;
 
     /// Everything a connect needs before the bot is dialled, and the start of its session, in

@@ -32,7 +32,7 @@ const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Schema version of the data this broker writes: the number of the newest file in
 /// `migrations-lua/`. Stored in Redis at start (see [`Store::prepare`]).
-pub const SCHEMA_VERSION: u32 = 15;
+pub const SCHEMA_VERSION: u32 = 16;
 /// The oldest schema version whose brokers can work with data written by this one. Raise it
 /// only with a change that older brokers would misread. Version 7 moved session records and
 /// consume marks under the agent's hash tag: a broker of version 6 or older would look for them
@@ -56,6 +56,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     include_str!("../../migrations-lua/013_write_sessions.lua"),
     include_str!("../../migrations-lua/014_open_session.lua"),
     include_str!("../../migrations-lua/015_open_sessions.lua"),
+    include_str!("../../migrations-lua/016_mint_sessions.lua"),
 ];
 /// Where [`MIGRATIONS`] holds the script of one connect, for sending it whole (see
 /// `RedisStore::open_durably`).
@@ -71,11 +72,27 @@ const WRITE_BATCH_MAX: usize = 100;
 /// What the writes sent together share: the agent, and its event log's cap and retention (ms).
 type WriteBatch = (String, usize, u64);
 
-/// The most connects of an agent sent together (`migrations-lua/015_open_sessions.lua`).
-const OPEN_BATCH_MAX: usize = 64;
-/// How often an open is sent with others before the connect fails: again only when the caller
-/// sending its batch gave up.
-const OPEN_TRIES: usize = 3;
+/// The most connects, or `/start` calls, of an agent sent together
+/// (`migrations-lua/015_open_sessions.lua`, `016_mint_sessions.lua`).
+const TOGETHER_MAX: usize = 64;
+/// How often a connect's open, or a `/start`'s mint, is sent with others before it fails: again
+/// only when the caller sending its batch gave up.
+const TOGETHER_TRIES: usize = 3;
+
+/// What a batch sent together answers each of its requests: the script's answer for it.
+type Together<K, T> = super::batch::Batches<K, std::sync::Arc<T>, Result<Vec<Value>, StoreError>>;
+
+/// What the mints sent together share: the agent, its cap, the rate window and how long its
+/// session list keeps a session (ms).
+type MintBatch = (String, u32, u64, u64);
+
+/// A `/start`'s mint, waiting to be sent with others: its keys (the record, then the rate
+/// counters counted in the script) and its arguments, in the order `016_mint_sessions.lua`
+/// reads them.
+struct QueuedMint {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
 
 /// What the opens sent together share: the agent, its cap, and how long its session list keeps
 /// a session (ms).
@@ -106,7 +123,7 @@ struct QueuedEnd {
 
 /// The scripts, by use.
 struct Scripts {
-    mint_session: Script,
+    mint_sessions: Script,
     open_session: Script,
     open_sessions: Script,
     write_sessions: Script,
@@ -120,8 +137,8 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         // 001 is superseded by 006, 004 by 009, 003 and 008 by 010 and 010 by 014, and 011 by
-        // 013; 014 opens a session alone (with WAIT), 015 several. `prepare` still loads every
-        // released one.
+        // 013, and 007 by 016; 014 opens a session alone (with WAIT), 015 several. `prepare`
+        // still loads every released one.
         let [
             _release_token,
             update_session,
@@ -129,7 +146,7 @@ impl Scripts {
             _renew_leases,
             claim_lapsed_leases,
             release_token_unless_ended,
-            mint_session,
+            _mint_session,
             _connect_session,
             renew_leases,
             _open_session,
@@ -138,9 +155,10 @@ impl Scripts {
             write_sessions,
             open_session,
             open_sessions,
+            mint_sessions,
         ] = MIGRATIONS.map(Script::new);
         Self {
-            mint_session,
+            mint_sessions,
             open_session,
             open_sessions,
             write_sessions,
@@ -164,11 +182,9 @@ pub struct RedisStore {
     /// Writes waiting to be sent together.
     writes: super::batch::Batches<WriteBatch, QueuedWrite, Result<bool, StoreError>>,
     /// Connects waiting for the one on the way, to be sent together.
-    opens: super::batch::Batches<
-        OpenBatch,
-        std::sync::Arc<QueuedOpen>,
-        Result<Vec<Value>, StoreError>,
-    >,
+    opens: Together<OpenBatch, QueuedOpen>,
+    /// `/start` calls waiting for the one on the way, to be sent together.
+    mints: Together<MintBatch, QueuedMint>,
     terminations: broadcast::Sender<Uuid>,
     /// Failed operations, for the `redis_errors_total` metric.
     errors: std::sync::atomic::AtomicU64,
@@ -210,7 +226,8 @@ impl RedisStore {
             timeout: settings.command_timeout,
             scripts: Scripts::new(),
             writes: super::batch::Batches::new(WRITE_BATCH_WINDOW, WRITE_BATCH_MAX),
-            opens: super::batch::Batches::one_at_a_time(OPEN_BATCH_MAX),
+            opens: super::batch::Batches::one_at_a_time(TOGETHER_MAX),
+            mints: super::batch::Batches::one_at_a_time(TOGETHER_MAX),
             terminations,
             errors: Default::default(),
             subscriber,
@@ -302,28 +319,33 @@ impl SessionStore for RedisStore {
         let apart = self.topology.is_cluster() && !mint.rates.is_empty();
         let rate_keys: Vec<String> =
             mint.rates.iter().map(|rate| self.keys.rate(&rate.bucket, now / window_ms)).collect();
-        let mut call = self.scripts.mint_session.key(self.keys.fence(mint.agent));
-        call.key(self.keys.live(mint.agent))
-            .key(self.keys.session(mint.agent, mint.sid))
-            .key(self.keys.sessions_of(mint.agent));
-        if !apart {
-            call.key(&rate_keys);
-        }
         let (ttl, retention) = mint.record.as_ref().map_or((0, 0), |(_, ttl, listing)| {
-            (ttl.as_millis().max(1) as u64, listing.retention.as_millis() as u64)
+            (ttl.as_millis().max(1) as u64, listing.retention.as_millis().max(1) as u64)
         });
-        call.arg(now).arg(mint.cap).arg(window_ms).arg(ttl).arg(retention);
-        call.arg(mint.sid.to_string());
-        if !apart {
-            call.arg(mint.rates.iter().map(|rate| rate.limit).collect::<Vec<_>>());
+        let mut keys = vec![self.keys.session(mint.agent, mint.sid)];
+        let mut args = vec![now.to_string(), ttl.to_string(), mint.sid.to_string()];
+        if apart {
+            args.push("0".into());
+        } else {
+            keys.extend(rate_keys.iter().cloned());
+            args.push(mint.rates.len().to_string());
+            args.extend(mint.rates.iter().map(|rate| rate.limit.to_string()));
         }
-        if let Some((record, ..)) = mint.record {
-            for (name, value) in record.to_fields() {
-                call.arg(name).arg(value);
-            }
+        let fields =
+            mint.record.as_ref().map(|(record, ..)| record.to_fields()).unwrap_or_default();
+        args.push((fields.len() * 2).to_string());
+        for (name, value) in fields {
+            args.push(name.to_owned());
+            args.push(value);
         }
-        let minted =
-            self.run::<Vec<Value>>("mint_session", Purpose::Commands, Request::Script(&call));
+        let batch = (mint.agent.to_owned(), mint.cap, window_ms, retention);
+        let minted = self.together(
+            &self.mints,
+            "mint_session",
+            batch,
+            QueuedMint { keys, args },
+            |b, all| self.mint_sessions(b, all),
+        );
         let answer = if apart {
             let (minted, within) = futures_util::future::join(
                 minted,
@@ -416,7 +438,9 @@ impl SessionStore for RedisStore {
                     args.push(value);
                 }
                 let batch = (agent.to_owned(), open.cap, retention.as_millis().max(1) as u64);
-                self.open_together(batch, QueuedOpen { record, mark, args }).await?
+                let open = QueuedOpen { record, mark, args };
+                let send = |batch, all| self.open_sessions(batch, all);
+                self.together(&self.opens, "open_session", batch, open, send).await?
             }
         };
         match outcome(&answer) {
@@ -786,25 +810,49 @@ impl RedisStore {
         Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
     }
 
-    /// Sends `open` alone if none of the agent's opens is on the way, or else with the others
-    /// that came meanwhile once it is answered; answers the script's answer for this open. An
-    /// open whose batch's sender gave up (its client went away) is sent again: a retry of an open
-    /// goes on as if it had won (`015_open_sessions.lua`). When Redis stands still, a connect
-    /// waits for the request on the way and then its own: up to twice the command timeout.
-    async fn open_together(
+    /// Sends `request` alone if none of the same `batch` is on the way, or else with the others
+    /// that came meanwhile once it is answered; answers the script's answer for this request. A
+    /// request whose batch's sender gave up (its client went away) is sent again: a retry of an
+    /// open goes on as if it had won (`015_open_sessions.lua`), and a retried mint writes the
+    /// same record again (`016_mint_sessions.lua`). When Redis stands still, a caller waits for
+    /// the request on the way and then its own: up to twice the command timeout.
+    async fn together<K, T, F>(
         &self,
-        batch: OpenBatch,
-        open: QueuedOpen,
-    ) -> Result<Vec<Value>, StoreError> {
-        let open = std::sync::Arc::new(open);
-        for _ in 0..OPEN_TRIES {
-            let (item, key) = (open.clone(), batch.clone());
-            let sent = self.opens.submit(key, item, |all| self.open_sessions(batch.clone(), all));
+        batches: &Together<K, T>,
+        op: &'static str,
+        batch: K,
+        request: T,
+        send: impl Fn(K, Vec<std::sync::Arc<T>>) -> F,
+    ) -> Result<Vec<Value>, StoreError>
+    where
+        K: std::hash::Hash + Eq + Clone,
+        F: std::future::Future<Output = Vec<Result<Vec<Value>, StoreError>>>,
+    {
+        let request = std::sync::Arc::new(request);
+        for _ in 0..TOGETHER_TRIES {
+            let key = batch.clone();
+            let sent = batches.submit(key, request.clone(), |all| send(batch.clone(), all));
             if let Some(answer) = sent.await {
                 return answer;
             }
         }
-        Err(StoreError::Timeout { op: "open_sessions", after: self.timeout })
+        Err(StoreError::Timeout { op, after: self.timeout })
+    }
+
+    /// Sends a batch of one agent's mints (`migrations-lua/016_mint_sessions.lua`), and answers
+    /// each its own answer, or the batch's failure.
+    async fn mint_sessions(
+        &self,
+        (agent, cap, window_ms, retention_ms): MintBatch,
+        mints: Vec<std::sync::Arc<QueuedMint>>,
+    ) -> Vec<Result<Vec<Value>, StoreError>> {
+        let mut call = self.scripts.mint_sessions.key(self.keys.fence(&agent));
+        call.key(self.keys.live(&agent)).key(self.keys.sessions_of(&agent));
+        call.arg(cap).arg(window_ms).arg(retention_ms);
+        for mint in &mints {
+            call.key(&mint.keys).arg(&mint.args);
+        }
+        self.answers("mint_session", &call, mints.len()).await
     }
 
     /// Sends a batch of one agent's opens (`migrations-lua/015_open_sessions.lua`), and answers
@@ -820,12 +868,21 @@ impl RedisStore {
         for open in &opens {
             call.key(&open.record).key(&open.mark).arg(&open.args);
         }
-        let count = opens.len();
-        let sent =
-            self.run::<Vec<Vec<Value>>>("open_session", Purpose::Commands, Request::Script(&call));
+        self.answers("open_session", &call, opens.len()).await
+    }
+
+    /// Sends a script of `count` requests sent together, and answers each its own answer, or
+    /// the script's failure.
+    async fn answers(
+        &self,
+        op: &'static str,
+        call: &ScriptInvocation<'_>,
+        count: usize,
+    ) -> Vec<Result<Vec<Value>, StoreError>> {
+        let sent = self.run::<Vec<Vec<Value>>>(op, Purpose::Commands, Request::Script(call));
         let failure = match sent.await {
             Ok(answers) if answers.len() == count => return answers.into_iter().map(Ok).collect(),
-            Ok(answers) => unexpected("open_sessions", &[Value::Int(answers.len() as i64)]),
+            Ok(answers) => unexpected(op, &[Value::Int(answers.len() as i64)]),
             Err(e) => e,
         };
         (0..count).map(|_| Err(copy_of(&failure))).collect()

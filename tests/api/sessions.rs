@@ -563,6 +563,55 @@ async fn connects_that_come_together_are_opened_together_within_the_cap() {
     assert_eq!(record(&app, CAPPED_AGENT, sid).await["status"], "active");
 }
 
+/// `/start` calls of one agent that come while another is on its way to Redis go together in
+/// one request as soon as it is answered, and each is counted against the rate limit in turn:
+/// of seven calls from one address allowed four, four get a token that connects and three the
+/// limit's 429.
+#[tokio::test]
+async fn starts_that_come_together_are_minted_together_within_the_rate() {
+    const CALLS: usize = 7;
+    const RATE: usize = 4;
+    let redis = RedisServer::start();
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(Some(redis.url()), &bot);
+    options.settings.redis.command_timeout = Duration::from_secs(5);
+    options.settings.limits.start_rate_per_address = RATE as u64;
+    let app = TestApp::with(options, bot.clone()).await;
+    let mut admin = redis.client();
+
+    // Each mint counts the agent's slots once per request (ZCOUNT).
+    let before = command_calls(&mut admin, "zcount");
+    redis.pause();
+    let calls = futures_util::future::join_all(
+        (0..CALLS).map(|_| app.post_start(TOKEN_AGENT, Some(KEY), "{}")),
+    );
+    let resume = async {
+        // The first call's request waits in Redis's socket; the others wait for its answer.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        redis.resume();
+    };
+    let (answers, ()) = futures_util::future::join(calls, resume).await;
+    let mut tokens = Vec::new();
+    for answer in answers {
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap();
+        match status.as_u16() {
+            200 => tokens.push(body),
+            429 => assert_eq!(body["code"], "429", "{body}"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(tokens.len(), RATE, "the rate holds within one request");
+    let requests = command_calls(&mut admin, "zcount") - before;
+    assert_eq!(requests, 2, "the first call alone, then the other six together");
+    for minted in &tokens {
+        let (token, ws_url) =
+            (minted["token"].as_str().unwrap(), minted["wsUrl"].as_str().unwrap());
+        let mut ws = connect(ws_url, Some((token, Via::Path))).await.unwrap();
+        assert_echo(&mut ws, Message::text("minted together")).await;
+    }
+}
+
 #[tokio::test]
 async fn a_killed_replica_loses_its_sessions_and_frees_their_slots() {
     let redis = RedisServer::start();
