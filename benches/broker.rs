@@ -155,7 +155,7 @@ async fn run(plan: Plan, pinning: bool) {
     );
 
     if let Some(at) = std::env::args().position(|a| a == "--profile") {
-        // Churn of token-less sessions for a profiler to watch: `perf record -p <pid>`.
+        // Churn of sessions for a profiler to watch: `perf record -p <pid>`.
         let seconds = std::env::args().nth(at + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
         println!(
             "broker pid {} (redis {}, bot {}): {seconds} s of connect+echo+close",
@@ -172,7 +172,10 @@ async fn run(plan: Plan, pinning: bool) {
             println!("{:.0} sessions/s", churn.rate);
             return;
         }
-        let churn = phase(&plan, 32, session_worker(broker_addr, Target::Open)).await;
+        // `--token`: sessions of a token agent, each with its /start.
+        let target =
+            if std::env::args().any(|a| a == "--token") { Target::Broker } else { Target::Open };
+        let churn = phase(&plan, 32, session_worker(broker_addr, target)).await;
         println!("{:.0} sessions/s", churn.rate);
         return;
     }

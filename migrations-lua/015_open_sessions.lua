@@ -1,8 +1,8 @@
 -- 015_open_sessions: what 014 does for one connect, for several connects to one agent in one
--- request. A replica's connects to an agent go one request at a time: those that come while one
--- is on the way go together as soon as it is answered (src/store/batch.rs). A lone connect costs
--- no wait; a busy agent costs Redis one script, one fence and one count of its slots per round
--- trip instead of per connect (BENCHMARKS.md).
+-- request: those a replica's thread handles at the same moment (src/store/batch.rs,
+-- `same_turn`). None waits for another's answer, so a connect still costs one round trip; a busy
+-- agent costs Redis one script, one fence check and one count of its slots per batch instead of
+-- per connect (BENCHMARKS.md).
 --
 -- Each open is 014's, in the order given: for a token session the fence, the token's one-time
 -- consume and the body minted with it; for every session a slot under the agent's cap, and the

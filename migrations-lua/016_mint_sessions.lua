@@ -1,8 +1,8 @@
 -- 016_mint_sessions: what 007 does for one /start, for several /start calls of one agent in one
--- request. A replica's /start calls of an agent go one request at a time: those that come while
--- one is on the way go together as soon as it is answered (src/store/batch.rs), as connects do
--- (015). A busy agent costs Redis one script, one fence check and one count of its slots per
--- round trip instead of per call (BENCHMARKS.md).
+-- request: those a replica's thread handles at the same moment (src/store/batch.rs,
+-- `same_turn`), as connects (015). None waits for another's answer; a busy agent costs Redis one
+-- script, one fence check and one count of its slots per batch instead of per call
+-- (BENCHMARKS.md).
 --
 -- Each mint is 007's, in the order given: its rate limits counted (and the call refused, with
 -- nothing else written, over any of them), the agent's cap checked, and for a token agent the

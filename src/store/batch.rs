@@ -4,11 +4,11 @@
 //!   of that key that came meanwhile in one request. For writes off a caller's critical path,
 //!   such as a session's end, where each request to Redis costs more than the work it carries
 //!   (see `migrations-lua/013_write_sessions.lua`).
-//! - [`Batches::one_at_a_time`]: no window; a key's batches go one after another. A write that
-//!   finds none of its key's batches on the way goes at once, alone; the writes that come while
-//!   one is on the way go together as soon as it is answered. For writes on a caller's path,
-//!   such as a connect's open (`migrations-lua/015_open_sessions.lua`): an idle key costs no
-//!   wait, and a busy one costs a request per round trip instead of one per write.
+//! - [`Batches::same_turn`]: no window; the first of a key's writes gives the other tasks of its
+//!   thread one turn, then sends every write of that key that came meanwhile. For writes on a
+//!   caller's path, such as a connect's open (`migrations-lua/015_open_sessions.lua`): the
+//!   requests a thread handles at the same moment go as one, and none waits for an answer to
+//!   another (a far Redis costs each caller one round trip, however many are on the way).
 //!
 //! No task of its own: the first caller of a batch sends it, and the others wait for their
 //! answers. A sender dropped before it has answered (its caller gave up) drops the others'
@@ -29,11 +29,8 @@ pub struct Batches<K, T, R> {
     open: Mutex<HashMap<K, Arc<Batch<T, R>>>>,
     /// How long the first write of a batch waits for others.
     window: Duration,
-    /// A batch this full is sent at once (after the one on the way, one at a time).
+    /// A batch this full is sent at once.
     max: usize,
-    /// One at a time: per key, held while one of its batches is on the way. A key's lock stays
-    /// once made (keys are agents, which are few).
-    sending: Option<Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 struct Batch<T, R> {
@@ -43,12 +40,12 @@ struct Batch<T, R> {
 
 impl<K: Hash + Eq + Clone, T, R> Batches<K, T, R> {
     pub fn new(window: Duration, max: usize) -> Self {
-        Self { open: Mutex::default(), window, max: max.max(1), sending: None }
+        Self { open: Mutex::default(), window, max: max.max(1) }
     }
 
-    /// Batches that wait for no window, and of which one per key is on the way at a time.
-    pub fn one_at_a_time(max: usize) -> Self {
-        Self { sending: Some(Mutex::default()), ..Self::new(Duration::ZERO, max) }
+    /// Batches that wait one turn of the thread's other tasks, not a window.
+    pub fn same_turn(max: usize) -> Self {
+        Self::new(Duration::ZERO, max)
     }
 
     /// Adds `item` to the open batch of `key`, and answers what `send` answered for it: `send`
@@ -79,22 +76,19 @@ impl<K: Hash + Eq + Clone, T, R> Batches<K, T, R> {
             (batch, leads)
         };
         if leads {
-            let sending = self.sending.as_ref().map(|locks| {
-                let mut locks = locks.lock().unwrap_or_else(|e| e.into_inner());
-                locks.entry(key.clone()).or_default().clone()
-            });
             let mut closing = Closing { batches: self, key: Some(key), batch: &batch };
-            if !self.window.is_zero() {
+            if self.window.is_zero() {
+                // The tasks that are ready, and those whose sockets are (the runtime polls its
+                // I/O driver before it wakes a task that yielded), run first.
+                if !closing.is_full() {
+                    tokio::task::yield_now().await;
+                }
+            } else {
                 tokio::select! {
                     () = tokio::time::sleep(self.window) => {}
                     () = batch.full.notified() => {}
                 }
             }
-            // Held until this batch is answered: the key's next batch fills meanwhile.
-            let _sending = match &sending {
-                Some(lock) => Some(lock.lock().await),
-                None => None,
-            };
             let (items, answers): (Vec<T>, Vec<_>) = closing.close().into_iter().unzip();
             let results = send(items).await;
             for (answer, result) in answers.into_iter().zip(results) {
@@ -114,6 +108,11 @@ struct Closing<'a, K: Hash + Eq, T, R> {
 }
 
 impl<K: Hash + Eq, T, R> Closing<'_, K, T, R> {
+    /// Whether the batch is closed to newcomers already, being full.
+    fn is_full(&self) -> bool {
+        self.batch.items.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.batches.max
+    }
+
     fn close(&mut self) -> Vec<(T, oneshot::Sender<R>)> {
         let Some(key) = self.key.take() else { return Vec::new() };
         let mut open = self.batches.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,29 +199,41 @@ mod tests {
         assert_eq!(batches.submit("agent", 3, send).await, Some(6));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn one_at_a_time_a_lone_write_goes_at_once_and_the_rest_wait_for_its_answer() {
-        let batches = Batches::one_at_a_time(100);
+    #[tokio::test]
+    async fn same_turn_writes_go_together_and_none_waits_for_another_answer() {
+        let batches = Batches::same_turn(100);
         let sizes = Mutex::new(Vec::new());
-        // Each request takes a second to be answered.
+        let (answer, answered) = tokio::sync::watch::channel(false);
+        // Each request is answered when the test says so.
         let send = |items: Vec<u32>| {
             sizes.lock().unwrap().push(items.len());
+            let mut answered = answered.clone();
             async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                answered.wait_for(|go| *go).await.unwrap();
                 items.into_iter().map(|i| i * 2).collect()
             }
         };
-        let started = tokio::time::Instant::now();
-        assert_eq!(batches.submit("agent", 1, send).await, Some(2));
-        assert_eq!(started.elapsed(), Duration::from_secs(1), "no window: sent at once");
-        let answers = futures_util::future::join_all(
-            [1, 2, 3, 4, 5]
-                .map(|i| batches.submit(if i == 5 { "other" } else { "agent" }, i, send)),
-        )
-        .await;
-        assert_eq!(answers, [Some(2), Some(4), Some(6), Some(8), Some(10)]);
-        // "agent": 1 at once, then 2, 3 and 4 together once it was answered; "other" apart.
-        assert_eq!(*sizes.lock().unwrap(), [1, 1, 1, 3]);
-        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        // Three writes in the same turn, "other" apart.
+        let first = futures_util::future::join_all(
+            [1, 2, 3, 4].map(|i| batches.submit(if i == 4 { "other" } else { "agent" }, i, send)),
+        );
+        // A write of a later turn, while the first batch waits for its answer, goes at once.
+        let later = async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let later = batches.submit("agent", 5, send);
+            tokio::pin!(later);
+            for _ in 0..10 {
+                assert!(futures_util::poll!(later.as_mut()).is_pending());
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(*sizes.lock().unwrap(), [3, 1, 1], "sent without waiting for an answer");
+            answer.send(true).unwrap();
+            later.await
+        };
+        let (first, later) = futures_util::future::join(first, later).await;
+        assert_eq!(first, [Some(2), Some(4), Some(6), Some(8)]);
+        assert_eq!(later, Some(10));
     }
 }

@@ -223,7 +223,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Everything `/start` needs, in one request: counts the call against its rate limits,
     /// checks the agent's cap and, for a token agent, makes sure of the fence and writes the
     /// pending record and its listing. See `migrations-lua/007_mint_session.lua`; on Redis the
-    /// calls of an agent that come while one is on the way go together as soon as it is answered
+    /// calls of an agent that a replica handles at the same moment go together
     /// (`016_mint_sessions.lua`).
     async fn mint_session(&self, mint: &MintRequest<'_>) -> Result<Minted, StoreError>;
 
@@ -233,7 +233,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// asked; then takes a slot under the cap and marks the record active (creating and listing
     /// it for a session without a token). A refusal leaves everything as it was. The `connected`
     /// event is the caller's to log, once the bot has answered. On Redis the connects to an
-    /// agent that come while one is on the way go together as soon as it is answered (see
+    /// agent that a replica handles at the same moment go together (see
     /// `migrations-lua/015_open_sessions.lua`).
     async fn open_session(&self, open: &OpenRequest<'_>) -> Result<Connected, StoreError>;
 

@@ -181,9 +181,9 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Writes waiting to be sent together.
     writes: super::batch::Batches<WriteBatch, QueuedWrite, Result<bool, StoreError>>,
-    /// Connects waiting for the one on the way, to be sent together.
+    /// Connects of the same moment, to be sent together.
     opens: Together<OpenBatch, QueuedOpen>,
-    /// `/start` calls waiting for the one on the way, to be sent together.
+    /// `/start` calls of the same moment, to be sent together.
     mints: Together<MintBatch, QueuedMint>,
     terminations: broadcast::Sender<Uuid>,
     /// Failed operations, for the `redis_errors_total` metric.
@@ -226,8 +226,8 @@ impl RedisStore {
             timeout: settings.command_timeout,
             scripts: Scripts::new(),
             writes: super::batch::Batches::new(WRITE_BATCH_WINDOW, WRITE_BATCH_MAX),
-            opens: super::batch::Batches::one_at_a_time(TOGETHER_MAX),
-            mints: super::batch::Batches::one_at_a_time(TOGETHER_MAX),
+            opens: super::batch::Batches::same_turn(TOGETHER_MAX),
+            mints: super::batch::Batches::same_turn(TOGETHER_MAX),
             terminations,
             errors: Default::default(),
             subscriber,
@@ -810,12 +810,11 @@ impl RedisStore {
         Ok(counts.iter().zip(rates).all(|(count, rate)| *count <= rate.limit))
     }
 
-    /// Sends `request` alone if none of the same `batch` is on the way, or else with the others
-    /// that came meanwhile once it is answered; answers the script's answer for this request. A
-    /// request whose batch's sender gave up (its client went away) is sent again: a retry of an
-    /// open goes on as if it had won (`015_open_sessions.lua`), and a retried mint writes the
-    /// same record again (`016_mint_sessions.lua`). When Redis stands still, a caller waits for
-    /// the request on the way and then its own: up to twice the command timeout.
+    /// Sends `request` with the others of the same `batch` that this thread handles at the same
+    /// moment (`Batches::same_turn`), and answers the script's answer for it. A request whose
+    /// batch's sender gave up (its client went away) is sent again: a retry of an open goes on
+    /// as if it had won (`015_open_sessions.lua`), and a retried mint writes the same record
+    /// again (`016_mint_sessions.lua`).
     async fn together<K, T, F>(
         &self,
         batches: &Together<K, T>,

@@ -6,6 +6,7 @@ use futures_util::SinkExt;
 use reqwest::Method;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
+use uuid::Uuid;
 
 use crate::{on_both_stores, support::*};
 
@@ -437,12 +438,19 @@ async fn an_end_whose_answer_was_lost_is_logged_once() {
     assert_eq!(ends.len(), 1, "one end, one event: {ends:?}");
 }
 
+/// Calls of each command Redis has served so far, by name (`INFO commandstats`).
+fn commands_served(admin: &mut redis::Connection) -> std::collections::HashMap<String, u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
+    let calls = |line: &str| {
+        let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+        Some((name.to_owned(), stats.split(',').next()?.parse().ok()?))
+    };
+    info.lines().filter_map(calls).collect()
+}
+
 /// Calls of `command` Redis has served so far.
 fn command_calls(admin: &mut redis::Connection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    let line = info.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or("0");
-    line.split(',').next().unwrap().parse().unwrap()
+    commands_served(admin).get(command).copied().unwrap_or(0)
 }
 
 /// The ends of an agent's sessions that close together reach Redis in a few requests, not one
@@ -492,12 +500,147 @@ async fn ends_that_come_together_are_written_together() {
     }
 }
 
-/// Connects to one agent that come while another is on its way to Redis go together in one
-/// request as soon as it is answered, and the cap holds within that request: of six connects
-/// to an agent capped at two, two are let in and four refused with the agent's 429, their tokens
-/// still unused.
+/// A Redis store of its own, on `redis`.
+async fn redis_store(redis: &RedisServer) -> session_broker::store::redis::RedisStore {
+    use secrecy::SecretString;
+    use session_broker::{config::RedisSettings, store::SessionStore};
+    let url = Some(SecretString::from(redis.url()));
+    let store = session_broker::store::redis::RedisStore::new(&RedisSettings {
+        url,
+        ..RedisSettings::default()
+    })
+    .unwrap();
+    store.prepare().await.unwrap();
+    store
+}
+
+/// The connects a replica handles at the same moment reach Redis as one request
+/// (`015_open_sessions.lua`), and each is decided in turn within it: the cap holds, and of two
+/// consumes of one token the first wins.
 #[tokio::test]
-async fn connects_that_come_together_are_opened_together_within_the_cap() {
+async fn opens_of_the_same_moment_go_in_one_request_each_decided_in_turn() {
+    use session_broker::store::{
+        Connected, Listing, MintRequest, Minted, OpenRequest, SessionRecord, SessionStore, Status,
+        TokenUse,
+    };
+    let redis = RedisServer::start();
+    let store = redis_store(&redis).await;
+    let mut admin = redis.client();
+    let (agent, minute) = ("a.o", Duration::from_secs(60));
+    let active = SessionRecord { status: Some(Status::Active), ..SessionRecord::default() };
+    fn open<'a>(
+        agent: &'a str,
+        sid: Uuid,
+        token: Option<TokenUse<'a>>,
+        active: &'a SessionRecord,
+    ) -> OpenRequest<'a> {
+        let minute = Duration::from_secs(60);
+        OpenRequest {
+            agent,
+            sid,
+            listing: token.is_none().then_some(Listing { agent, created_ms: 0, retention: minute }),
+            token,
+            cap: 2,
+            lease: minute,
+            active,
+            record_ttl: minute,
+        }
+    }
+
+    // Six sessions without a token, at a cap of two.
+    let sids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    let (requests, counts) =
+        (command_calls(&mut admin, "evalsha"), command_calls(&mut admin, "zcount"));
+    let opens: Vec<_> = sids.iter().map(|sid| open(agent, *sid, None, &active)).collect();
+    let opened = futures_util::future::join_all(opens.iter().map(|o| store.open_session(o))).await;
+    let opened: Vec<Connected> = opened.into_iter().map(Result::unwrap).collect();
+    let ok = Connected::Ok { body: None };
+    let full = Connected::AtCapacity;
+    assert_eq!(opened, [ok.clone(), ok.clone(), full.clone(), full.clone(), full.clone(), full]);
+    assert_eq!(command_calls(&mut admin, "evalsha") - requests, 1, "one request for six");
+    assert_eq!(command_calls(&mut admin, "zcount") - counts, 1, "the slots counted once");
+    assert_eq!(store.live_sessions(agent).await.unwrap(), 2);
+    let listed = store.list_sessions(agent, 100).await.unwrap();
+    assert_eq!(listed.len(), 2, "the refused are not listed: {listed:?}");
+
+    // One token, two connects at once: the first consumes it, the second is a replay.
+    let (agent, sid) = ("t.o", Uuid::new_v4());
+    let pending = SessionRecord::pending(agent, 0, u64::MAX / 2, "r");
+    let listing = Listing { agent, created_ms: 0, retention: minute };
+    let mint = MintRequest {
+        agent,
+        sid,
+        cap: 0,
+        rates: &[],
+        rate_window: minute,
+        record: Some((&pending, minute, listing)),
+    };
+    let Minted::Ok { fence: Some(fence) } = store.mint_session(&mint).await.unwrap() else {
+        panic!("not minted")
+    };
+    let token = |holder| TokenUse { fence: &fence, holder, mark_ttl: minute, want_body: false };
+    let first = open(agent, sid, Some(token("first")), &active);
+    let second = open(agent, sid, Some(token("second")), &active);
+    let requests = command_calls(&mut admin, "evalsha");
+    let (first, second) =
+        futures_util::future::join(store.open_session(&first), store.open_session(&second)).await;
+    assert_eq!(command_calls(&mut admin, "evalsha") - requests, 1);
+    assert_eq!(first.unwrap(), Connected::Ok { body: None });
+    assert_eq!(second.unwrap(), Connected::Replayed);
+}
+
+/// The `/start` calls a replica handles at the same moment reach Redis as one request
+/// (`016_mint_sessions.lua`), each counted against the rate limit in turn, with one fence check
+/// for all.
+#[tokio::test]
+async fn mints_of_the_same_moment_go_in_one_request_each_counted_in_turn() {
+    use session_broker::store::{
+        Listing, MintRequest, Minted, RateCount, SessionRecord, SessionStore,
+    };
+    let redis = RedisServer::start();
+    let store = redis_store(&redis).await;
+    let mut admin = redis.client();
+    let (agent, minute) = ("a.o", Duration::from_secs(60));
+    let pending = SessionRecord::pending(agent, 0, u64::MAX / 2, "r");
+    let rates = [RateCount { bucket: "address".into(), limit: 4 }];
+    let sids: Vec<Uuid> = (0..7).map(|_| Uuid::new_v4()).collect();
+    let mints: Vec<_> = sids
+        .iter()
+        .map(|sid| MintRequest {
+            agent,
+            sid: *sid,
+            cap: 5,
+            rates: &rates,
+            rate_window: minute,
+            record: Some((&pending, minute, Listing { agent, created_ms: 0, retention: minute })),
+        })
+        .collect();
+    let before = commands_served(&mut admin);
+    let minted = futures_util::future::join_all(mints.iter().map(|m| store.mint_session(m))).await;
+    let after = commands_served(&mut admin);
+    let served = |command: &str| after[command] - before.get(command).copied().unwrap_or(0);
+    // INFO: the script's fence check, and the first INFO commandstats above.
+    assert_eq!([served("evalsha"), served("info") - 1], [1, 1], "one request, one fence check");
+    let minted: Vec<Minted> = minted.into_iter().map(Result::unwrap).collect();
+    let fences: Vec<&Option<String>> = minted
+        .iter()
+        .filter_map(|m| match m {
+            Minted::Ok { fence } => Some(fence),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fences.len(), 4, "{minted:?}");
+    assert!(fences.iter().all(|f| f.is_some() && *f == fences[0]), "one fence: {minted:?}");
+    assert_eq!(minted[4..], [Minted::RateLimited, Minted::RateLimited, Minted::RateLimited]);
+    let listed = store.list_sessions(agent, 100).await.unwrap();
+    assert_eq!(listed.len(), 4, "the refused left no record: {listed:?}");
+}
+
+/// Connects that all wait on a Redis that stands still are let in within the cap when it
+/// answers: of six connects to an agent capped at two, two are let in and four refused with the
+/// agent's 429, their tokens still unused.
+#[tokio::test]
+async fn connects_waiting_together_on_redis_are_let_in_within_the_cap() {
     const CONNECTS: usize = 6;
     let redis = RedisServer::start();
     let bot = TestBot::start().await;
@@ -505,23 +648,18 @@ async fn connects_that_come_together_are_opened_together_within_the_cap() {
     // Redis stands still for a second below: long enough for every connect to be waiting.
     options.settings.redis.command_timeout = Duration::from_secs(5);
     let app = TestApp::with(options, bot.clone()).await;
-    let mut admin = redis.client();
     let mut tokens = Vec::new();
     for _ in 0..CONNECTS {
         tokens.push(app.start_session(CAPPED_AGENT).await);
     }
 
-    // Each open counts the agent's slots once per request (ZCOUNT), so the count of ZCOUNT
-    // calls is the count of requests.
-    let before = command_calls(&mut admin, "zcount");
     redis.pause();
     let connects = tokens.iter().map(|(token, ws_url, _)| {
         let (token, ws_url) = (token.clone(), ws_url.clone());
         tokio::spawn(async move { connect(&ws_url, Some((&token, Via::Path))).await })
     });
     let connects: Vec<_> = connects.collect();
-    // The first connect's request waits in Redis's socket; the others reach the broker, and
-    // wait for its answer.
+    // Every connect's request waits in Redis's socket.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     redis.resume();
     let mut admitted = Vec::new();
@@ -538,10 +676,8 @@ async fn connects_that_come_together_are_opened_together_within_the_cap() {
             }
         }
     }
-    assert_eq!(admitted.len(), CAP as usize, "the cap holds within one request");
+    assert_eq!(admitted.len(), CAP as usize, "the cap holds");
     assert_eq!(refused.len(), CONNECTS - CAP as usize);
-    let requests = command_calls(&mut admin, "zcount") - before;
-    assert_eq!(requests, 2, "the first connect alone, then the other five together");
     for ws in &mut admitted {
         assert_echo(ws, Message::text("let in")).await;
     }
@@ -563,12 +699,11 @@ async fn connects_that_come_together_are_opened_together_within_the_cap() {
     assert_eq!(record(&app, CAPPED_AGENT, sid).await["status"], "active");
 }
 
-/// `/start` calls of one agent that come while another is on its way to Redis go together in
-/// one request as soon as it is answered, and each is counted against the rate limit in turn:
-/// of seven calls from one address allowed four, four get a token that connects and three the
-/// limit's 429.
+/// `/start` calls that all wait on a Redis that stands still are counted against the rate
+/// limit one by one when it answers: of seven calls from one address allowed four, four get a
+/// token that connects and three the limit's 429.
 #[tokio::test]
-async fn starts_that_come_together_are_minted_together_within_the_rate() {
+async fn starts_waiting_together_on_redis_are_minted_within_the_rate() {
     const CALLS: usize = 7;
     const RATE: usize = 4;
     let redis = RedisServer::start();
@@ -577,16 +712,12 @@ async fn starts_that_come_together_are_minted_together_within_the_rate() {
     options.settings.redis.command_timeout = Duration::from_secs(5);
     options.settings.limits.start_rate_per_address = RATE as u64;
     let app = TestApp::with(options, bot.clone()).await;
-    let mut admin = redis.client();
-
-    // Each mint counts the agent's slots once per request (ZCOUNT).
-    let before = command_calls(&mut admin, "zcount");
     redis.pause();
     let calls = futures_util::future::join_all(
         (0..CALLS).map(|_| app.post_start(TOKEN_AGENT, Some(KEY), "{}")),
     );
     let resume = async {
-        // The first call's request waits in Redis's socket; the others wait for its answer.
+        // Every call's request waits in Redis's socket.
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         redis.resume();
     };
@@ -601,9 +732,7 @@ async fn starts_that_come_together_are_minted_together_within_the_rate() {
             other => panic!("{other}: {body}"),
         }
     }
-    assert_eq!(tokens.len(), RATE, "the rate holds within one request");
-    let requests = command_calls(&mut admin, "zcount") - before;
-    assert_eq!(requests, 2, "the first call alone, then the other six together");
+    assert_eq!(tokens.len(), RATE, "the rate holds");
     for minted in &tokens {
         let (token, ws_url) =
             (minted["token"].as_str().unwrap(), minted["wsUrl"].as_str().unwrap());
