@@ -60,6 +60,10 @@ struct Plan {
     far_samples: usize,
 }
 
+/// Clients at once in the far-store figure's second half.
+const FAR_AT_A_TIME: usize = 8;
+const AT_A_TIME_LABEL: &str = "8 at a time";
+
 /// The added round-trip time to Redis of the far-store figure.
 const FAR_RTT: Duration = Duration::from_millis(50);
 
@@ -333,7 +337,7 @@ async fn run(plan: Plan, pinning: bool) {
 
     // The far store: a broker of its own (rate limits on, as shipped), near Redis and behind
     // the delay proxy, sessions opened one at a time.
-    let mut far = Vec::new();
+    let (mut far, mut far_together) = (Vec::new(), Vec::new());
     for rtt in [Duration::ZERO, FAR_RTT] {
         let redis_addr = match rtt.is_zero() {
             true => redis.addr,
@@ -344,14 +348,20 @@ async fn run(plan: Plan, pinning: bool) {
             ("BROKER__LIMITS__START_RATE_PER_ADDRESS", "1000000"),
         ];
         let distant = Proc::broker(&server_prefix, &redis_addr, agents.path(), &bot_url, &limits);
-        far.push((rtt, far_figures(distant.addr, plan.far_samples).await));
+        far.push((rtt, far_figures(distant.addr, plan.far_samples, 1).await));
+        // The same, FAR_AT_A_TIME clients at once: a caller waits for its own round trip only,
+        // never for another's.
+        let together = far_figures(distant.addr, plan.far_samples, FAR_AT_A_TIME).await;
+        far_together.push((rtt, together));
     }
     println!(
-        "\n| Redis RTT added | /start p50 | /start p99 | connect (to 101) p50 | connect p99 |\n|---:|---:|---:|---:|---:|"
+        "\n| Redis RTT added | sessions opened | /start p50 | /start p99 | connect (to 101) p50 | connect p99 |\n|---:|---|---:|---:|---:|---:|"
     );
-    for (rtt, (start, connect)) in &far {
+    let rows = far.iter().map(|row| ("one at a time", row));
+    let rows = rows.chain(far_together.iter().map(|row| (AT_A_TIME_LABEL, row)));
+    for (how, (rtt, (start, connect))) in rows {
         println!(
-            "| {} ms | {} | {} | {} | {} |",
+            "| {} ms | {how} | {} | {} | {} | {} |",
             rtt.as_millis(),
             us(start.p50),
             us(start.p99),
@@ -361,6 +371,10 @@ async fn run(plan: Plan, pinning: bool) {
     }
     let in_rtts = |pick: fn(&(Figures, Figures)) -> Duration| {
         (pick(&far[1].1).as_secs_f64() - pick(&far[0].1).as_secs_f64()) / FAR_RTT.as_secs_f64()
+    };
+    let together_in_rtts = |pick: fn(&(Figures, Figures)) -> Duration| {
+        let [near, distant] = [&far_together[0].1, &far_together[1].1];
+        (pick(distant).as_secs_f64() - pick(near).as_secs_f64()) / FAR_RTT.as_secs_f64()
     };
 
     let worst_memory = memory.iter().map(|(_, b, _)| *b).fold(0.0, f64::max);
@@ -388,6 +402,21 @@ async fn run(plan: Plan, pinning: bool) {
         ("far store: /start p99 added, in RTTs", in_rtts(|f| f.0.p99), "≤ 1.2"),
         ("far store: connect p50 added, in RTTs", in_rtts(|f| f.1.p50), "≤ 1.2"),
         ("far store: connect p99 added, in RTTs", in_rtts(|f| f.1.p99), "≤ 1.2"),
+        (
+            "far store, 8 at a time: /start p50 added, in RTTs",
+            together_in_rtts(|f| f.0.p50),
+            "≤ 1.2",
+        ),
+        (
+            "far store, 8 at a time: connect p50 added, in RTTs",
+            together_in_rtts(|f| f.1.p50),
+            "≤ 1.2",
+        ),
+        (
+            "far store, 8 at a time: connect p99 added, in RTTs",
+            together_in_rtts(|f| f.1.p99),
+            "≤ 1.2",
+        ),
     ];
     let mut ratios = ratios.to_vec();
     if let Some((sessions, cpu, rtt, rate)) = &peer_figures {
@@ -696,7 +725,22 @@ async fn mint(http: &mut Http, addr: SocketAddr) -> String {
 
 /// Opens `count` sessions one after another, each /start then connect, echo and close: the
 /// time of each /start and of each connect (request to 101).
-async fn far_figures(addr: SocketAddr, count: usize) -> (Figures, Figures) {
+async fn far_figures(addr: SocketAddr, count: usize, at_a_time: usize) -> (Figures, Figures) {
+    let workers: Vec<_> =
+        (0..at_a_time).map(|_| tokio::task::spawn_local(far_samples(addr, count))).collect();
+    let (mut starts, mut connects) = (Vec::new(), Vec::new());
+    for worker in workers {
+        let (s, c) = worker.await.unwrap();
+        starts.extend(s);
+        connects.extend(c);
+    }
+    let span = Duration::from_secs(1);
+    (Figures::of(starts, span), Figures::of(connects, span))
+}
+
+/// `count` sessions opened one after another: how long each `/start`, and each connect to its
+/// 101, took.
+async fn far_samples(addr: SocketAddr, count: usize) -> (Vec<Duration>, Vec<Duration>) {
     let mut http = Http::connect(addr).await;
     let (mut starts, mut connects) = (Vec::new(), Vec::new());
     for i in 0..count + 2 {
@@ -717,8 +761,7 @@ async fn far_figures(addr: SocketAddr, count: usize) -> (Figures, Figures) {
             connects.push(connected);
         }
     }
-    let span = Duration::from_secs(1);
-    (Figures::of(starts, span), Figures::of(connects, span))
+    (starts, connects)
 }
 
 /// Mints `count` tokens over 16 connections.
