@@ -187,6 +187,14 @@ async fn run(plan: Plan, pinning: bool) {
         cpu_rounds(&plan, &broker, &redis, &bot, &server_prefix).await;
         return;
     }
+    if let Some(at) = std::env::args().position(|a| a == "--against") {
+        let other = std::env::args().nth(at + 1).expect("--against takes a session-broker binary");
+        let theirs = Proc::redis(&server_prefix);
+        let other =
+            Proc::broker_of(&other, &server_prefix, &theirs.addr, agents.path(), &bot_url, &[]);
+        against(&plan, [(&broker, &redis), (&other, &theirs)]).await;
+        return;
+    }
     if std::env::args().any(|a| a == "--memory") {
         // Only the idle-memory figure, beside HAProxy's: for working on it.
         let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
@@ -475,6 +483,54 @@ const CPU_ROUNDS: usize = 3;
 /// in turn, round after round, and the ratios' medians are printed with every round's: on a
 /// shared machine HAProxy's own reading moves by a quarter between runs, and a single round's
 /// ratio moves with it.
+/// This build beside another, both under the same churn *at the same time*, each with its own
+/// Redis and all on the same core: whatever the machine does meanwhile, it does to both, so a
+/// difference of a few percent shows where alternating runs drown it (BENCHMARKS.md, session
+/// 8). Prints each round's CPU per session and the ratios' medians.
+async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|at| args.get(at + 1)?.parse().ok())
+        .unwrap_or(CPU_ROUNDS)
+        .max(1);
+    let phases = [
+        ("connect + echo + close, agent without token", Target::Open),
+        ("/start + connect + echo + close, token agent", Target::Broker),
+    ];
+    println!("both at once, 32 sessions each; µs of CPU per session, this build / the other\n");
+    println!(
+        "| round | per session | sessions/s | broker | redis | broker + redis, ÷ the other's |"
+    );
+    println!("|---:|---|---|---|---|---:|");
+    let mut ratios = vec![Vec::new(); phases.len()];
+    for round in 1..=rounds {
+        for (at, (name, target)) in phases.iter().cloned().enumerate() {
+            let meters = stacks.map(|(broker, redis)| {
+                CpuMeter::new(&[("broker", broker.pid()), ("redis", redis.pid())])
+            });
+            let [ours, theirs] = stacks
+                .map(|(broker, _)| phase(plan, 32, session_worker(broker.addr, target.clone())));
+            let (ours, theirs) = futures_util::future::join(ours, theirs).await;
+            let cpu = [meters[0].per_op(ours.count), meters[1].per_op(theirs.count)];
+            let ratio = (cpu[0][0] + cpu[0][1]) / (cpu[1][0] + cpu[1][1]);
+            ratios[at].push(ratio);
+            println!(
+                "| {round} | {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {ratio:.3} |",
+                ours.rate, theirs.rate, cpu[0][0], cpu[1][0], cpu[0][1], cpu[1][1]
+            );
+        }
+    }
+    println!("\n| this build's broker + redis CPU ÷ the other's | median of {rounds} | rounds |");
+    println!("|---|---:|---|");
+    for ((name, _), mut values) in phases.iter().zip(ratios) {
+        let each: Vec<String> = values.iter().map(|r| format!("{r:.3}")).collect();
+        values.sort_by(f64::total_cmp);
+        println!("| {name} | {:.3} | {} |", values[values.len() / 2], each.join(" / "));
+    }
+}
+
 async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix: &[String]) {
     let args: Vec<String> = std::env::args().collect();
     let rounds = args
@@ -1101,6 +1157,19 @@ impl Proc {
         bot_url: &str,
         overrides: &[(&str, &str)],
     ) -> Self {
+        let program = env!("CARGO_BIN_EXE_session-broker");
+        Self::broker_of(program, prefix, redis, agents, bot_url, overrides)
+    }
+
+    /// A broker of another build (`program`), configured the same way.
+    fn broker_of(
+        program: &str,
+        prefix: &[String],
+        redis: &SocketAddr,
+        agents: &std::path::Path,
+        bot_url: &str,
+        overrides: &[(&str, &str)],
+    ) -> Self {
         let addr = free_addr();
         let internal = free_addr();
         let hash = session_broker::api_keys::hash_api_key(KEY);
@@ -1127,14 +1196,7 @@ impl Proc {
         let mut env = env.to_vec();
         env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let args = ["serve".to_owned()];
-        let mut broker = Self::spawn(
-            prefix,
-            env!("CARGO_BIN_EXE_session-broker"),
-            &args,
-            &env,
-            "session broker ready",
-            addr,
-        );
+        let mut broker = Self::spawn(prefix, program, &args, &env, "session broker ready", addr);
         broker.internal = Some(internal);
         broker
     }
