@@ -1,8 +1,8 @@
 -- 015_open_sessions: what 014 does for one connect, for several connects to one agent in one
 -- request: those a replica's thread handles at the same moment (src/store/batch.rs,
 -- `same_turn`). None waits for another's answer, so a connect still costs one round trip; a busy
--- agent costs Redis one script, one fence check and one count of its slots per batch instead of
--- per connect (BENCHMARKS.md).
+-- agent costs Redis one script, one fence check, one count of its slots and one listing (ZADD)
+-- per batch instead of per connect (BENCHMARKS.md).
 --
 -- Each open is 014's, in the order given: for a token session the fence, the token's one-time
 -- consume and the body minted with it; for every session a slot under the agent's cap, and the
@@ -27,7 +27,7 @@
 -- Returns  for each open, in order: {'ok', body or false}, or one of {'fenced'}, {'replayed'},
 --          {'terminated'}, {'at_capacity'}.
 local cap = tonumber(ARGV[1])
-local fenced_as, count, listed = nil, nil, false
+local fenced_as, count, listed = nil, nil, {}
 
 local function fence()
   if fenced_as then
@@ -87,8 +87,8 @@ local function open(record, mark, at)
   redis.call('HSET', record, unpack(ARGV, at + 10, at + 9 + n))
   redis.call('PEXPIRE', record, record_ttl)
   if not token then
-    redis.call('ZADD', KEYS[3], now, sid)
-    listed = true
+    listed[#listed + 1] = now
+    listed[#listed + 1] = sid
   end
   if want_body == '1' then
     return {'ok', redis.call('HGET', record, 'body') or false}
@@ -102,7 +102,8 @@ while at <= #ARGV do
   at = at + 10 + tonumber(ARGV[at + 9])
   key = key + 2
 end
-if listed then
+if #listed > 0 then
+  redis.call('ZADD', KEYS[3], unpack(listed))
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 return answers

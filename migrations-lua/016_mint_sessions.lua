@@ -1,8 +1,8 @@
 -- 016_mint_sessions: what 007 does for one /start, for several /start calls of one agent in one
 -- request: those a replica's thread handles at the same moment (src/store/batch.rs,
 -- `same_turn`), as connects (015). None waits for another's answer; a busy agent costs Redis one
--- script, one fence check and one count of its slots per batch instead of per call
--- (BENCHMARKS.md).
+-- script, one fence check, one count of its slots and one listing (ZADD) per batch instead of
+-- per call (BENCHMARKS.md).
 --
 -- Each mint is 007's, in the order given: its rate limits counted (and the call refused, with
 -- nothing else written, over any of them), the agent's cap checked, and for a token agent the
@@ -27,7 +27,7 @@
 --          {'rate_limited'} or {'at_capacity'}; nothing of a mint is written but its rate counts
 --          unless 'ok'.
 local cap, window = tonumber(ARGV[1]), 2 * tonumber(ARGV[2])
-local fenced_as, live, listed = nil, nil, false
+local fenced_as, live, listed = nil, nil, {}
 
 local function fence()
   if fenced_as then
@@ -70,8 +70,8 @@ local function mint(key, at)
   local first = at + 5 + rates
   redis.call('HSET', KEYS[key], unpack(ARGV, first, first + tonumber(ARGV[first - 1]) - 1))
   redis.call('PEXPIRE', KEYS[key], ttl)
-  redis.call('ZADD', KEYS[3], now, sid)
-  listed = true
+  listed[#listed + 1] = now
+  listed[#listed + 1] = sid
   return {'ok', current}
 end
 
@@ -82,7 +82,8 @@ while at <= #ARGV do
   key = key + 1 + rates
   at = at + 5 + rates + tonumber(ARGV[at + 4 + rates])
 end
-if listed then
+if #listed > 0 then
+  redis.call('ZADD', KEYS[3], unpack(listed))
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 return answers
