@@ -476,29 +476,33 @@ async fn run(plan: Plan, pinning: bool) {
     }
 }
 
-/// Rounds of `--cpu` unless `--rounds N` says otherwise.
+/// Rounds of `--cpu` and `--against` unless `--rounds N` says otherwise.
 const CPU_ROUNDS: usize = 3;
 
-/// `--cpu`: only the CPU per session, beside HAProxy's, for working on it. The three phases run
-/// in turn, round after round, and the ratios' medians are printed with every round's: on a
-/// shared machine HAProxy's own reading moves by a quarter between runs, and a single round's
-/// ratio moves with it.
+/// The two churns of `--cpu` and `--against`: sessions without a token, and with a token and
+/// its `/start`.
+fn churns() -> [(&'static str, Target); 2] {
+    [
+        ("connect + echo + close, agent without token", Target::Open),
+        ("/start + connect + echo + close, token agent", Target::Broker),
+    ]
+}
+
+/// The rounds asked for with `--rounds N`, or [`CPU_ROUNDS`].
+fn rounds() -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    let asked =
+        args.iter().position(|a| a == "--rounds").and_then(|at| args.get(at + 1)?.parse().ok());
+    asked.unwrap_or(CPU_ROUNDS).max(1)
+}
+
 /// This build beside another, both under the same churn *at the same time*, each with its own
 /// Redis and all on the same core: whatever the machine does meanwhile, it does to both, so a
 /// difference of a few percent shows where alternating runs drown it (BENCHMARKS.md, session
 /// 8). Prints each round's CPU per session and the ratios' medians.
 async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
-    let args: Vec<String> = std::env::args().collect();
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|at| args.get(at + 1)?.parse().ok())
-        .unwrap_or(CPU_ROUNDS)
-        .max(1);
-    let phases = [
-        ("connect + echo + close, agent without token", Target::Open),
-        ("/start + connect + echo + close, token agent", Target::Broker),
-    ];
+    let rounds = rounds();
+    let phases = churns();
     println!("both at once, 32 sessions each; µs of CPU per session, this build / the other\n");
     println!(
         "| round | per session | sessions/s | broker | redis | broker + redis, ÷ the other's |"
@@ -531,23 +535,18 @@ async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
     }
 }
 
+/// `--cpu`: only the CPU per session, beside HAProxy's, for working on it. The three phases run
+/// in turn, round after round, and the ratios' medians are printed with every round's: on a
+/// shared machine HAProxy's own reading moves by a quarter between runs, and a single round's
+/// ratio moves with it.
 async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix: &[String]) {
-    let args: Vec<String> = std::env::args().collect();
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|at| args.get(at + 1)?.parse().ok())
-        .unwrap_or(CPU_ROUNDS)
-        .max(1);
+    let rounds = rounds();
     let Some(peer) = haproxy::HaProxy::start(prefix, bot.addr) else {
         println!("HAProxy could not be started: no ratios");
         return;
     };
     let servers = [("broker", broker.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
-    let phases = [
-        ("connect + echo + close, agent without token", Target::Open),
-        ("/start + connect + echo + close, token agent", Target::Broker),
-    ];
+    let phases = churns();
     println!(
         "| round | per session | sessions/s | broker or HAProxy (µs) | redis (µs) | bot (µs) | ÷ HAProxy's |"
     );
