@@ -7,13 +7,12 @@ use std::{
     time::Duration,
 };
 
-use secrecy::SecretString;
 use session_broker::{
-    config::{EvictionCheck, RedisSettings, Settings},
+    config::{EvictionCheck, Settings},
     startup::Application,
     store::{
         AbandonRequest, Connected, EndReason, EventLog, Listing, MintRequest, Minted, OpenRequest,
-        SessionRecord, SessionStore, Status, TokenUse, redis::RedisStore,
+        SessionRecord, SessionStore, Status, TokenUse,
     },
 };
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -223,10 +222,7 @@ async fn pending_records_and_consume_marks_live_as_long_as_their_token() {
 #[tokio::test]
 async fn a_terminated_session_s_token_is_never_given_back() {
     let redis = RedisServer::start();
-    let settings =
-        RedisSettings { url: Some(SecretString::from(redis.url())), ..RedisSettings::default() };
-    let store = RedisStore::new(&settings).unwrap();
-    store.prepare().await.unwrap();
+    let store = redis.store().await;
     let sid = Uuid::new_v4();
     let record = SessionRecord::pending("a.o", 0, u64::MAX / 2, "r");
     let listing = Listing { agent: "a.o", created_ms: 0, retention: Duration::from_secs(60) };

@@ -500,20 +500,6 @@ async fn ends_that_come_together_are_written_together() {
     }
 }
 
-/// A Redis store of its own, on `redis`.
-async fn redis_store(redis: &RedisServer) -> session_broker::store::redis::RedisStore {
-    use secrecy::SecretString;
-    use session_broker::{config::RedisSettings, store::SessionStore};
-    let url = Some(SecretString::from(redis.url()));
-    let store = session_broker::store::redis::RedisStore::new(&RedisSettings {
-        url,
-        ..RedisSettings::default()
-    })
-    .unwrap();
-    store.prepare().await.unwrap();
-    store
-}
-
 /// The connects a replica handles at the same moment reach Redis as one request
 /// (`015_open_sessions.lua`), and each is decided in turn within it: the cap holds, and of two
 /// consumes of one token the first wins.
@@ -524,7 +510,7 @@ async fn opens_of_the_same_moment_go_in_one_request_each_decided_in_turn() {
         TokenUse,
     };
     let redis = RedisServer::start();
-    let store = redis_store(&redis).await;
+    let store = redis.store().await;
     let mut admin = redis.client();
     let (agent, minute) = ("a.o", Duration::from_secs(60));
     let active = SessionRecord { status: Some(Status::Active), ..SessionRecord::default() };
@@ -598,7 +584,7 @@ async fn mints_of_the_same_moment_go_in_one_request_each_counted_in_turn() {
         Listing, MintRequest, Minted, RateCount, SessionRecord, SessionStore,
     };
     let redis = RedisServer::start();
-    let store = redis_store(&redis).await;
+    let store = redis.store().await;
     let mut admin = redis.client();
     let (agent, minute) = ("a.o", Duration::from_secs(60));
     let pending = SessionRecord::pending(agent, 0, u64::MAX / 2, "r");

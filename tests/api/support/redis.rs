@@ -150,6 +150,17 @@ impl RedisServer {
         };
         client.unwrap().get_connection().unwrap()
     }
+
+    /// A store of the broker's own on this server (plain `redis://`, shipped settings), its
+    /// scripts loaded and its schema recorded, for tests of the store itself.
+    pub async fn store(&self) -> session_broker::store::redis::RedisStore {
+        use session_broker::store::SessionStore;
+        let url = Some(secrecy::SecretString::from(self.url()));
+        let settings = session_broker::config::RedisSettings { url, ..Default::default() };
+        let store = session_broker::store::redis::RedisStore::new(&settings).unwrap();
+        store.prepare().await.unwrap();
+        store
+    }
 }
 
 impl Drop for RedisServer {
