@@ -317,7 +317,7 @@ impl SessionStore for RedisStore {
         // own, sent together with the script (one round trip still), whose work is undone if a
         // limit was exceeded. Elsewhere the script counts them first and writes nothing then.
         let apart = self.topology.is_cluster() && !mint.rates.is_empty();
-        let rate_keys: Vec<String> =
+        let mut rate_keys: Vec<String> =
             mint.rates.iter().map(|rate| self.keys.rate(&rate.bucket, now / window_ms)).collect();
         let (ttl, retention) = mint.record.as_ref().map_or((0, 0), |(_, ttl, listing)| {
             (ttl.as_millis().max(1) as u64, listing.retention.as_millis().max(1) as u64)
@@ -327,7 +327,8 @@ impl SessionStore for RedisStore {
         if apart {
             args.push("0".into());
         } else {
-            keys.extend(rate_keys.iter().cloned());
+            // Counted in the script: nothing else needs them.
+            keys.append(&mut rate_keys);
             args.push(mint.rates.len().to_string());
             args.extend(mint.rates.iter().map(|rate| rate.limit.to_string()));
         }
