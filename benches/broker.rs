@@ -50,6 +50,7 @@ const MAX_SERVER_LINES_SHOWN: usize = 20;
 /// Descriptors the broker needs besides its sessions' (listener, Redis, epoll, logs, ...).
 const FD_MARGIN: u64 = 200;
 
+#[derive(Clone)]
 struct Plan {
     warmup: Duration,
     measure: Duration,
@@ -161,19 +162,37 @@ async fn run(plan: Plan, pinning: bool) {
     if let Some(at) = std::env::args().position(|a| a == "--profile") {
         // Churn of sessions for a profiler to watch: `perf record -p <pid>`.
         let seconds = std::env::args().nth(at + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
+        // `--relay [N]`: echoes over N (32) established sessions instead of a churn.
+        let relay = std::env::args().position(|a| a == "--relay").map(|at| {
+            std::env::args().nth(at + 1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(32)
+        });
+        let load = match relay {
+            Some(sessions) => format!("echoes over {sessions} sessions"),
+            None => "connect+echo+close".to_owned(),
+        };
         println!(
-            "broker pid {} (redis {}, bot {}): {seconds} s of connect+echo+close",
+            "broker pid {} (redis {}, bot {}): {seconds} s of {load}",
             broker.pid(),
             redis.pid(),
             bot.pid()
         );
         let plan = Plan { measure: Duration::from_secs(seconds), ..plan };
         if std::env::args().any(|a| a == "--haproxy") {
-            // The same churn through HAProxy, to profile the peer the same way.
+            // The same load through HAProxy, to profile the peer the same way.
             let peer = haproxy::HaProxy::start(&server_prefix, bot.addr).expect("HAProxy runs");
             println!("haproxy pid {}", peer.pid());
+            if let Some(sessions) = relay {
+                let echoes = phase(&plan, sessions, relay_worker(peer.addr, Target::Direct)).await;
+                println!("{:.0} messages/s", echoes.rate);
+                return;
+            }
             let churn = phase(&plan, 32, session_worker(peer.addr, Target::Direct)).await;
             println!("{:.0} sessions/s", churn.rate);
+            return;
+        }
+        if let Some(sessions) = relay {
+            let echoes = phase(&plan, sessions, relay_worker(broker_addr, Target::Open)).await;
+            println!("{:.0} messages/s", echoes.rate);
             return;
         }
         // `--token`: sessions of a token agent, each with its /start.
@@ -193,6 +212,22 @@ async fn run(plan: Plan, pinning: bool) {
         let other =
             Proc::broker_of(&other, &server_prefix, &theirs.addr, agents.path(), &bot_url, &[]);
         against(&plan, [(&broker, &redis), (&other, &theirs)]).await;
+        return;
+    }
+    if std::env::args().any(|a| a == "--relay") {
+        // Only the relay's figures beside HAProxy's, in rounds: for working on them.
+        let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
+        let relay = relay_rounds(&plan, broker_addr, bot.addr, peer.as_ref().map(|p| p.addr)).await;
+        for (at, path) in relay.paths.iter().enumerate() {
+            let [rtt, rate] = [&relay.rtt[at], &relay.rate[at]];
+            println!(
+                "{path}: 1 session p50 {} p99 {}; 32 sessions {:.0} messages/s{}",
+                us(rtt.p50),
+                us(rtt.p99),
+                rate.rate,
+                relay.of_rounds()
+            );
+        }
         return;
     }
     if std::env::args().any(|a| a == "--memory") {
@@ -246,15 +281,6 @@ async fn run(plan: Plan, pinning: bool) {
     let direct_cpu = meter.per_op(direct.count);
     rows.push(("connect+echo+close direct to bot", direct.clone()));
 
-    let relay_rtt = phase(&plan, 1, relay_worker(broker_addr, Target::Broker)).await;
-    rows.push(("relay RTT, 160 B, 1 session, via broker", relay_rtt.clone()));
-    let direct_rtt = phase(&plan, 1, relay_worker(bot_addr, Target::Direct)).await;
-    rows.push(("relay RTT, 160 B, 1 session, direct", direct_rtt.clone()));
-    let relay_rate = phase(&plan, 32, relay_worker(broker_addr, Target::Broker)).await;
-    rows.push(("relay, 160 B, 32 sessions, via broker", relay_rate.clone()));
-    let direct_rate = phase(&plan, 32, relay_worker(bot_addr, Target::Direct)).await;
-    rows.push(("relay, 160 B, 32 sessions, direct", direct_rate.clone()));
-
     // The peer: HAProxy proxying the same bot, on the same core, measured the same way.
     let peer = haproxy::HaProxy::start(&server_prefix, bot_addr);
     let mut peer_figures = None;
@@ -263,11 +289,18 @@ async fn run(plan: Plan, pinning: bool) {
         let sessions = phase(&plan, 32, session_worker(peer.addr, Target::Direct)).await;
         let cpu = meter.per_op(sessions.count);
         rows.push(("connect+echo+close via HAProxy", sessions.clone()));
-        let rtt = phase(&plan, 1, relay_worker(peer.addr, Target::Direct)).await;
-        rows.push(("relay RTT, 160 B, 1 session, via HAProxy", rtt.clone()));
-        let rate = phase(&plan, 32, relay_worker(peer.addr, Target::Direct)).await;
-        rows.push(("relay, 160 B, 32 sessions, via HAProxy", rate.clone()));
-        peer_figures = Some((sessions, cpu, rtt, rate));
+        peer_figures = Some((sessions, cpu));
+    }
+    let relay = relay_rounds(&plan, broker_addr, bot_addr, peer.as_ref().map(|p| p.addr)).await;
+    let [relay_rtt, direct_rtt] = [0, 1].map(|path| relay.rtt[path].clone());
+    let [relay_rate, direct_rate] = [0, 1].map(|path| relay.rate[path].clone());
+    for (at, path) in relay.paths.iter().enumerate() {
+        let name = format!("relay RTT, 160 B, 1 session, {path}{}", relay.of_rounds());
+        rows.push((leak(name), relay.rtt[at].clone()));
+    }
+    for (at, path) in relay.paths.iter().enumerate() {
+        let name = format!("relay, 160 B, 32 sessions, {path}{}", relay.of_rounds());
+        rows.push((leak(name), relay.rate[at].clone()));
     }
 
     println!("| figure | ops/s | p50 | p90 | p99 |\n|---|---:|---:|---:|---:|");
@@ -427,10 +460,7 @@ async fn run(plan: Plan, pinning: bool) {
         ),
     ];
     let mut ratios = ratios.to_vec();
-    if let Some((sessions, cpu, rtt, rate)) = &peer_figures {
-        let added = |via: &Figures, q: fn(&Figures) -> Duration| {
-            q(via).as_secs_f64() - q(&direct_rtt).as_secs_f64()
-        };
+    if let Some((sessions, cpu)) = &peer_figures {
         let peer_memory = memory.iter().filter_map(|(_, _, p)| *p).fold(0.0, f64::max);
         ratios.extend([
             (
@@ -449,18 +479,18 @@ async fn run(plan: Plan, pinning: bool) {
                 "≤ 1.5",
             ),
             (
-                "HAProxy: relay messages/s, 32 sessions, broker ÷ HAProxy",
-                relay_rate.rate / rate.rate,
+                "HAProxy: relay messages/s, 32 sessions, broker ÷ HAProxy (median of rounds)",
+                median(relay.rate_ratios.clone()),
                 "≥ 1.0",
             ),
             (
-                "HAProxy: p50 RTT added, broker ÷ HAProxy",
-                added(&relay_rtt, |f| f.p50) / added(rtt, |f| f.p50),
+                "HAProxy: p50 RTT added, broker ÷ HAProxy (median of rounds)",
+                median(relay.p50_ratios.clone()),
                 "≤ 1.0",
             ),
             (
-                "HAProxy: p99 RTT added, broker ÷ HAProxy",
-                added(&relay_rtt, |f| f.p99) / added(rtt, |f| f.p99),
+                "HAProxy: p99 RTT added, broker ÷ HAProxy (median of rounds)",
+                median(relay.p99_ratios.clone()),
                 "—",
             ),
             (
@@ -476,7 +506,107 @@ async fn run(plan: Plan, pinning: bool) {
     }
 }
 
-/// Rounds of `--cpu` and `--against` unless `--rounds N` says otherwise.
+/// The relay's figures over each path, measured in rounds that take the paths in turn.
+struct Relay {
+    rounds: usize,
+    /// The paths' names: via the broker, direct, and via HAProxy if it runs.
+    paths: Vec<&'static str>,
+    /// Per path, the median over rounds of each figure of the round trip over one session.
+    rtt: Vec<Figures>,
+    /// Per path, the same for echoes over 32 sessions.
+    rate: Vec<Figures>,
+    /// Per round, the broker's (path 0) messages/s over HAProxy's (path 2).
+    rate_ratios: Vec<f64>,
+    /// Per round, the round trip the broker adds over direct (path 1), over HAProxy's.
+    p50_ratios: Vec<f64>,
+    p99_ratios: Vec<f64>,
+}
+
+/// Measures the relay over each path (the broker, the bot directly and HAProxy, in that order)
+/// in rounds that take them in turn, each round starting from a different path. This VM's pace
+/// drifts over seconds: measured one path after the other, the broker ÷ HAProxy ratios of one
+/// and the same code ranged from 0.88 to 1.12 between runs (BENCHMARKS.md, session 8); taken in
+/// turn, each round's ratio sets paths side by side that ran within seconds of each other, and
+/// the median of the rounds is printed with each round's.
+async fn relay_rounds(
+    plan: &Plan,
+    broker: SocketAddr,
+    bot: SocketAddr,
+    haproxy: Option<SocketAddr>,
+) -> Relay {
+    let mut paths = vec![("via broker", broker, Target::Broker), ("direct", bot, Target::Direct)];
+    if let Some(haproxy) = haproxy {
+        paths.push(("via HAProxy", haproxy, Target::Direct));
+    }
+    let rounds = if plan.measure < Duration::from_secs(1) { 1 } else { rounds() };
+    let plan = Plan { measure: plan.measure / 2, ..plan.clone() };
+    let mut rtt = vec![Vec::new(); paths.len()];
+    let mut rate = vec![Vec::new(); paths.len()];
+    for round in 0..rounds {
+        for turn in 0..paths.len() {
+            let at = (round + turn) % paths.len();
+            let (_, addr, target) = paths[at].clone();
+            rtt[at].push(phase(&plan, 1, relay_worker(addr, target.clone())).await);
+            rate[at].push(phase(&plan, 32, relay_worker(addr, target)).await);
+        }
+    }
+    let added = |round: usize, path: usize, q: fn(&Figures) -> Duration| {
+        q(&rtt[path][round]).as_secs_f64() - q(&rtt[1][round]).as_secs_f64()
+    };
+    let (mut rate_ratios, mut p50_ratios, mut p99_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    if paths.len() > 2 {
+        for (round, (ours, peers)) in rate[0].iter().zip(&rate[2]).enumerate() {
+            rate_ratios.push(ours.rate / peers.rate);
+            p50_ratios.push(added(round, 0, |f| f.p50) / added(round, 2, |f| f.p50));
+            p99_ratios.push(added(round, 0, |f| f.p99) / added(round, 2, |f| f.p99));
+        }
+        let each = |ratios: &[f64]| -> String {
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / ")
+        };
+        println!(
+            "relay, broker ÷ HAProxy in each of {rounds} rounds: messages/s {}; p50 RTT added {}; p99 RTT added {}\n",
+            each(&rate_ratios),
+            each(&p50_ratios),
+            each(&p99_ratios)
+        );
+    }
+    let medians = |figures: Vec<Vec<Figures>>| -> Vec<Figures> {
+        figures.into_iter().map(Figures::median).collect()
+    };
+    Relay {
+        rounds,
+        paths: paths.iter().map(|(name, ..)| *name).collect(),
+        rtt: medians(rtt),
+        rate: medians(rate),
+        rate_ratios,
+        p50_ratios,
+        p99_ratios,
+    }
+}
+
+impl Relay {
+    /// What a row of medians says of itself.
+    fn of_rounds(&self) -> String {
+        match self.rounds {
+            1 => String::new(),
+            rounds => format!(" (median of {rounds} rounds)"),
+        }
+    }
+}
+
+/// The middle value (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A row's name made at run time, for the table of `&'static str` names.
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
+}
+
+/// Rounds of `--cpu`, `--against` and a full run's relay figures, unless `--rounds N` says
+/// otherwise.
 const CPU_ROUNDS: usize = 3;
 
 /// The two churns of `--cpu` and `--against`: sessions without a token, and with a token and
@@ -528,10 +658,9 @@ async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
     }
     println!("\n| this build's broker + redis CPU ÷ the other's | median of {rounds} | rounds |");
     println!("|---|---:|---|");
-    for ((name, _), mut values) in phases.iter().zip(ratios) {
+    for ((name, _), values) in phases.iter().zip(ratios) {
         let each: Vec<String> = values.iter().map(|r| format!("{r:.3}")).collect();
-        values.sort_by(f64::total_cmp);
-        println!("| {name} | {:.3} | {} |", values[values.len() / 2], each.join(" / "));
+        println!("| {name} | {:.3} | {} |", median(values), each.join(" / "));
     }
 }
 
@@ -579,12 +708,11 @@ async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix
         "\n| broker + redis CPU per session ÷ HAProxy's | median of {rounds} | rounds | target |"
     );
     println!("|---|---:|---|---:|");
-    for ((name, _), (mut values, target)) in
+    for ((name, _), (values, target)) in
         phases.iter().zip(ratios.into_iter().zip(["≤ 1.2", "≤ 1.5"]))
     {
         let each: Vec<String> = values.iter().map(|r| format!("{r:.2}")).collect();
-        values.sort_by(f64::total_cmp);
-        println!("| {name} | {:.2} | {} | {target} |", values[values.len() / 2], each.join(" / "));
+        println!("| {name} | {:.2} | {} | {target} |", median(values), each.join(" / "));
     }
 }
 
@@ -612,6 +740,27 @@ impl Figures {
             p50: pick(0.50),
             p90: pick(0.90),
             p99: pick(0.99),
+        }
+    }
+}
+
+impl Figures {
+    /// Each figure's median over several measurements of the same thing.
+    fn median(rounds: Vec<Figures>) -> Figures {
+        let of = |pick: fn(&Figures) -> Duration| -> Duration {
+            let mut values: Vec<Duration> = rounds.iter().map(pick).collect();
+            values.sort_unstable();
+            values[values.len() / 2]
+        };
+        let rate = median(rounds.iter().map(|f| f.rate).collect());
+        let mut counts: Vec<usize> = rounds.iter().map(|f| f.count).collect();
+        counts.sort_unstable();
+        Figures {
+            count: counts[counts.len() / 2],
+            rate,
+            p50: of(|f| f.p50),
+            p90: of(|f| f.p90),
+            p99: of(|f| f.p99),
         }
     }
 }
