@@ -629,13 +629,19 @@ fn rounds() -> usize {
 /// This build beside another, both under the same churn *at the same time*, each with its own
 /// Redis and all on the same core: whatever the machine does meanwhile, it does to both, so a
 /// difference of a few percent shows where alternating runs drown it (BENCHMARKS.md, session
-/// 8). Prints each round's CPU per session and the ratios' medians.
+/// 8). Prints each round's CPU per session (and per echo, for the relay) and the ratios'
+/// medians.
 async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
     let rounds = rounds();
-    let phases = churns();
-    println!("both at once, 32 sessions each; µs of CPU per session, this build / the other\n");
+    // The churns, per session, then the relay, per echo over 32 established sessions.
+    let mut phases: Vec<(&str, Option<Target>)> =
+        churns().into_iter().map(|(name, target)| (name, Some(target))).collect();
+    phases.push(("echo over 32 open sessions (the relay)", None));
     println!(
-        "| round | per session | sessions/s | broker | redis | broker + redis, ÷ the other's |"
+        "both at once, 32 sessions each; µs of CPU per session or echo, this build / the other\n"
+    );
+    println!(
+        "| round | per session or echo | ops/s | broker | redis | broker + redis, ÷ the other's |"
     );
     println!("|---:|---|---|---|---|---:|");
     let mut ratios = vec![Vec::new(); phases.len()];
@@ -644,14 +650,19 @@ async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
             let meters = stacks.map(|(broker, redis)| {
                 CpuMeter::new(&[("broker", broker.pid()), ("redis", redis.pid())])
             });
-            let [ours, theirs] = stacks
-                .map(|(broker, _)| phase(plan, 32, session_worker(broker.addr, target.clone())));
+            let [ours, theirs] = stacks.map(|(broker, _)| {
+                let worker: Box<dyn Fn(Window) -> LoopFuture> = match target.clone() {
+                    Some(target) => Box::new(session_worker(broker.addr, target)),
+                    None => Box::new(relay_worker(broker.addr, Target::Open)),
+                };
+                phase(plan, 32, worker)
+            });
             let (ours, theirs) = futures_util::future::join(ours, theirs).await;
             let cpu = [meters[0].per_op(ours.count), meters[1].per_op(theirs.count)];
             let ratio = (cpu[0][0] + cpu[0][1]) / (cpu[1][0] + cpu[1][1]);
             ratios[at].push(ratio);
             println!(
-                "| {round} | {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {ratio:.3} |",
+                "| {round} | {name} | {:.0} / {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {ratio:.3} |",
                 ours.rate, theirs.rate, cpu[0][0], cpu[1][0], cpu[0][1], cpu[1][1]
             );
         }
