@@ -230,6 +230,16 @@ async fn run(plan: Plan, pinning: bool) {
         }
         return;
     }
+    if let Some(at) = std::env::args().position(|a| a == "--calls") {
+        // Only the paced calls, in rounds, for working on them.
+        let count = std::env::args().nth(at + 1).and_then(|n| n.parse().ok()).unwrap_or(250);
+        let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
+        for _ in 0..rounds() {
+            let calls = paced_calls(&plan, count, &broker, &bot, peer.as_ref()).await;
+            println!("{}\n{}\n", calls.row(), calls.summary());
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--memory") {
         // Only the idle-memory figure, beside HAProxy's: for working on it.
         let peer = haproxy::HaProxy::start(&server_prefix, bot.addr);
@@ -322,22 +332,9 @@ async fn run(plan: Plan, pinning: bool) {
     // the idle sessions, whose memory figure a busier heap before them would blur.
     let mut call_figures = Vec::new();
     for &count in plan.calls {
-        let meter = CpuMeter::new(&servers);
-        let calls = call_phase(&plan, count, broker_addr, Target::Open).await;
-        let cpu = meter.per_op(calls.count);
-        let direct = call_phase(&plan, count, bot_addr, Target::Direct).await;
-        println!(
-            "| {count} paced calls via broker / direct (frame round trip) | {:.0} / {:.0} | {} / {} | {} / {} | {} / {} |",
-            calls.rate,
-            direct.rate,
-            us(calls.p50),
-            us(direct.p50),
-            us(calls.p90),
-            us(direct.p90),
-            us(calls.p99),
-            us(direct.p99)
-        );
-        call_figures.push((count, calls, direct, cpu));
+        let calls = paced_calls(&plan, count, &broker, &bot, peer.as_ref()).await;
+        println!("{}", calls.row());
+        call_figures.push(calls);
     }
 
     println!(
@@ -363,17 +360,8 @@ async fn run(plan: Plan, pinning: bool) {
         );
     }
 
-    for (count, calls, direct, cpu) in &call_figures {
-        println!(
-            "\n{count} concurrent paced calls (50 frames/s each way) on one core shared with the bot \
-             and Redis: {:.0} of {} frames/s answered; broker CPU {:.1} µs per frame; added delay \
-             p50 {:.0} µs, p99 {:.0} µs (target: p99 under 5 ms at 1,000 calls)",
-            calls.rate,
-            count * FRAMES_PER_SECOND as usize,
-            cpu[0],
-            (calls.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e6,
-            (calls.p99.as_secs_f64() - direct.p99.as_secs_f64()) * 1e6,
-        );
+    for calls in &call_figures {
+        println!("\n{}", calls.summary());
     }
 
     // The far store: a broker of its own (rate limits on, as shipped), near Redis and behind
@@ -1065,6 +1053,87 @@ fn relay_worker(addr: SocketAddr, target: Target) -> impl Fn(Window) -> LoopFutu
 
 /// Media frames a call sends each second: one per 20 ms of audio.
 const FRAMES_PER_SECOND: u32 = 50;
+
+/// Paced calls through the broker, through HAProxy (when it runs) and directly to the bot, in
+/// turn, with each proxy's CPU per frame.
+struct PacedCalls {
+    count: usize,
+    broker: (Figures, Vec<f64>),
+    haproxy: Option<(Figures, Vec<f64>)>,
+    direct: Figures,
+}
+
+async fn paced_calls(
+    plan: &Plan,
+    count: usize,
+    broker: &Proc,
+    bot: &Proc,
+    haproxy: Option<&haproxy::HaProxy>,
+) -> PacedCalls {
+    let meter = CpuMeter::new(&[("broker", broker.pid()), ("bot", bot.pid())]);
+    let calls = call_phase(plan, count, broker.addr, Target::Open).await;
+    let broker = (calls.clone(), meter.per_op(calls.count));
+    let mut peer = None;
+    if let Some(haproxy) = haproxy {
+        let meter = CpuMeter::new(&[("haproxy", haproxy.pid()), ("bot", bot.pid())]);
+        let calls = call_phase(plan, count, haproxy.addr, Target::Direct).await;
+        peer = Some((calls.clone(), meter.per_op(calls.count)));
+    }
+    let direct = call_phase(plan, count, bot.addr, Target::Direct).await;
+    PacedCalls { count, broker, haproxy: peer, direct }
+}
+
+impl PacedCalls {
+    /// The row of the figures' table: via the broker / HAProxy / direct.
+    fn row(&self) -> String {
+        let paths: Vec<&Figures> =
+            [Some(&self.broker.0), self.haproxy.as_ref().map(|(f, _)| f), Some(&self.direct)]
+                .into_iter()
+                .flatten()
+                .collect();
+        let all = |pick: fn(&Figures) -> String| {
+            paths.iter().map(|f| pick(f)).collect::<Vec<_>>().join(" / ")
+        };
+        let via =
+            if self.haproxy.is_some() { "broker / HAProxy / direct" } else { "broker / direct" };
+        format!(
+            "| {} paced calls via {via} (frame round trip) | {} | {} | {} | {} |",
+            self.count,
+            all(|f| format!("{:.0}", f.rate)),
+            all(|f| us(f.p50)),
+            all(|f| us(f.p90)),
+            all(|f| us(f.p99)),
+        )
+    }
+
+    /// What the calls say: frames answered, CPU per frame and the delay each proxy adds.
+    fn summary(&self) -> String {
+        let added = |via: &Figures| {
+            let [p50, p99] = [via.p50, via.p99].map(|q| q.as_secs_f64() * 1e6);
+            (p50 - self.direct.p50.as_secs_f64() * 1e6, p99 - self.direct.p99.as_secs_f64() * 1e6)
+        };
+        let (calls, cpu) = &self.broker;
+        let (p50, p99) = added(calls);
+        let mut text = format!(
+            "{} concurrent paced calls (50 frames/s each way) on one core shared with the bot \
+             and Redis: {:.0} of {} frames/s answered; broker CPU {:.1} µs per frame; added delay \
+             p50 {p50:.0} µs, p99 {p99:.0} µs (target: p99 under 5 ms at 1,000 calls)",
+            self.count,
+            calls.rate,
+            self.count * FRAMES_PER_SECOND as usize,
+            cpu[0],
+        );
+        if let Some((calls, cpu)) = &self.haproxy {
+            let (p50, p99) = added(calls);
+            text.push_str(&format!(
+                "; through HAProxy, the same way: {:.0} frames/s answered, {:.1} µs of its CPU per \
+                 frame, added delay p50 {p50:.0} µs, p99 {p99:.0} µs",
+                calls.rate, cpu[0]
+            ));
+        }
+        text
+    }
+}
 
 /// `calls` paced calls at once: each opens its session during a warm-up long enough for
 /// all to open, then sends a media frame every 20 ms and times its echo.
