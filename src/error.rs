@@ -1,7 +1,9 @@
 //! The HTTP error table: every error the API answers, its status and its stable code, in one
 //! place. Bodies are always JSON of one shape, a superset that every known client renders:
-//! `{"error", "code", "status", "message", "detail"}` (the Pipecat Python SDK reads `error` and
-//! `code`; other clients read `message` or `detail`). Token refusals add `reason`.
+//! `{"error", "code", "reason", "status", "message", "detail"}` (the Pipecat Python SDK reads
+//! `error` and `code`; other clients read `message` or `detail`). `code` is the status, as Pipecat
+//! Cloud sends it; `reason` is stable and finer, for clients that branch on the cause (the two
+//! 429s share a code and differ in `reason`).
 
 use actix_web::{
     HttpResponse, ResponseError,
@@ -130,8 +132,7 @@ struct ErrorBody<'a> {
     status: u16,
     message: &'a str,
     detail: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
+    reason: &'static str,
 }
 
 /// How one error is answered.
@@ -140,9 +141,9 @@ struct Row {
     /// The stable `code`. Pipecat Cloud uses the status number for most errors and a named code
     /// where clients branch on it.
     code: &'static str,
-    /// The `refusals_total` label.
+    /// The `refusals_total` label, and the body's `reason` unless `reason` is set.
     metric: &'static str,
-    /// Sent as `reason` in the body.
+    /// Sent as `reason` in the body where it is finer than, or named apart from, the metric.
     reason: Option<&'static str>,
     /// Sent as `Retry-After`, in seconds.
     retry_after: Option<u32>,
@@ -159,7 +160,15 @@ impl ApiError {
             ..row(S::SERVICE_UNAVAILABLE, "503", metric)
         };
         match self {
-            Self::Unauthorized(_) => row(S::UNAUTHORIZED, "401", "unauthorized"),
+            Self::Unauthorized(why) => Row {
+                reason: Some(match why {
+                    ApiKeyRejection::Missing => "api_key_missing",
+                    ApiKeyRejection::Malformed => "api_key_malformed",
+                    ApiKeyRejection::Unknown => "api_key_unknown",
+                    ApiKeyRejection::OtherOrg => "api_key_other_org",
+                }),
+                ..row(S::UNAUTHORIZED, "401", "unauthorized")
+            },
             Self::AgentNotFound => row(S::NOT_FOUND, "404", "agent_not_found"),
             Self::BadRequest(_) => row(S::BAD_REQUEST, "400", "bad_request"),
             Self::PayloadTooLarge(_) => row(S::PAYLOAD_TOO_LARGE, "413", "payload_too_large"),
@@ -188,7 +197,13 @@ impl ApiError {
             Self::PrivateUnauthorized(TokenRejection::OtherOrg) => {
                 row(S::FORBIDDEN, "403", "private_token_other_org")
             }
-            Self::PrivateUnauthorized(_) => row(S::UNAUTHORIZED, "401", "private_unauthorized"),
+            Self::PrivateUnauthorized(why) => Row {
+                reason: Some(match why {
+                    TokenRejection::Missing => "private_token_missing",
+                    _ => "private_token_unknown",
+                }),
+                ..row(S::UNAUTHORIZED, "401", "private_unauthorized")
+            },
             Self::KeyNotFound => row(S::NOT_FOUND, "404", "key_not_found"),
             Self::Conflict(_) => row(S::CONFLICT, "409", "conflict"),
             Self::NotServed(_) => row(S::NOT_IMPLEMENTED, "501", "not_served"),
@@ -224,7 +239,7 @@ impl ResponseError for ApiError {
             status: row.status.as_u16(),
             message: &message,
             detail: &message,
-            reason: row.reason,
+            reason: row.reason.unwrap_or(row.metric),
         };
         let mut response = HttpResponse::build(row.status);
         if let Some(seconds) = row.retry_after {

@@ -16,6 +16,8 @@ async fn json_of(resp: reqwest::Response) -> (u16, Value) {
 fn assert_error(body: &Value, status: u16, code: &str) -> String {
     assert_eq!(body["status"], status, "{body}");
     assert_eq!(body["code"], code, "{body}");
+    let reason = body["reason"].as_str().expect("every error has a reason");
+    assert!(!reason.is_empty() && reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
     let message = body["error"].as_str().expect("error is a string").to_owned();
     assert!(!message.is_empty());
     assert_eq!(body["message"], message.as_str());
@@ -76,17 +78,18 @@ async fn agents_without_websocket_auth_get_no_token() {
 async fn key_problems_are_401() {
     let (app, _redis) = TestApp::spawn(Store::Redis).await;
     let cases = [
-        (None, TOKEN_AGENT, "missing"),
-        (Some("sk_not_a_public_key"), TOKEN_AGENT, "malformed"),
-        (Some("pk_unknown"), TOKEN_AGENT, "unknown"),
-        (Some(OTHER_KEY), TOKEN_AGENT, "another organization"),
-        (Some(KEY), OTHER_ORG_AGENT, "another organization"),
+        (None, TOKEN_AGENT, "missing", "api_key_missing"),
+        (Some("sk_not_a_public_key"), TOKEN_AGENT, "malformed", "api_key_malformed"),
+        (Some("pk_unknown"), TOKEN_AGENT, "unknown", "api_key_unknown"),
+        (Some(OTHER_KEY), TOKEN_AGENT, "another organization", "api_key_other_org"),
+        (Some(KEY), OTHER_ORG_AGENT, "another organization", "api_key_other_org"),
     ];
-    for (key, agent, expected) in cases {
+    for (key, agent, expected, reason) in cases {
         let (status, body) = json_of(app.post_start(agent, key, "{}").await).await;
         assert_eq!(status, 401, "{key:?} on {agent}");
         let message = assert_error(&body, 401, "401");
         assert!(message.contains(expected), "{key:?}: {message}");
+        assert_eq!(body["reason"], reason, "{key:?} on {agent}");
     }
     // Basic auth is not a bearer key.
     let resp = app
@@ -219,4 +222,29 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, body) = json_of(get_start.send().await.unwrap()).await;
     assert_eq!(status, 405);
     assert_error(&body, 405, "405");
+}
+
+/// Pipecat Cloud's Session API (`…/sessions/{id}/{path}`, proxied to the session's bot, also
+/// where SmallWebRTC posts its offer) is not this broker's: a clear JSON refusal, not a 404 that
+/// reads as "no such session".
+#[tokio::test]
+async fn the_session_api_proxy_is_refused_as_not_served() {
+    let (app, _redis) = TestApp::spawn(Store::Memory).await;
+    let (_, _, sid) = app.start_session(TOKEN_AGENT).await;
+    let base = format!("http://{}/v1/public/{TOKEN_AGENT}/sessions/{sid}", app.addr);
+    for request in [
+        app.http.get(format!("{base}/status")),
+        app.http.post(format!("{base}/api/offer")).body(r#"{"sdp": "v=0", "type": "offer"}"#),
+        app.http.delete(format!("{base}/a/b")),
+    ] {
+        let resp = request.bearer_auth(KEY).send().await.unwrap();
+        let (status, body) = json_of(resp).await;
+        assert_eq!(status, 501, "{body}");
+        assert_error(&body, 501, "501");
+        assert_eq!(body["reason"], "not_served");
+        assert!(body["error"].as_str().unwrap().contains("Session API"), "{body}");
+    }
+    // The session itself is still there to read.
+    let resp = app.http.get(&base).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
 }
