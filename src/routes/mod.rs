@@ -52,7 +52,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Where the public session API lives.
 const PUBLIC_PREFIX: &str = "/v1/public";
 
-/// `/v1/public/{agent}/start` and `/v1/public/{agent}/sessions/{sessionId}`.
+/// `/v1/public/{agent}/start` and `/v1/public/{agent}/sessions/{sessionId}`; the Session API's
+/// `…/sessions/{sessionId}/{path}` is answered as not served.
 async fn public_api(
     req: HttpRequest,
     payload: web::Payload,
@@ -75,6 +76,12 @@ async fn public_api(
                 sessions::delete(&req, agent, id, &state).await
             }
             (_, [_, "start"] | [_, "sessions", _]) => Err(ApiError::MethodNotAllowed),
+            // Pipecat Cloud's Session API: HTTP requests proxied to the bot of a running
+            // session (and SmallWebRTC's offers through it).
+            (_, [_, "sessions", _, _, ..]) => Err(ApiError::NotServed(
+                "Requests to a running session's bot (the Session API, WebRTC offers) are not \
+                 served by this broker; reach the bot over its WebSocket",
+            )),
             _ => Err(ApiError::RouteNotFound),
         }
     };
