@@ -203,14 +203,21 @@ async fn run(plan: Plan, pinning: bool) {
         return;
     }
     if std::env::args().any(|a| a == "--cpu") {
-        cpu_rounds(&plan, &broker, &redis, &bot, &server_prefix).await;
+        let embedded = Proc::embedded_broker(&server_prefix, agents.path(), &bot_url);
+        cpu_rounds(&plan, [&broker, &embedded], &redis, &bot, &server_prefix).await;
         return;
     }
     if let Some(at) = std::env::args().position(|a| a == "--against") {
         let other = std::env::args().nth(at + 1).expect("--against takes a session-broker binary");
         let theirs = Proc::redis(&server_prefix);
-        let other =
-            Proc::broker_of(&other, &server_prefix, &theirs.addr, agents.path(), &bot_url, &[]);
+        let other = Proc::broker_of(
+            &other,
+            &server_prefix,
+            Some(&theirs.addr),
+            agents.path(),
+            &bot_url,
+            &[],
+        );
         against(&plan, [(&broker, &redis), (&other, &theirs)]).await;
         return;
     }
@@ -301,6 +308,16 @@ async fn run(plan: Plan, pinning: bool) {
         rows.push(("connect+echo+close via HAProxy", sessions.clone()));
         peer_figures = Some((sessions, cpu));
     }
+    // The floor under the broker's CPU: the same churns through a broker on its embedded store,
+    // which costs no store round trip at all.
+    let embedded = Proc::embedded_broker(&server_prefix, agents.path(), &bot_url);
+    let mut floor_cpu = Vec::new();
+    for target in [Target::Open, Target::Broker] {
+        let meter = CpuMeter::new(&[("broker", embedded.pid())]);
+        let sessions = phase(&plan, 32, session_worker(embedded.addr, target)).await;
+        floor_cpu.push(meter.per_op(sessions.count)[0]);
+    }
+    drop(embedded);
     let relay = relay_rounds(&plan, broker_addr, bot_addr, peer.as_ref().map(|p| p.addr)).await;
     let [relay_rtt, direct_rtt] = [0, 1].map(|path| relay.rtt[path].clone());
     let [relay_rate, direct_rate] = [0, 1].map(|path| relay.rate[path].clone());
@@ -353,6 +370,13 @@ async fn run(plan: Plan, pinning: bool) {
     ] {
         println!("| {name} | {:.0} | {:.0} | {:.0} |", cpu[0], cpu[1], cpu[2]);
     }
+    for (cpu, name) in floor_cpu.iter().zip([
+        "connect + echo + close, agent without token",
+        "/start + connect + echo + close, token agent",
+    ]) {
+        println!("| {name}, broker on its embedded store (no Redis) | {cpu:.0} | — | — |");
+    }
+
     if let Some((_, cpu, ..)) = &peer_figures {
         println!(
             "| connect + echo + close via HAProxy (its CPU in the broker column) | {:.0} | — | {:.0} |",
@@ -465,6 +489,16 @@ async fn run(plan: Plan, pinning: bool) {
                 "HAProxy: broker + redis CPU per session (token, /start) ÷ HAProxy's",
                 (full_cpu[0] + full_cpu[1]) / cpu[0],
                 "≤ 1.5",
+            ),
+            (
+                "HAProxy: the floor: embedded-store broker CPU per session (no token) ÷ HAProxy's",
+                floor_cpu[0] / cpu[0],
+                "—",
+            ),
+            (
+                "HAProxy: the floor: embedded-store broker CPU per session (token, /start) ÷ HAProxy's",
+                floor_cpu[1] / cpu[0],
+                "—",
             ),
             (
                 "HAProxy: relay messages/s, 32 sessions, broker ÷ HAProxy (median of rounds)",
@@ -663,18 +697,33 @@ async fn against(plan: &Plan, stacks: [(&Proc, &Proc); 2]) {
     }
 }
 
-/// `--cpu`: only the CPU per session, beside HAProxy's, for working on it. The three phases run
-/// in turn, round after round, and the ratios' medians are printed with every round's: on a
-/// shared machine HAProxy's own reading moves by a quarter between runs, and a single round's
-/// ratio moves with it.
-async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix: &[String]) {
+/// `--cpu`: only the CPU per session, beside HAProxy's, for working on it. The phases run in
+/// turn, round after round, and the ratios' medians are printed with every round's: on a shared
+/// machine HAProxy's own reading moves by a quarter between runs, and a single round's ratio
+/// moves with it. Each churn also runs through a broker on its embedded store, whose ratio is
+/// the floor under the broker's: what the broker itself costs with no store round trip at all.
+async fn cpu_rounds(
+    plan: &Plan,
+    [broker, embedded]: [&Proc; 2],
+    redis: &Proc,
+    bot: &Proc,
+    prefix: &[String],
+) {
     let rounds = rounds();
     let Some(peer) = haproxy::HaProxy::start(prefix, bot.addr) else {
         println!("HAProxy could not be started: no ratios");
         return;
     };
-    let servers = [("broker", broker.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
-    let phases = churns();
+    let phases: Vec<(String, Target, &Proc, &str)> = churns()
+        .into_iter()
+        .zip(["≤ 1.2", "≤ 1.5"])
+        .flat_map(|((name, target), goal)| {
+            [
+                (name.to_owned(), target.clone(), broker, goal),
+                (format!("{name}, embedded store (no Redis)"), target, embedded, "floor"),
+            ]
+        })
+        .collect();
     println!(
         "| round | per session | sessions/s | broker or HAProxy (µs) | redis (µs) | bot (µs) | ÷ HAProxy's |"
     );
@@ -682,9 +731,10 @@ async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix
     let mut ratios = vec![Vec::new(); phases.len()];
     for round in 1..=rounds {
         let mut rows = Vec::new();
-        for (name, target) in phases.iter().cloned() {
+        for (name, target, server, _) in &phases {
+            let servers = [("broker", server.pid()), ("redis", redis.pid()), ("bot", bot.pid())];
             let meter = CpuMeter::new(&servers);
-            let figures = phase(plan, 32, session_worker(broker.addr, target)).await;
+            let figures = phase(plan, 32, session_worker(server.addr, target.clone())).await;
             rows.push((name, figures.rate, meter.per_op(figures.count)));
         }
         let meter = CpuMeter::new(&[("haproxy", peer.pid()), ("bot", bot.pid())]);
@@ -707,11 +757,9 @@ async fn cpu_rounds(plan: &Plan, broker: &Proc, redis: &Proc, bot: &Proc, prefix
         "\n| broker + redis CPU per session ÷ HAProxy's | median of {rounds} | rounds | target |"
     );
     println!("|---|---:|---|---:|");
-    for ((name, _), (values, target)) in
-        phases.iter().zip(ratios.into_iter().zip(["≤ 1.2", "≤ 1.5"]))
-    {
+    for ((name, _, _, goal), values) in phases.iter().zip(ratios) {
         let each: Vec<String> = values.iter().map(|r| format!("{r:.2}")).collect();
-        println!("| {name} | {:.2} | {} | {target} |", median(values), each.join(" / "));
+        println!("| {name} | {:.2} | {} | {goal} |", median(values), each.join(" / "));
     }
 }
 
@@ -1386,14 +1434,21 @@ impl Proc {
         overrides: &[(&str, &str)],
     ) -> Self {
         let program = env!("CARGO_BIN_EXE_session-broker");
-        Self::broker_of(program, prefix, redis, agents, bot_url, overrides)
+        Self::broker_of(program, prefix, Some(redis), agents, bot_url, overrides)
     }
 
-    /// A broker of another build (`program`), configured the same way.
+    /// A broker on its embedded store: what the broker itself costs with no store round trip.
+    fn embedded_broker(prefix: &[String], agents: &std::path::Path, bot_url: &str) -> Self {
+        let program = env!("CARGO_BIN_EXE_session-broker");
+        Self::broker_of(program, prefix, None, agents, bot_url, &[])
+    }
+
+    /// A broker of another build (`program`), configured the same way; on Redis at `redis`, or
+    /// on its embedded store.
     fn broker_of(
         program: &str,
         prefix: &[String],
-        redis: &SocketAddr,
+        redis: Option<&SocketAddr>,
         agents: &std::path::Path,
         bot_url: &str,
         overrides: &[(&str, &str)],
@@ -1404,7 +1459,6 @@ impl Proc {
         let env = [
             ("BROKER__LISTEN", addr.to_string()),
             ("BROKER__WORKERS", "1".into()),
-            ("BROKER__REDIS__URL", format!("redis://{redis}")),
             ("BROKER__TOKEN__SIGNING_KEY_ID", "k1".into()),
             ("BROKER__TOKEN__KEYS__K1", SIGNING_KEY.into()),
             ("BROKER__AGENTS__DIR", agents.display().to_string()),
@@ -1422,6 +1476,9 @@ impl Proc {
         ]
         .map(|(k, v)| (k.to_owned(), v));
         let mut env = env.to_vec();
+        if let Some(redis) = redis {
+            env.push(("BROKER__REDIS__URL".into(), format!("redis://{redis}")));
+        }
         env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let args = ["serve".to_owned()];
         let mut broker = Self::spawn(prefix, program, &args, &env, "session broker ready", addr);
