@@ -69,6 +69,9 @@ pub struct Agent {
     pub bots: BotUrls,
     /// Whether the file carried the deprecated `[broker]` section.
     pub legacy_section: bool,
+    /// The deploy file as given, keys the broker does not use included: the private API shows
+    /// them back (`agent status`), for agents of files as for deployed ones.
+    pub deploy_file: std::sync::Arc<str>,
 }
 
 /// Where an agent's bots listen.
@@ -351,6 +354,7 @@ impl Agent {
             region: file.region,
             bots,
             legacy_section: legacy.is_some(),
+            deploy_file: text.into(),
         })
     }
 

@@ -211,6 +211,27 @@ async fn service_readiness_for_the_cli() {
     assert_eq!((status, &body["code"]), (403, &json!("403")));
 }
 
+/// An agent of the broker's files shows back, through the private API, what its deploy file
+/// holds for Pipecat Cloud and the broker does not use, as a deployed agent does.
+#[tokio::test]
+async fn a_file_agent_shows_its_deploy_file_back() {
+    let bot = TestBot::start().await;
+    let mut options = AppOptions::new(None, &bot);
+    let text = "agent_name = \"profiled\"\nimage = \"reg/profiled:2\"\nsecret_set = \"s\"\n\
+                agent_profile = \"agent-2x\"\n\n[scaling]\nmin_agents = 2\nmax_agents = 7\n";
+    options.extra_agents.push((format!("{ORG}/profiled"), text.into()));
+    let app = TestApp::with(options, bot).await;
+    let token = app.private_token(ORG).await;
+    let url = format!("http://{}/v1/organizations/{ORG}/services/profiled", app.addr);
+    let (status, body) = json_of(app.http.get(url).bearer_auth(token).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let body = &body["body"];
+    assert_eq!(body["deployment"]["manifest"]["spec"]["image"], "reg/profiled:2", "{body}");
+    assert_eq!(body["agentProfile"], "agent-2x");
+    assert_eq!(body["autoScaling"], json!({"minReplicas": 2, "maxReplicas": 7}));
+    assert_eq!(body["deployFile"], text);
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
     let (app, _redis) = TestApp::spawn(Store::Memory).await;

@@ -66,7 +66,10 @@ pub async fn status(state: &AppState, org: &str, name: &str) -> Result<HttpRespo
     let live = state.store.live_sessions(&agent.service_host).await?;
     let payload = deployed.and_then(|d| d.payload.clone()).unwrap_or(Value::Null);
     let deployment_id = deployed.and_then(|d| d.deployment_id.clone());
-    let image = payload.get("image").cloned().or_else(|| toml_value(deployed, "image"));
+    let file: Option<toml::Table> = toml::from_str(&agent.deploy_file).ok();
+    let from_file = |key: &str| Some(Value::String(file.as_ref()?.get(key)?.as_str()?.to_owned()));
+    let image = payload.get("image").cloned().or_else(|| from_file("image"));
+    let min_agents = file.as_ref().and_then(|t| t.get("scaling")?.get("min_agents")?.as_integer());
     Ok(HttpResponse::Ok().json(json!({"body": {
         "name": agent.name,
         "region": agent.region,
@@ -82,8 +85,8 @@ pub async fn status(state: &AppState, org: &str, name: &str) -> Result<HttpRespo
                 "maxSessionDurationSeconds": agent.max_session_duration.as_secs(),
             }},
         },
-        "autoScaling": {"minReplicas": min_agents(deployed), "maxReplicas": state.cap_of(agent)},
-        "agentProfile": payload.get("agentProfile").cloned().or_else(|| toml_value(deployed, "agent_profile")),
+        "autoScaling": {"minReplicas": min_agents.unwrap_or(0), "maxReplicas": state.cap_of(agent)},
+        "agentProfile": payload.get("agentProfile").cloned().or_else(|| from_file("agent_profile")),
         "krispViva": payload.get("krispViva").cloned().unwrap_or_else(|| json!({"audioFilter": null})),
         "websocketAuth": match agent.websocket_auth { WebsocketAuth::Token => "token", WebsocketAuth::None => "none" },
         "bots": {"anyRegion": agent.bots.any_region, "byRegion": agent.bots.by_region},
@@ -92,7 +95,7 @@ pub async fn status(state: &AppState, org: &str, name: &str) -> Result<HttpRespo
         "updatedAt": deployed.map(|d| timestamp(d.updated_ms)),
         // What was deployed, fields the broker does not use included.
         "deployedPayload": payload,
-        "deployFile": deployed.map(|d| d.toml.clone()),
+        "deployFile": &*agent.deploy_file,
     }})))
 }
 
@@ -213,14 +216,4 @@ pub fn deploy_file(payload: &Value, name: &str) -> Result<String, ApiError> {
         file.insert("krisp_viva".into(), table.into());
     }
     toml::to_string(&file).map_err(|e| ApiError::BadRequest(format!("Invalid deploy payload: {e}")))
-}
-
-fn toml_value(deployed: Option<&DeployedAgent>, key: &str) -> Option<Value> {
-    let table: toml::Table = toml::from_str(&deployed?.toml).ok()?;
-    Some(Value::String(table.get(key)?.as_str()?.to_owned()))
-}
-
-fn min_agents(deployed: Option<&DeployedAgent>) -> i64 {
-    let table: Option<toml::Table> = deployed.and_then(|d| toml::from_str(&d.toml).ok());
-    table.and_then(|t| t.get("scaling")?.get("min_agents")?.as_integer()).unwrap_or(0)
 }
