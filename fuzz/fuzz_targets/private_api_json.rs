@@ -27,6 +27,25 @@ fn check_deploy(data: &[u8]) {
     let sent: Value = serde_json::from_slice(data).expect("an accepted payload is JSON");
     assert_eq!(payload, sent, "the payload is kept as sent");
     let Ok(toml) = deploy_file(&payload, &name) else { return };
+    // Accepted only with every field it reads of the type the CLI sends (null is absent).
+    let typed = [
+        ("/image", Value::is_string as fn(&Value) -> bool),
+        ("/region", Value::is_string),
+        ("/websocketAuth", Value::is_string),
+        ("/agentProfile", Value::is_string),
+        ("/secretSet", Value::is_string),
+        ("/imagePullSecretSet", Value::is_string),
+        ("/architecture", Value::is_string),
+        ("/krispViva/audioFilter", Value::is_string),
+        ("/autoScaling", Value::is_object),
+        ("/maxSessionDuration", Value::is_i64),
+        ("/autoScaling/minAgents", Value::is_i64),
+        ("/autoScaling/maxAgents", Value::is_i64),
+    ];
+    for (path, is_right) in typed {
+        let value = payload.pointer(path).filter(|value| !value.is_null());
+        assert!(value.is_none_or(is_right), "{path} accepted as {value:?}");
+    }
 
     let table: toml::Table = toml::from_str(&toml).expect("deploy_file writes TOML it reads back");
     assert_eq!(table.get("agent_name").and_then(toml::Value::as_str), Some(&*name));

@@ -197,3 +197,43 @@ async fn a_pipecat_cloud_deploy_file_deploys_unchanged() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("as-is.{ORG}")));
 }
+
+/// A deploy payload through the private API (what `pipecat cloud deploy` sends) whose fields
+/// hold another type than the CLI's is refused whole, with the field named; it is not deployed
+/// with that field's default.
+#[tokio::test]
+async fn a_deploy_payload_of_the_wrong_types_is_refused_whole() {
+    let (app, _redis) = TestApp::spawn(Store::Redis).await;
+    let token = app.private_token(ORG).await;
+    let services = format!("http://{}/v1/organizations/{ORG}/services", app.addr);
+    let deploy = |payload: serde_json::Value| {
+        app.http.post(&services).bearer_auth(token.clone()).json(&payload).send()
+    };
+    for (payload, field) in [
+        (serde_json::json!({"maxSessionDuration": "600"}), "maxSessionDuration"),
+        (serde_json::json!({"maxSessionDuration": 600.5}), "maxSessionDuration"),
+        (serde_json::json!({"autoScaling": {"maxAgents": "3"}}), "autoScaling.maxAgents"),
+        (serde_json::json!({"autoScaling": 3}), "autoScaling"),
+        (serde_json::json!({"websocketAuth": true}), "websocketAuth"),
+        (serde_json::json!({"image": ["reg/x:1"]}), "image"),
+    ] {
+        let mut payload = payload;
+        payload["serviceName"] = "typed".into();
+        let resp = deploy(payload.clone()).await.unwrap();
+        assert_eq!(resp.status(), 400, "{payload}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "400");
+        assert!(body["error"].as_str().unwrap().contains(&format!("`{field}`")), "{body}");
+    }
+    let status = app.http.get(format!("{services}/typed")).bearer_auth(token.clone());
+    assert_eq!(status.send().await.unwrap().status(), 404, "nothing was deployed");
+    // The same payload with the CLI's types deploys, and nulls read as absent.
+    let fine = serde_json::json!({"serviceName": "typed", "image": "reg/x:1",
+        "maxSessionDuration": 600, "autoScaling": {"minAgents": 0, "maxAgents": 3},
+        "agentProfile": null});
+    assert_eq!(deploy(fine).await.unwrap().status(), 200);
+    let status = app.http.get(format!("{services}/typed")).bearer_auth(token).send();
+    let body: serde_json::Value = status.await.unwrap().json().await.unwrap();
+    assert_eq!(body["body"]["deployment"]["manifest"]["spec"]["maxSessionDurationSeconds"], 600);
+    assert_eq!(body["body"]["autoScaling"]["maxReplicas"], 3);
+}

@@ -178,39 +178,58 @@ pub fn read_deploy(body: &[u8]) -> Result<(Value, String), ApiError> {
     Ok((payload, name))
 }
 
-/// The payload as the `pcc-deploy.toml` it stands for, which the broker's parser validates.
+/// The payload as the `pcc-deploy.toml` it stands for, which the broker's parser validates. A
+/// field it reads that holds another type than the CLI sends (a string where a number goes, say)
+/// is refused, not dropped for the default.
 pub fn deploy_file(payload: &Value, name: &str) -> Result<String, ApiError> {
     let mut file = toml::Table::new();
     file.insert("agent_name".into(), name.into());
-    let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
-    let number = |value: Option<&Value>| value.and_then(Value::as_i64);
+    let wrong = |path: &str, kind: &str| {
+        let field = path.trim_start_matches('/').replace('/', ".");
+        ApiError::BadRequest(format!("Invalid deploy payload: `{field}` must be {kind}"))
+    };
+    // Absent and null are the same: the CLI drops its `None`s, other clients may send them.
+    let field = |path: &str| payload.pointer(path).filter(|value| !value.is_null());
+    let text = |path: &str| match field(path) {
+        Some(value) => {
+            value.as_str().map(|t| Some(t.to_owned())).ok_or_else(|| wrong(path, "a string"))
+        }
+        None => Ok(None),
+    };
+    let number = |path: &str| match field(path) {
+        Some(value) => value.as_i64().map(Some).ok_or_else(|| wrong(path, "an integer")),
+        None => Ok(None),
+    };
     for (from, to) in [
-        ("image", "image"),
-        ("region", "region"),
-        ("websocketAuth", "websocket_auth"),
-        ("agentProfile", "agent_profile"),
-        ("secretSet", "secret_set"),
-        ("imagePullSecretSet", "image_credentials"),
-        ("architecture", "architecture"),
+        ("/image", "image"),
+        ("/region", "region"),
+        ("/websocketAuth", "websocket_auth"),
+        ("/agentProfile", "agent_profile"),
+        ("/secretSet", "secret_set"),
+        ("/imagePullSecretSet", "image_credentials"),
+        ("/architecture", "architecture"),
     ] {
-        if let Some(value) = text(from) {
+        if let Some(value) = text(from)? {
             file.insert(to.into(), value.into());
         }
     }
-    if let Some(seconds) = number(payload.get("maxSessionDuration")) {
+    if let Some(seconds) = number("/maxSessionDuration")? {
         file.insert("max_session_duration".into(), seconds.into());
     }
-    if let Some(scaling) = payload.get("autoScaling") {
+    if let Some(scaling) = field("/autoScaling") {
+        if !scaling.is_object() {
+            return Err(wrong("/autoScaling", "an object"));
+        }
         let mut table = toml::Table::new();
-        if let Some(min) = number(scaling.get("minAgents")) {
+        if let Some(min) = number("/autoScaling/minAgents")? {
             table.insert("min_agents".into(), min.into());
         }
-        if let Some(max) = number(scaling.get("maxAgents")) {
+        if let Some(max) = number("/autoScaling/maxAgents")? {
             table.insert("max_agents".into(), max.into());
         }
         file.insert("scaling".into(), table.into());
     }
-    if let Some(filter) = payload.pointer("/krispViva/audioFilter").and_then(Value::as_str) {
+    if let Some(filter) = text("/krispViva/audioFilter")? {
         let mut table = toml::Table::new();
         table.insert("audio_filter".into(), filter.into());
         file.insert("krisp_viva".into(), table.into());
